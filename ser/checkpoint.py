@@ -1,0 +1,140 @@
+"""Checkpoints: atomic writes, a manifest of content hashes, and the saved reward-model directory.
+
+Everything is written to a temporary sibling first, flushed, and renamed into place, so a crash (even
+kill -9) leaves either the old complete version or the new complete version, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ser.errors import UserError
+
+MANIFEST = "manifest.json"
+SER_CONFIG = "ser_config.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON line and fsync it (metrics survive a crash right after the call)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def verify_manifest(directory: str | Path) -> None:
+    """Raise UserError if any file listed in the manifest is missing, resized or changed."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        raise UserError(f"{directory}: not a complete checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: corrupt manifest") from None
+    for name, entry in manifest.items():
+        f = directory / name
+        if not f.exists():
+            raise UserError(f"{directory}: checkpoint file '{name}' is missing")
+        if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
+            raise UserError(f"{directory}: checkpoint file '{name}' is corrupt (hash mismatch)")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a temporary directory; on success it gets a manifest, is fsynced and renamed to `target`
+    (replacing an older version). On error the temporary directory is removed and `target` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        write_manifest(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_reward_model(model, tokenizer, target: str | Path, ser_config: dict) -> Path:
+    """Save an RM directory that `AutoModelForSequenceClassification.from_pretrained` loads unchanged:
+    transformers config, safetensors weights, tokenizer (with chat template), and `ser_config.json`
+    (the resolved config plus reward statistics on the training data)."""
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SER_CONFIG).write_text(json.dumps(ser_config, indent=2, sort_keys=True, default=str))
+    return Path(target)
+
+
+def read_ser_config(directory: str | Path) -> dict:
+    path = Path(directory) / SER_CONFIG
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_writable(out: str | Path) -> Path:
+    """Fail early, before any work, if the output directory cannot be created or written."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise UserError(f"{out}: output directory is not writable ({e.strerror})") from None
+    return out

@@ -1,0 +1,145 @@
+"""The `ser` command line: one console script, a subcommand per stage, no logic of its own.
+
+Every subcommand that trains takes `--config FILE.yaml`, dotted overrides `--section.field=value` and
+`--out DIR`. Bad input (data, config, model directory) prints one line `error: ...` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ser.errors import UserError
+
+log = logging.getLogger("ser")
+
+OVERRIDES_HELP = "dotted overrides, e.g. --train.lr=1e-5 --data.seed_size=200 (see configs/*.yaml for keys)"
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    """['--a.b=1', '--c.d', '2'] -> ['a.b=1', 'c.d=2']; anything else is an error naming the argument."""
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise UserError(f"unrecognised argument '{arg}' (overrides look like --section.field=value)")
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+        elif i + 1 < len(extra):
+            out.append(f"{arg[2:]}={extra[i + 1]}")
+            i += 2
+        else:
+            raise UserError(f"override '{arg}' has no value")
+    return out
+
+
+def _add_config_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); overrides follow as --section.field=value")
+    p.add_argument("--out", required=out_required, help="output directory (printed at the end)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ser", description="Self-Evolved Reward Learning: reward models from "
+                                     "few human labels (Huang et al., ICLR 2025).", epilog=OVERRIDES_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-rm", help="train a reward model on human-labelled pairs", epilog=OVERRIDES_HELP)
+    _add_config_args(p)
+
+    p = sub.add_parser("score", help="score both answers of every pair with a saved reward model")
+    p.add_argument("--rm", required=True, help="saved reward-model directory")
+    p.add_argument("--data", required=True, help="data spec: hh-rlhf:helpful-base, a file, or a Hub id")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--limit", type=int, help="score only the first N pairs")
+    p.add_argument("--batch-size", type=int, default=64)
+
+    p = sub.add_parser("eval", help="accuracy, margin and calibration of a saved reward model")
+    p.add_argument("--rm", required=True, help="saved reward-model directory")
+    p.add_argument("--data", required=True, help="data spec: hh-rlhf:helpful-base, a file, or a Hub id")
+    p.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("evolve", help="the SER loop: seed RM, then self-labelling iterations", epilog=OVERRIDES_HELP)
+    _add_config_args(p, out_required=False)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed iteration")
+
+    p = sub.add_parser("experiment", help="SER vs baselines over several seeds, with a report",
+                       epilog=OVERRIDES_HELP)
+    _add_config_args(p)
+    return parser
+
+
+def _print_eval(m: dict) -> None:
+    print(f"reward model: {m['rm']}\ndata: {m['data']} ({m['n']} pairs)")
+    print(f"accuracy: {m['accuracy']:.4f}  (a pair counts as correct only if r_chosen > r_rejected strictly; "
+          f"ties: {m['ties']})")
+    print(f"mean margin: {m['mean_margin']:.4f}   ECE: {m['ece']:.4f}   Brier: {m['brier']:.4f}")
+    for source, acc in m.get("accuracy_by_source", {}).items():
+        print(f"  {source}: {acc:.4f}")
+
+
+def run(argv: list[str]) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "peft", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ser.config import load_config
+
+    if args.command in ("score", "eval") and extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if args.command == "train-rm":
+        from ser.pipeline import run_train_rm
+
+        cfg = load_config(args.config, _split_overrides(extra))
+        result = run_train_rm(cfg, args.out)
+        print(f"test accuracy: {result['test/accuracy']:.4f} on {result['test/n']} pairs "
+              f"(strict r_chosen > r_rejected); trained on {result['train_pairs']} pairs in "
+              f"{result['train_seconds']:.0f}s")
+        print(f"wrote {args.out}")
+    elif args.command == "score":
+        from ser.pipeline import run_score
+
+        n = run_score(args.rm, args.data, args.out, args.limit, args.batch_size)
+        print(f"scored {n} pairs\nwrote {args.out}")
+    elif args.command == "eval":
+        from ser.pipeline import run_eval
+
+        m = run_eval(args.rm, args.data, args.limit, args.batch_size)
+        print(json.dumps(m, sort_keys=True)) if args.json else _print_eval(m)
+    elif args.command == "evolve":
+        from ser.evolve import run_evolve, summary_table
+
+        if args.resume and (args.config or extra):
+            raise UserError("--resume continues a run with its saved config; drop --config and overrides")
+        cfg = None if args.resume else load_config(args.config, _split_overrides(extra))
+        out = run_evolve(cfg, args.out, resume=args.resume)
+        print(summary_table(out))
+        print(f"wrote {out}")
+    elif args.command == "experiment":
+        from ser.experiment import run_experiment
+
+        cfg = load_config(args.config, _split_overrides(extra))
+        out = run_experiment(cfg, args.out)
+        print(f"wrote {out}")
+    return 0
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code = run(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,194 @@
+"""Configuration: dataclasses with documented defaults, YAML presets and `--section.field=value` overrides.
+
+Every field is documented once, next to its default. Defaults describe a run that finishes on a laptop CPU.
+An unknown key or a value of the wrong type is a `UserError` naming the key (and the file it came from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ser.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    train: str = "hh-rlhf:helpful-base"  # data spec: known name, local file or Hub dataset id
+    test: str | None = None  # separate test spec; None = split the test set off `train`
+    seed_size: float | int = 0.15  # human-labelled fraction (float) or count (int); SER paper: 15%
+    test_size: float | int = 500  # held-out test pairs (fraction or count) when `test` is None
+    pool_size: float | int | None = None  # unlabelled pool (fraction/count); None = all remaining pairs
+    pool: str | None = None  # a file of unlabelled (prompt, answer_a, answer_b) to use as the pool instead
+    limit: int | None = None  # read at most this many usable pairs of each spec (None = all)
+    columns: dict | None = None  # column mapping for other files, e.g. {prompt: input, chosen: good, ...}
+    split_seed: int = 0  # the seed of the hash-based split (stable under re-ordering of the input)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "minilm"  # short name (minilm, smollm2-135m, gemma3-270m), local directory or Hub id
+    mode: str = "full"  # full | lora | head  (what is trained)
+    max_length: int = 256  # tokens per (prompt, answer); the prompt is truncated from the left
+    lora_r: int = 8  # SER paper: LoRA r=8, alpha=32, dropout 0.1
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: list | None = None  # module names for LoRA; None = peft's default for the architecture
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0  # passes over the training pairs (fractional allowed)
+    batch_size: int = 16  # pairs per micro-batch (each pair = 2 sequences)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-5  # AdamW learning rate (SER paper used 2e-5 for 7B LoRA RMs)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05  # fraction of steps with linear warm-up
+    schedule: str = "linear"  # linear | cosine | constant (after warm-up)
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    loss: str = "sigmoid"  # sigmoid: -log σ(r_c - r_r - margin) (Bradley–Terry) | hinge: max(0, margin - (r_c - r_r))
+    margin: float = 0.0  # margin of the loss above (0 = plain Bradley–Terry)
+    eval_every: int = 0  # evaluate on the test set every N steps (0 = only at the end)
+    seed: int = 0  # torch / shuffling seed
+    score_batch_size: int = 64  # sequences per forward pass when scoring
+    mixed_precision: str = "no"  # no | bf16 | fp16 (passed to accelerate)
+
+
+@dataclass
+class SERConfig:
+    """Settings of the self-evolution loop (`ser evolve`); see SER_METHOD.md."""
+
+    max_iterations: int = 3  # SER iterations after the seed RM (the paper's runs stopped after 3)
+    tau_high: float = 0.55  # SER paper §3: status-1 needs one answer with σ(r) > tau_high ...
+    tau_low: float = 0.45  # ... and the other with σ(r) < tau_low
+    tau_delta: float = 0.30  # SER paper §3: status-2 needs |σ(r1) - σ(r2)| >= tau_delta
+    min_pairs: float | int = 0.05  # SER paper's N_min (600 of 160k pairs); int = count, float = fraction of the pool
+    rule: str = "paper"  # paper: status 1 else 2 by count, else stop | code: released one-pass OR rule | ssrm: baseline
+    calibration: str = "center"  # none (paper) | center: subtract the mean reward on the seed pairs | temperature
+    pseudo_loss: str = "sigmoid"  # loss on pseudo-labelled pairs: sigmoid (released code) | hinge (paper)
+    pseudo_margin: float = 1.0  # margin of the hinge loss on pseudo-labelled pairs
+    restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone
+    keep_seed: bool = True  # keep the human seed pairs in every iteration's training data
+    iteration_epochs: float = 1.0  # epochs of each retraining on seed + pseudo-labelled pairs
+    ssrm_threshold: float = 0.8  # SSRM baseline: keep pairs with max(P, 1-P) >= this, P = σ(r_a - r_b)
+
+
+@dataclass
+class ExperimentConfig:
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one full set of runs per seed
+    methods: list = field(default_factory=lambda: ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm"])
+    bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ser: SERConfig = field(default_factory=SERConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+def _coerce(value, tp, key: str, origin: str):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        # Prefer the member type that matches exactly (so 500 stays an int in `float | int`).
+        for t in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value)):
+            try:
+                return _coerce(value, t, key, origin)
+            except UserError:
+                pass
+        names = " or ".join("null" if a is type(None) else a.__name__ for a in args)
+        raise UserError(f"{origin}: '{key}' must be {names}, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (list, dict) and isinstance(value, tp):
+        return value
+    if isinstance(tp, type) and isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool):
+        return value
+    raise UserError(f"{origin}: '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _set(cfg: Config, key: str, value, origin: str) -> None:
+    section_name, _, name = key.partition(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section_name not in sections or not name:
+        raise UserError(f"{origin}: unknown config key '{key}' (sections: {', '.join(sorted(sections))})")
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise UserError(f"{origin}: unknown config key '{key}' (known in '{section_name}': {', '.join(hints)})")
+    setattr(section, name, _coerce(value, hints[name], key, origin))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.field=value` overrides (values parsed as YAML)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such config file") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of sections at the top level")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise UserError(f"{path}: section '{section}' must be a mapping, got {values!r}")
+            for name, value in values.items():
+                _set(cfg, f"{section}.{name}", value, str(path))
+    for item in overrides:
+        key, eq, text = item.removeprefix("--").partition("=")
+        if not eq:
+            raise UserError(f"override '{item}': expected --section.field=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _set(cfg, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    choices = {
+        "model.mode": (cfg.model.mode, ("full", "lora", "head")),
+        "train.schedule": (cfg.train.schedule, ("linear", "cosine", "constant")),
+        "train.loss": (cfg.train.loss, ("sigmoid", "hinge")),
+        "train.mixed_precision": (cfg.train.mixed_precision, ("no", "bf16", "fp16")),
+        "ser.rule": (cfg.ser.rule, ("paper", "code", "ssrm")),
+        "ser.calibration": (cfg.ser.calibration, ("none", "center", "temperature")),
+        "ser.pseudo_loss": (cfg.ser.pseudo_loss, ("sigmoid", "hinge")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"config: '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+                "model.max_length": cfg.model.max_length, "train.score_batch_size": cfg.train.score_batch_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"config: '{key}' must be >= 1, got {value}")
+    if not 0 <= cfg.ser.tau_low <= cfg.ser.tau_high <= 1:
+        raise UserError(f"config: need 0 <= ser.tau_low <= ser.tau_high <= 1, got {cfg.ser.tau_low}, {cfg.ser.tau_high}")
+    if cfg.train.epochs <= 0 or cfg.train.lr <= 0:
+        raise UserError("config: 'train.epochs' and 'train.lr' must be > 0")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

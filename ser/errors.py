@@ -1,0 +1,14 @@
+"""The one exception type for bad user input: the CLI prints it on one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, record, config, model directory) — never a bug.
+
+    The message names the file, the record (line or index) and the problem, e.g.
+    ``data.jsonl:17: field 'chosen' is a list, expected a string``.
+    """
+
+
+def where(path, record=None) -> str:
+    """`path` or `path:record` — the prefix every UserError message starts with."""
+    return f"{path}" if record is None else f"{path}:{record}"

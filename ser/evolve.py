@@ -1,0 +1,278 @@
+"""The self-evolution loop (`ser evolve`): seed RM, then score → status → select → label → retrain → evaluate.
+
+A run directory holds `config.yaml` (resolved), `metrics.jsonl`, `state.json` (the commit point of each
+completed iteration), `iterations/N` (the RM after iteration N; 0 is the seed RM), `scores/N.npz` (the pool's
+rewards seen by iteration N) and `final` (the RM the loop ended with). Every write is atomic, so a run killed
+at any moment resumes with `--resume RUN_DIR` after its last completed iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_writable, save_reward_model,
+                            verify_manifest)
+from ser.config import Config, load_config, to_dict
+from ser.data import Pair, UnlabelledPair, hide_labels, load_unlabelled
+from ser.errors import UserError
+from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
+from ser.scoring import score_pairs
+from ser.selection import (STOP, fit_temperature, learning_status, orient, pair_status, probabilities,
+                           resolve_min_pairs, select, ssrm_select)
+from ser.train import make_accelerator
+
+log = logging.getLogger(__name__)
+STATUS_NAMES = {0: "stop", 1: "1", 2: "2", 3: "1|2"}
+
+
+@dataclasses.dataclass
+class State:
+    """Everything a resumed run needs besides the config and the RM checkpoints."""
+
+    completed: int = -1  # last completed iteration (-1: none)
+    pseudo: list = dataclasses.field(default_factory=list)  # [[pool id, answer_a is chosen], ...] in order added
+    stopped: str | None = None  # why the loop stopped, once it has
+    data_hash: str = ""  # hash of the split's ids: resuming on different data is an error
+
+
+def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config) -> tuple[float, float]:
+    """(offset, temperature) of p = σ((r - offset) / T), fitted on the human-labelled seed pairs.
+
+    none: (0, 1), the paper. The pairwise loss is shift-invariant, so the absolute reward level (and with it what
+    the 0.45/0.55 thresholds select) drifts with initialisation; `center` removes the drift, `temperature` also
+    rescales so that σ(margin / T) is calibrated on the labelled pairs."""
+    if cfg.ser.calibration == "none":
+        return 0.0, 1.0
+    r_c, r_r = rm_scores(rm, tokenizer, seed_pairs, cfg)
+    offset = float(np.concatenate([r_c, r_r]).mean())
+    return offset, (fit_temperature(r_c - r_r) if cfg.ser.calibration == "temperature" else 1.0)
+
+
+def select_pseudo_labels(r_a, r_b, offset: float, temperature: float, cfg: Config, pool_size: int):
+    """Steps 2-4 of an iteration: per-pair status, the iteration's learning status, the selected mask and
+    each pair's orientation (True: answer A is the pseudo-chosen one). Pure given the scores."""
+    s = cfg.ser
+    p_a, p_b = probabilities(r_a, offset, temperature), probabilities(r_b, offset, temperature)
+    status = pair_status(p_a, p_b, s.tau_high, s.tau_low, s.tau_delta)
+    if s.rule == "ssrm":  # baseline: pairwise confidence only, no statuses, stop only when nothing is confident
+        take = ssrm_select(r_a, r_b, s.ssrm_threshold)
+        learning = 3 if take.any() else STOP
+        return status, learning, take, np.asarray(r_a) > np.asarray(r_b)
+    learning = learning_status(status, resolve_min_pairs(s.min_pairs, pool_size), s.rule)
+    return status, learning, select(status, learning), orient(p_a, p_b)
+
+
+def audit(take, a_wins, status, truth: np.ndarray | None) -> dict:
+    """Precision of this iteration's pseudo-labels against the hidden human labels (per status too).
+    `truth` is 1 where answer A is the human-chosen one. Audit only: never feeds back into training."""
+    if truth is None or not take.any():
+        return {}
+    right = a_wins[take] == truth[take].astype(bool)
+    out = {"ser/pseudo_precision": float(right.mean()), "ser/flipped": int((~right).sum())}
+    for k in (1, 2):
+        m = status[take] == k
+        if m.any():
+            out[f"ser/pseudo_precision_status{k}"] = float(right[m].mean())
+    return out
+
+
+def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dict | None, state: State,
+           accelerator) -> State:
+    """The SER loop (SER_METHOD.md §"The loop"). All persistent state lives in `state` and on disk."""
+    seed, test = split.seed, split.test
+    by_id = {p.id: p for p in pool}
+    labelled = {pid: a for pid, a in state.pseudo}
+    pool = [p for p in pool if p.id not in labelled]  # what is still unlabelled
+    for it in range(state.completed + 1, cfg.ser.max_iterations + 1):
+        t0, record = time.time(), {"iteration": it}
+        if it == 0:
+            # 0. Seed RM on the human-labelled fraction only.
+            train_pairs, is_pseudo = list(seed), [False] * len(seed)
+        else:
+            # 1. Score the unlabelled pool with the current RM.
+            rm, tok = load_iteration(run, it - 1)
+            r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool],
+                                   [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size)
+            offset, temperature = calibrate(rm, tok, seed, cfg)
+            del rm
+            # 2-4. Status of each pair, the RM's learning status, the selected pairs and their pseudo-labels.
+            status, learning, take, a_wins = select_pseudo_labels(r_a, r_b, offset, temperature, cfg, len(pool))
+            hidden = np.array([truth[p.id] == 0 for p in pool]) if truth else None  # True: A is human-chosen
+            record |= {"ser/status": STATUS_NAMES[learning], "ser/n_status1": int((status == 1).sum()),
+                       "ser/n_status2": int((status == 2).sum()), "ser/pool": len(pool),
+                       "ser/offset": offset, "ser/temperature": temperature, "ser/added": int(take.sum()),
+                       **audit(take, a_wins, status, hidden)}
+            save_scores(run, it, pool, r_a, r_b, status, take, a_wins, hidden, accelerator)
+            if learning == STOP:
+                state.stopped = (f"iteration {it}: too few confident pairs (status-1: {record['ser/n_status1']}, "
+                                 f"status-2: {record['ser/n_status2']}, need {resolve_min_pairs(cfg.ser.min_pairs, len(pool))})"
+                                 if cfg.ser.rule == "paper" else f"iteration {it}: no confident pair left")
+                log.info("stop: %s", state.stopped)
+                emit(run, {**record, "ser/stop": state.stopped}, accelerator)
+                break
+            # 5. Accumulate: earlier pseudo-labels are kept, never revised; the labelled pairs leave the pool.
+            state.pseudo += [[p.id, bool(a)] for p, a, t in zip(pool, a_wins, take) if t]
+            pool = [p for p, t in zip(pool, take) if not t]
+            record["ser/pool_left"] = len(pool)
+            pseudo_pairs = [as_pair(by_id[pid], a) for pid, a in state.pseudo]
+            human = list(seed) if cfg.ser.keep_seed else []
+            train_pairs, is_pseudo = human + pseudo_pairs, [False] * len(human) + [True] * len(pseudo_pairs)
+        # 6. (Re)train: the seed RM starts from the backbone; later ones continue from the previous RM
+        #    (paper README) or restart from the backbone (the released script).
+        init = None if it == 0 or cfg.ser.restart else str(run / "iterations" / str(it - 1))
+        cfg_it = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + it))
+        rm, tok, summary = fit_rm(cfg_it, [p.prompt for p in train_pairs], [p.chosen for p in train_pairs],
+                                  [p.rejected for p in train_pairs], accelerator=accelerator, init=init,
+                                  pseudo=is_pseudo, epochs=None if it == 0 else cfg.ser.iteration_epochs,
+                                  metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
+                                  prefix={"iteration": it}, desc=f"iteration {it}")
+        # 7. Evaluate on the held-out human-labelled test pairs.
+        m = evaluate_rm(rm, tok, test, cfg)
+        record |= {"rm/acc": m["accuracy"], "rm/ece": m["ece"], "rm/brier": m["brier"],
+                   "rm/mean_margin": m["mean_margin"], "train/pairs": len(train_pairs),
+                   "train/loss": summary["final_loss"], "time/seconds": time.time() - t0}
+        # 8. Checkpoint: the RM first, then the state (the commit point of this iteration).
+        if accelerator.is_main_process:
+            save_reward_model(rm, tok, run / "iterations" / str(it), ser_config_for(cfg, rm, tok, train_pairs,
+                                                                                  {"iteration": it, "test": m}))
+        emit(run, record, accelerator)
+        state.completed = it
+        save_state(run, state, accelerator)
+        log.info("iteration %d: %s", it, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in record.items() if k != "iteration"))
+        if not pool:
+            state.stopped = f"iteration {it}: the pool is empty"
+            break
+    else:
+        state.stopped = state.stopped or f"max_iterations={cfg.ser.max_iterations} reached"
+    return state
+
+
+def as_pair(p: UnlabelledPair, a_wins: bool) -> Pair:
+    """A pool pair oriented by its pseudo-label."""
+    chosen, rejected = (p.answer_a, p.answer_b) if a_wins else (p.answer_b, p.answer_a)
+    return Pair(id=p.id, prompt=p.prompt, chosen=chosen, rejected=rejected, source=p.source)
+
+
+def emit(run: Path, record: dict, accelerator) -> None:
+    if accelerator.is_main_process:
+        append_jsonl(run / "metrics.jsonl", record)
+
+
+def save_scores(run, it, pool, r_a, r_b, status, take, a_wins, hidden, accelerator) -> None:
+    """The pool's rewards at iteration `it` (for the reward-distribution plots and offline analysis)."""
+    if not accelerator.is_main_process:
+        return
+    buf = io.BytesIO()
+    np.savez(buf, r_a=r_a, r_b=r_b, status=status, take=take, a_wins=a_wins,
+             truth=hidden if hidden is not None else np.zeros(0), ids=np.array([p.id for p in pool]))
+    path = run / "scores" / f"{it}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def load_iteration(run: Path, it: int):
+    from ser.models import load_reward_model
+
+    directory = run / "iterations" / str(it)
+    verify_manifest(directory)
+    rm, tok = load_reward_model(str(directory), "full")
+    rm.eval()
+    return rm, tok
+
+
+def save_state(run: Path, state: State, accelerator) -> None:
+    if accelerator.is_main_process:
+        atomic_write_text(run / "state.json", json.dumps(dataclasses.asdict(state)))
+    accelerator.wait_for_everyone()
+
+
+def data_hash(split, pool) -> str:
+    h = hashlib.sha1()
+    for part in (split.seed, pool, split.test):
+        h.update("|".join(p.id for p in part).encode() + b"#")
+    return h.hexdigest()[:16]
+
+
+def build_pool(cfg: Config, split):
+    """The unlabelled pool: a file of (prompt, answer_a, answer_b) when `data.pool` is set (no audit possible),
+    else the rest of the labelled data with its labels hidden (kept apart, for the audit only)."""
+    if cfg.data.pool:
+        return load_unlabelled(cfg.data.pool, columns=cfg.data.columns), None
+    return hide_labels(split.pool)
+
+
+def _truncate_metrics(run: Path, completed: int) -> None:
+    """On resume, drop metric lines of the iteration that was interrupted (it will be redone)."""
+    path = run / "metrics.jsonl"
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", -1) <= completed]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -> Path:
+    if resume:
+        run = Path(resume)
+        if not (run / "config.yaml").exists():
+            raise UserError(f"{run}: not a run directory (no config.yaml)")
+        cfg = load_config(run / "config.yaml")
+        state = State(**json.loads((run / "state.json").read_text())) if (run / "state.json").exists() else State()
+    else:
+        if out is None:
+            raise UserError("ser evolve needs --out DIR (or --resume RUN_DIR)")
+        run, state = Path(out), State()
+    split = load_splits(cfg.data)  # bad data fails here, before anything is written
+    pool, truth = build_pool(cfg, split)
+    accelerator = make_accelerator(cfg.train)
+    digest = data_hash(split, pool)
+    if resume and state.data_hash and state.data_hash != digest:
+        raise UserError(f"{run}: the data differ from the run's (split hash {digest} != {state.data_hash})")
+    if not resume:
+        if (run / "state.json").exists():
+            raise UserError(f"{run}: already holds a run; use --resume {run} or another --out")
+        check_writable(run)
+        atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+    state.data_hash = digest
+    log.info("SER: %d seed pairs, %d pool pairs (%s), %d test pairs", len(split.seed), len(pool),
+             "labels hidden, audited" if truth else "unlabelled", len(split.test))
+    if state.stopped is None:
+        _truncate_metrics(run, state.completed)
+        state = evolve(cfg, run, split, pool, truth, state, accelerator)
+        if accelerator.is_main_process:
+            last = run / "iterations" / str(state.completed)
+            with atomic_dir(run / "final") as tmp:
+                shutil.copytree(last, tmp, dirs_exist_ok=True, copy_function=os.link,
+                                ignore=shutil.ignore_patterns("manifest.json"))
+        save_state(run, state, accelerator)
+        emit(run, {"iteration": state.completed, "ser/stop_reason": state.stopped, "ser/final": state.completed},
+             accelerator)
+    return run
+
+
+def summary_table(run: Path) -> str:
+    """The per-iteration table printed at the end of `ser evolve`."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "rm/acc" in r or "ser/stop" in r]
+    lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'precision':>9} {'test_acc':>8}"]
+    for r in rows:
+        prec = r.get("ser/pseudo_precision")
+        acc = r.get("rm/acc")
+        lines.append(f"{r['iteration']:>4} {r.get('ser/status', 'seed'):>6} {r.get('ser/n_status1', ''):>7} "
+                     f"{r.get('ser/n_status2', ''):>7} {r.get('ser/added', ''):>6} "
+                     f"{'' if prec is None else f'{prec:.3f}':>9} {'' if acc is None else f'{acc:.4f}':>8}")
+    return "\n".join(lines)

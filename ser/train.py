@@ -1,0 +1,122 @@
+"""Reward-model training: a plain PyTorch loop on `accelerate` with the pairwise (Bradley–Terry) loss.
+
+The same loop runs on one CPU, under `accelerate launch --num_processes N` (DDP) and under DeepSpeed/FSDP:
+device placement, mixed precision, gradient accumulation and data sharding all come from `Accelerator`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ser.config import TrainConfig
+from ser.errors import UserError
+from ser.losses import pairwise_losses
+from ser.models import collate, encode
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(tcfg: TrainConfig) -> Accelerator:
+    return Accelerator(gradient_accumulation_steps=tcfg.grad_accum, mixed_precision=tcfg.mixed_precision)
+
+
+def _epoch_order(n: int, epochs: float, seed: int) -> list[int]:
+    """Pair indices for `epochs` passes (the last one partial), reshuffled each epoch, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(math.ceil(epochs)):
+        order += torch.randperm(n, generator=g).tolist()
+    return order[: max(1, round(epochs * n))]
+
+
+def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConfig, max_length: int, *,
+                       accelerator: Accelerator, pseudo=None, pseudo_loss: tuple[str, float] = ("sigmoid", 0.0),
+                       epochs: float | None = None, on_step=None, desc: str = "train") -> tuple[object, dict]:
+    """Train `rm` in place on pairs (prompt, chosen, rejected); returns (unwrapped rm, summary).
+
+    pseudo: optional bool per pair; pseudo-labelled pairs use `pseudo_loss` = (kind, margin), human pairs
+    use tcfg.loss / tcfg.margin. on_step(step, record, rm): called after every optimizer step (logging,
+    periodic evaluation).
+    """
+    n = len(prompts)
+    if n == 0:
+        raise UserError("no training pairs")
+    epochs = tcfg.epochs if epochs is None else epochs
+    t0 = time.time()
+    # Tokenize once: chosen sequences are 0..n-1 and rejected n..2n-1.
+    enc = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected), max_length)
+    if enc.truncated_answers:
+        log.warning("%d of %d answers exceed max_length=%d on their own and were cut at the end",
+                    enc.truncated_answers, 2 * n, max_length)
+    if enc.truncated_prompts:
+        log.info("%d of %d prompts were cut from the left to fit max_length=%d", enc.truncated_prompts, 2 * n,
+                 max_length)
+    is_pseudo = torch.zeros(n, dtype=torch.bool) if pseudo is None else torch.as_tensor(np.asarray(pseudo, bool))
+
+    def collate_pairs(idx: list[int]) -> dict:
+        seqs = idx + [i + n for i in idx]  # (2B,): chosen first, then rejected
+        tt = [enc.token_type_ids[i] for i in seqs] if enc.token_type_ids is not None else None
+        batch = collate([enc.input_ids[i] for i in seqs], tt, tokenizer.pad_token_id)
+        batch["pseudo"] = is_pseudo[idx]
+        return batch
+
+    order = _epoch_order(n, epochs, tcfg.seed)
+    loader = DataLoader(order, batch_size=tcfg.batch_size, shuffle=False, collate_fn=collate_pairs)
+    steps = math.ceil(len(loader) / tcfg.grad_accum)
+    params = [p for p in rm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    from transformers import get_scheduler
+
+    schedule = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[tcfg.schedule]
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=round(tcfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    rm.train()
+    rm, optimizer, loader, scheduler = accelerator.prepare(rm, optimizer, loader, scheduler)
+
+    step, losses, correct, seen = 0, [], 0, 0
+    bar = tqdm(total=steps, desc=desc, disable=not sys.stderr.isatty() or not accelerator.is_main_process)
+    for batch in loader:
+        pseudo_mask = batch.pop("pseudo")
+        with accelerator.accumulate(rm):
+            rewards = rm(**batch).logits[:, 0].float()  # (2B,)
+            r_chosen, r_rejected = rewards.chunk(2)
+            margins = r_chosen - r_rejected  # (B,)
+            human = pairwise_losses(margins, tcfg.loss, tcfg.margin)
+            machine = pairwise_losses(margins, *pseudo_loss)
+            loss = torch.where(pseudo_mask, machine, human).mean()
+            if not torch.isfinite(loss):
+                raise UserError(f"{desc}: non-finite loss ({loss.item()}) at step {step}; stopped before "
+                                f"corrupting the model (lower train.lr or check the data)")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+        correct += int((margins > 0).sum())
+        seen += margins.numel()
+        if accelerator.sync_gradients:
+            step += 1
+            bar.update(1)
+            record = {"step": step, "train/loss": float(np.mean(losses[-tcfg.grad_accum:])),
+                      "train/lr": scheduler.get_last_lr()[0], "train/acc": correct / max(seen, 1)}
+            bar.set_postfix(loss=f"{record['train/loss']:.4f}")
+            if on_step is not None:
+                on_step(step, record, rm)
+    bar.close()
+    rm = accelerator.unwrap_model(rm)
+    accelerator.free_memory()
+    summary = {"steps": step, "pairs": n, "epochs": epochs, "final_loss": float(np.mean(losses[-10:])),
+               "train_acc": correct / max(seen, 1), "seconds": time.time() - t0,
+               "truncated_answers": enc.truncated_answers, "truncated_prompts": enc.truncated_prompts}
+    return rm, summary

@@ -1,0 +1,57 @@
+"""Evaluation metrics (hand-derived) and configuration parsing."""
+
+import pytest
+
+from ser.config import load_config
+from ser.errors import UserError
+from ser.evaluate import bootstrap_ci, pair_metrics
+
+
+def test_pair_metrics_hand_derived():
+    m = pair_metrics([1, 0, 2, 1], [0, 0, 3, -1], ["a", "a", "b", "b"])
+    # margins 1, 0, -1, 2: the tie is wrong (strict >)
+    assert m["accuracy"] == 0.5 and m["ties"] == 1 and m["mean_margin"] == 0.5
+    # P = σ(m) = .731059, .5, .268941, .880797; Brier = mean (1-P)^2
+    assert m["brier"] == pytest.approx((0.268941**2 + 0.25 + 0.731059**2 + 0.119203**2) / 4, abs=1e-5)
+    # confidences .5 (wrong), .731 (right), .731 (wrong), .881 (right) in bins 4, 7, 7, 8:
+    # ECE = .25*|0-.5| + .5*|.5-.731059| + .25*|1-.880797|
+    assert m["ece"] == pytest.approx(0.25 * 0.5 + 0.5 * 0.231059 + 0.25 * 0.119203, abs=1e-5)
+    assert m["accuracy_by_source"] == {"a": 0.5, "b": 0.5}
+
+
+def test_bootstrap_ci_brackets_mean():
+    lo, hi = bootstrap_ci([1, 0] * 50, n_resamples=2000)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+
+
+def test_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  seed_size: 200\nmodel:\n  max_length: 64\n")
+    cfg = load_config(f, ["train.lr=1e-4", "data.test_size=0.2", "ser.keep_seed=false"])
+    assert cfg.data.seed_size == 200 and isinstance(cfg.data.seed_size, int)
+    assert cfg.data.test_size == 0.2 and cfg.model.max_length == 64
+    assert cfg.train.lr == 1e-4 and cfg.ser.keep_seed is False
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("data:\n  sede_size: 3\n", "unknown config key 'data.sede_size'"),
+    ("trian:\n  lr: 1\n", "unknown config key 'trian.lr'"),
+    ("train:\n  batch_size: many\n", "'train.batch_size' must be int"),
+    ("train:\n  lr: [1]\n", "'train.lr' must be float"),
+    ("model:\n  mode: half\n", "'model.mode' must be one of full, lora, head"),
+    ("data: [1, 2]\n", "section 'data' must be a mapping"),
+    ("data:\n  train: [\n", "not valid YAML"),
+])
+def test_bad_config_names_the_key(tmp_path, text, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_config(f)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_presets_parse():
+    from pathlib import Path
+
+    for preset in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(preset)

@@ -1,0 +1,138 @@
+"""Backbones, tokenization, the training loop and the save/load round trip, on tiny random models."""
+
+import numpy as np
+import pytest
+import torch
+
+from ser.checkpoint import save_reward_model, verify_manifest
+from ser.config import TrainConfig
+from ser.errors import UserError
+from ser.models import collate, encode, load_reward_model, resolve_backbone
+from ser.scoring import score_pairs, score_texts
+from ser.train import make_accelerator, train_reward_model
+
+
+def test_encode_keeps_answer_and_cuts_prompt_from_the_left(tiny_bert_dir):
+    _, tok = load_reward_model(str(tiny_bert_dir))
+    prompt = " ".join(f"w{i}" for i in range(300)) + " LAST"
+    enc = encode(tok, [prompt, "short prompt"], ["the answer stays", "ok"], max_length=32)
+    ids = enc.input_ids[0]
+    assert len(ids) == 32
+    text = tok.decode(ids)
+    assert text.endswith("[SEP] the answer stays [SEP]") and "last" in text and "w0 " not in text
+    assert enc.truncated_prompts == 1 and enc.truncated_answers == 0
+    assert len(enc.input_ids[1]) < 32
+
+
+def test_encode_counts_answers_longer_than_max_length(tiny_bert_dir):
+    _, tok = load_reward_model(str(tiny_bert_dir))
+    enc = encode(tok, ["q"], [" ".join(["word"] * 100)], max_length=16)
+    assert enc.truncated_answers == 1 and len(enc.input_ids[0]) == 16
+
+
+def test_causal_rm_pad_token_and_padding_invariance(tiny_llama_dir):
+    rm, tok = load_reward_model(str(tiny_llama_dir))
+    assert tok.pad_token is not None and rm.config.pad_token_id == tok.pad_token_id
+    enc = encode(tok, ["Human: hi\n\nAssistant:"], ["hello there"], 64)
+    assert enc.truncated_answers == 0
+    # the reward is read at the last real token: batching with a longer (padded) sequence changes nothing
+    alone = score_texts(rm, tok, ["Human: hi\n\nAssistant:"], ["hello there"], 64)
+    batched = score_texts(rm, tok, ["Human: hi\n\nAssistant:", "a much longer prompt " * 5], ["hello there", "x"], 64)
+    assert alone[0] == pytest.approx(batched[0], abs=1e-5)
+
+
+def test_head_only_and_lora_modes(tiny_bert_dir):
+    rm, _ = load_reward_model(str(tiny_bert_dir), "head")
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("classifier.", "bert.pooler.")) for n in trainable)
+    rm, _ = load_reward_model(str(tiny_bert_dir), "lora", {"r": 4, "targets": ["query", "value"]})
+    trainable = [n for n, p in rm.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert not any("attention.self.key" in n for n in trainable)
+
+
+def test_unknown_backbone_and_model_dir_without_weights(tmp_path):
+    with pytest.raises(UserError, match="unknown backbone 'nope'"):
+        resolve_backbone("nope")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no weights"):
+        resolve_backbone(str(tmp_path))
+
+
+def _separable_pairs(n=48):
+    rng = np.random.default_rng(0)
+    good = ["great", "helpful", "clear", "correct", "kind"]
+    bad = ["awful", "rude", "wrong", "useless", "angry"]
+    prompts = [f"question number {i}" for i in range(n)]
+    chosen = [" ".join(rng.choice(good, 4)) for _ in range(n)]
+    rejected = [" ".join(rng.choice(bad, 4)) for _ in range(n)]
+    return prompts, chosen, rejected
+
+
+def test_parameters_change_after_one_step(tiny_bert_dir):
+    torch.manual_seed(0)
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    before = {n: p.detach().clone() for n, p in rm.named_parameters()}
+    p, c, r = _separable_pairs(8)
+    tcfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_ratio=0.0)
+    rm, summary = train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg))
+    assert summary["steps"] == 1
+    changed = [n for n, q in rm.named_parameters() if not torch.equal(before[n], q.detach())]
+    assert "classifier.weight" in changed and any(n.startswith("bert.encoder") for n in changed)
+
+
+def test_learns_trivially_separable_data(tiny_bert_dir):
+    torch.manual_seed(0)
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    p, c, r = _separable_pairs()
+    r_c, r_r = score_pairs(rm, tok, p, c, r, 32)
+    acc_before = float((r_c > r_r).mean())
+    tcfg = TrainConfig(epochs=6, batch_size=8, lr=2e-3, warmup_ratio=0.0)
+    rm, _ = train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg))
+    p2, c2, r2 = [x[::-1] for x in _separable_pairs(20)]  # unseen word combinations
+    r_c, r_r = score_pairs(rm, tok, p2, c2, r2, 32)
+    assert (r_c > r_r).mean() >= 0.95 and acc_before < 0.9
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_bert_dir):
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    with torch.no_grad():
+        rm.classifier.weight.fill_(float("nan"))
+    p, c, r = _separable_pairs(8)
+    tcfg = TrainConfig(batch_size=8)
+    with pytest.raises(UserError, match="non-finite loss"):
+        train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg))
+
+
+@pytest.mark.parametrize("which", ["tiny_bert_dir", "tiny_llama_dir"])
+def test_save_load_round_trip_scores_identically(which, request, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(1)
+    rm, tok = load_reward_model(str(request.getfixturevalue(which)))
+    save_reward_model(rm, tok, tmp_path / "rm", {"config": {"model": {"max_length": 48}}})
+    verify_manifest(tmp_path / "rm")
+    assert (tmp_path / "rm" / "model.safetensors").exists() and (tmp_path / "rm" / "ser_config.json").exists()
+    p, c, r = _separable_pairs(6)
+    ours = score_pairs(rm, tok, p, c, r, 48)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    plain_tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    theirs = score_pairs(plain, plain_tok, p, c, r, 48)
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+def test_corrupt_checkpoint_is_detected(tiny_bert_dir, tmp_path):
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    save_reward_model(rm, tok, tmp_path / "rm", {})
+    with open(tmp_path / "rm" / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(UserError, match="corrupt"):
+        verify_manifest(tmp_path / "rm")
+
+
+def test_collate_pads_right():
+    b = collate([[5, 6, 7], [8]], None, 0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
