@@ -59,3 +59,18 @@ def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, alpha: float = 
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
     return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
+
+
+def hierarchical_bootstrap(correct, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05):
+    """95% CI of mean accuracy over seeds and test pairs: resample seeds, then test pairs within each.
+
+    correct: (S, N) 0/1 matrix, one row per training seed, one column per test pair."""
+    m = np.asarray(correct, dtype=np.float64)
+    if m.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    s, n = m.shape
+    rows = rng.integers(0, s, size=(n_resamples, s))
+    cols = rng.integers(0, n, size=(n_resamples, s, n))
+    means = m[rows[:, :, None], cols].mean(axis=(1, 2))
+    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))

@@ -38,6 +38,20 @@ def _epoch_order(n: int, epochs: float, seed: int) -> list[int]:
     return order[: max(1, round(epochs * n))]
 
 
+def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int, seed: int,
+                           group: int = 32) -> list[list[int]]:
+    """Batches of similar length, so little compute goes to padding (HF's `group_by_length`): windows of
+    `group` batches of the shuffled order are sorted by length and cut into batches; the batches are then
+    shuffled so training does not see a length curriculum. Every index of `order` is used exactly once."""
+    batches = []
+    window = group * batch_size
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return [batches[i] for i in perm]
+
+
 def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConfig, max_length: int, *,
                        accelerator: Accelerator, pseudo=None, pseudo_loss: tuple[str, float] = ("sigmoid", 0.0),
                        epochs: float | None = None, on_step=None, desc: str = "train") -> tuple[object, dict]:
@@ -69,8 +83,9 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         batch["pseudo"] = is_pseudo[idx]
         return batch
 
-    order = _epoch_order(n, epochs, tcfg.seed)
-    loader = DataLoader(order, batch_size=tcfg.batch_size, shuffle=False, collate_fn=collate_pairs)
+    pair_len = [max(len(enc.input_ids[i]), len(enc.input_ids[i + n])) for i in range(n)]
+    batches = length_grouped_batches(_epoch_order(n, epochs, tcfg.seed), pair_len, tcfg.batch_size, tcfg.seed)
+    loader = DataLoader(range(n), batch_sampler=batches, collate_fn=collate_pairs)
     steps = math.ceil(len(loader) / tcfg.grad_accum)
     params = [p for p in rm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)

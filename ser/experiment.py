@@ -1,0 +1,239 @@
+"""`ser experiment`: SER against its baselines on identical splits over several seeds, with a report.
+
+Methods (all on the same seed/pool/test split of a given seed):
+  seed_only   the seed RM (human labels of the seed fraction only) — SER's starting point
+  full_label  all human labels of seed + pool — the ceiling
+  ser_paper   SER with the paper's status rule            (ser.rule = paper)
+  ser_code    SER with the released code's one-pass rule  (ser.rule = code)
+  ssrm        plain confidence-threshold self-training     (ser.rule = ssrm), same number of iterations
+The three self-labelling methods share the seed RM (iteration 0), so their differences come from selection only.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ser.checkpoint import atomic_write_text, check_writable
+from ser.config import Config
+from ser.evaluate import hierarchical_bootstrap
+from ser.evolve import State, load_iteration, run_evolve, save_state
+from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores
+from ser.train import make_accelerator
+
+log = logging.getLogger(__name__)
+SELF_LABELLING = {"ser_paper": "paper", "ser_code": "code", "ssrm": "ssrm"}
+
+
+def _correct(rm, tok, pairs, cfg) -> np.ndarray:
+    r_c, r_r = rm_scores(rm, tok, pairs, cfg)
+    return (r_c > r_r).astype(np.float64)
+
+
+def run_seed(cfg: Config, root: Path, seed: int) -> dict:
+    """All methods for one seed; returns {method: {"correct": per-test-pair 0/1, "metrics": [...]}}."""
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=cfg.data.split_seed + seed),
+                              train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 100 * seed))
+    split = load_splits(cfg.data)
+    accelerator = make_accelerator(cfg.train)
+    results, methods = {}, cfg.experiment.methods
+    base = root / f"seed{seed}"
+    # Seed RM once: it is iteration 0 of every self-labelling run (evolve's own iteration 0, same seed).
+    seed_run = base / "seed_only"
+    if not (seed_run / "state.json").exists() or json.loads((seed_run / "state.json").read_text())["completed"] < 0:
+        run_evolve(dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, max_iterations=0)), str(seed_run),
+                   resume=str(seed_run) if (seed_run / "config.yaml").exists() else None)
+    rm, tok = load_iteration(seed_run, 0)
+    results["seed_only"] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(seed_run)}
+    if "full_label" in methods:
+        path = base / "full_label.json"
+        if not path.exists():
+            t0 = time.time()
+            pairs = split.seed + split.pool
+            rm, tok, _ = fit_rm(cfg, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                                [p.rejected for p in pairs], accelerator=accelerator, desc=f"seed {seed} full-label")
+            m = evaluate_rm(rm, tok, split.test, cfg)
+            atomic_write_text(path, json.dumps({"correct": _correct(rm, tok, split.test, cfg).tolist(),
+                                                "accuracy": m["accuracy"], "seconds": time.time() - t0}))
+        results["full_label"] = {"correct": np.array(json.loads(path.read_text())["correct"]), "metrics": []}
+    for method, rule in SELF_LABELLING.items():
+        if method not in methods:
+            continue
+        run = base / method
+        if not (run / "config.yaml").exists():
+            _fork_from_seed_rm(seed_run, run, dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, rule=rule)),
+                               accelerator)
+        run_evolve(None, None, resume=str(run))
+        rm, tok = load_iteration(run, json.loads((run / "state.json").read_text())["completed"])
+        results[method] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(run)}
+    return results
+
+
+def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> None:
+    """A new run directory whose iteration 0 is the shared seed RM (hard links, no copy)."""
+    import yaml
+
+    from ser.config import to_dict
+
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(seed_run / "iterations" / "0", run / "iterations" / "0", copy_function=os.link,
+                    dirs_exist_ok=True)
+    seed_metrics = [line for line in (seed_run / "metrics.jsonl").read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration") == 0 and "ser/stop_reason" not in line]
+    atomic_write_text(run / "metrics.jsonl", "".join(line + "\n" for line in seed_metrics))
+    seed_state = json.loads((seed_run / "state.json").read_text())
+    save_state(run, State(completed=0, data_hash=seed_state["data_hash"]), accelerator)
+    atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if line.strip() and ("rm/acc" in line or "ser/stop" in line)]
+
+
+def run_experiment(cfg: Config, out: str) -> Path:
+    root = check_writable(out)
+    t0 = time.time()
+    per_seed = {seed: run_seed(cfg, root, seed) for seed in cfg.experiment.seeds}
+    summary = summarise(per_seed, cfg)
+    summary["wall_seconds"] = time.time() - t0
+    summary["commit"] = _commit()
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2, default=float))
+    write_report(root, summary, per_seed, cfg)
+    return root
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def summarise(per_seed: dict, cfg: Config) -> dict:
+    """Final accuracy per method (mean and 95% CI over seeds and test pairs) and the share of the
+    seed-to-full-label gap each method closed."""
+    methods = [m for m in ["seed_only", "full_label", *SELF_LABELLING] if m in cfg.experiment.methods + ["seed_only"]]
+    table = {}
+    for m in methods:
+        matrix = np.stack([per_seed[s][m]["correct"] for s in per_seed])  # (seeds, test pairs)
+        lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap)
+        table[m] = {"accuracy": float(matrix.mean()), "ci95": [lo, hi],
+                    "per_seed": [float(x) for x in matrix.mean(axis=1)]}
+    if "full_label" in table:
+        gap = table["full_label"]["accuracy"] - table["seed_only"]["accuracy"]
+        for m in table:
+            table[m]["gap_closed"] = (table[m]["accuracy"] - table["seed_only"]["accuracy"]) / gap if gap else None
+    return {"methods": table, "seeds": list(per_seed), "config": dataclasses.asdict(cfg)}
+
+
+def write_report(root: Path, summary: dict, per_seed: dict, cfg: Config) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    methods = [m for m in SELF_LABELLING if m in cfg.experiment.methods]
+
+    def curve(key, title, ylabel, name, hline=None):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for m in methods:
+            for s in per_seed:
+                rows = [r for r in per_seed[s][m]["metrics"] if key in r]
+                ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker="o", alpha=0.7,
+                        color=f"C{methods.index(m)}", label=m if s == next(iter(per_seed)) else None)
+        if hline is not None:
+            ax.axhline(hline, color="k", ls="--", label="full_label (mean)")
+        ax.set(title=title, xlabel="iteration", ylabel=ylabel)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(root / name, dpi=110)
+        plt.close(fig)
+        plots[name] = title
+
+    full = summary["methods"].get("full_label", {}).get("accuracy")
+    curve("rm/acc", "Test accuracy per iteration", "accuracy", "accuracy.png", full)
+    curve("ser/pseudo_precision", "Pseudo-label precision per iteration", "precision", "precision.png")
+    curve("ser/added", "Pairs selected per iteration", "pairs added", "selected.png")
+    _count_plot(root, per_seed, methods, plt)
+    plots["status_counts.png"] = "Status-1 / status-2 candidates per iteration"
+    _reward_plot(root, per_seed, plt)
+    plots["pool_rewards.png"] = "Pool reward distribution per iteration (first seed, ser_paper)"
+
+    md = _markdown(summary, per_seed, cfg, list(plots))
+    atomic_write_text(root / "report.md", md)
+    imgs = "".join(f"<h3>{t}</h3><img src='data:image/png;base64,"
+                   f"{base64.b64encode((root / n).read_bytes()).decode()}'/>" for n, t in plots.items())
+    import html
+
+    atomic_write_text(root / "report.html", "<html><head><meta charset='utf-8'><title>SER experiment</title>"
+                      "</head><body><pre>" + html.escape(md) + "</pre>" + imgs + "</body></html>")
+
+
+def _count_plot(root, per_seed, methods, plt):
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    s = next(iter(per_seed))
+    for i, m in enumerate(methods):
+        rows = [r for r in per_seed[s][m]["metrics"] if "ser/n_status1" in r]
+        ax.plot([r["iteration"] for r in rows], [r["ser/n_status1"] for r in rows], marker="o", color=f"C{i}",
+                label=f"{m} status-1")
+        ax.plot([r["iteration"] for r in rows], [r["ser/n_status2"] for r in rows], marker="x", ls=":",
+                color=f"C{i}", label=f"{m} status-2")
+    ax.set(title="Status-1 / status-2 candidates per iteration", xlabel="iteration", ylabel="pairs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "status_counts.png", dpi=110)
+    plt.close(fig)
+
+
+def _reward_plot(root, per_seed, plt):
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    s = next(iter(per_seed))
+    run = root / f"seed{s}" / "ser_paper"
+    for f in sorted((run / "scores").glob("*.npz"), key=lambda p: int(p.stem)) if run.exists() else []:
+        z = np.load(f)
+        ax.hist(np.concatenate([z["r_a"], z["r_b"]]), bins=40, histtype="step", label=f"iteration {f.stem}")
+    ax.set(title="Pool rewards seen at each iteration (ser_paper, first seed)", xlabel="reward", ylabel="answers")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "pool_rewards.png", dpi=110)
+    plt.close(fig)
+
+
+def _markdown(summary, per_seed, cfg, plots) -> str:
+    lines = ["# SER experiment", "",
+             f"Data: `{cfg.data.train}` · backbone `{cfg.model.backbone}` · seed size {cfg.data.seed_size} · "
+             f"max_length {cfg.model.max_length} · seeds {summary['seeds']} · commit {summary.get('commit')} · "
+             f"wall time {summary.get('wall_seconds', 0) / 60:.1f} min", "",
+             "Accuracy is strict (r_chosen > r_rejected); 95% CI: bootstrap over seeds and test pairs.", "",
+             "| method | test accuracy | 95% CI | per seed | gap closed |", "|---|---|---|---|---|"]
+    for m, r in summary["methods"].items():
+        gap = r.get("gap_closed")
+        lines.append(f"| {m} | {r['accuracy']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | "
+                     f"{', '.join(f'{x:.3f}' for x in r['per_seed'])} | {'' if gap is None else f'{gap:+.0%}'} |")
+    lines += ["", "## Pseudo-label precision per iteration (against the hidden human labels)", "",
+              "| seed | method | iteration | status | status-1 | status-2 | added | precision | test acc |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for s in per_seed:
+        for m in SELF_LABELLING:
+            for r in per_seed[s].get(m, {}).get("metrics", []):
+                if r.get("iteration", 0) == 0:
+                    continue
+                prec = r.get("ser/pseudo_precision")
+                acc = r.get("rm/acc")
+                lines.append(f"| {s} | {m} | {r['iteration']} | {r.get('ser/status', '')} | "
+                             f"{r.get('ser/n_status1', '')} | {r.get('ser/n_status2', '')} | {r.get('ser/added', '')} | "
+                             f"{'' if prec is None else f'{prec:.3f}'} | {'' if acc is None else f'{acc:.4f}'} |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
