@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_overrides(backbone, data_file=None, **extra):
     o = [f"model.backbone={backbone}", "model.max_length=64", "data.seed_size=32", "data.pool_size=64",
          "data.test_size=32", "train.batch_size=8", "train.lr=1e-3", "train.epochs=2", "ser.max_iterations=2",
-         "ser.min_pairs=4", "ser.calibration=center"]
+         "ser.min_pairs=4", "ser.calibration=center",
+         # a tiny random RM is barely confident: narrow thresholds so that it selects pairs
+         "ser.tau_high=0.500001", "ser.tau_low=0.499999", "ser.tau_delta=0.000001"]
     if data_file:
         o.append(f"data.train={data_file}")
     return o + [f"{k}={v}" for k, v in extra.items()]

@@ -1,0 +1,372 @@
+"""Data: load preference pairs from the usual formats, validate them, split them deterministically.
+
+One canonical record: `Pair` (prompt, chosen, rejected) for human-labelled data and `UnlabelledPair`
+(prompt, answer_a, answer_b) for the pool. A pair's id hashes the prompt and the *unordered* answers, so it
+does not depend on the label: hiding or flipping labels never changes ids, splits or answer order.
+Bad input raises `UserError("file:record: problem")`; legitimately unusable records are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ser.errors import UserError, where
+
+log = logging.getLogger(__name__)
+
+ASSISTANT = "\n\nAssistant:"
+KNOWN = {  # name -> (path under the data dir, Hub dataset id, Hub data_dir)
+    "hh-rlhf:helpful-base": ("hh-rlhf/helpful-base/{split}.jsonl.gz", "Anthropic/hh-rlhf", "helpful-base"),
+    "hh-rlhf:harmless-base": ("hh-rlhf/harmless-base/{split}.jsonl.gz", "Anthropic/hh-rlhf", "harmless-base"),
+    "hh-rlhf:helpful-online": ("hh-rlhf/helpful-online/{split}.jsonl.gz", "Anthropic/hh-rlhf", "helpful-online"),
+    "ultrafeedback": ("ultrafeedback-binarized-subset/{split}_clean.jsonl", "trl-lib/ultrafeedback_binarized", None),
+    "pandalm": ("pandalm/testset-v1.json", "WeOpenML/PandaLM", None),
+}
+DEFAULT_SPLIT = {"ultrafeedback": "train"}  # the local HH files are the test splits; UltraFeedback has both
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+
+
+@dataclass(frozen=True)
+class UnlabelledPair:
+    id: str
+    prompt: str
+    answer_a: str
+    answer_b: str
+    source: str
+
+
+@dataclass
+class Split:
+    seed: list[Pair]  # the human-labelled fraction
+    pool: list[Pair]  # labels hidden by `hide_labels` before SER sees them
+    test: list[Pair]
+
+
+def pair_id(prompt: str, a: str, b: str) -> str:
+    """Label-invariant id: the same prompt and answers give the same id whichever answer is chosen."""
+    x, y = sorted((a, b))
+    return hashlib.sha1("\x1f".join((prompt, x, y)).encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- resolving specs
+
+
+def data_dirs() -> list[Path]:
+    dirs = [Path(os.environ["SER_DATA_DIR"])] if os.environ.get("SER_DATA_DIR") else []
+    return dirs + [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+
+
+def resolve_data_spec(spec: str) -> str:
+    """A known name (`hh-rlhf:helpful-base[:train]`, `ultrafeedback[:eval]`, `pandalm`) -> a local file, else
+    the spec itself when it is an existing file or a Hub dataset id."""
+    if Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser())
+    name, split = spec, None
+    if spec not in KNOWN and spec.rsplit(":", 1)[0] in KNOWN:
+        name, split = spec.rsplit(":", 1)
+    if name in KNOWN:
+        rel = KNOWN[name][0].format(split=split or DEFAULT_SPLIT.get(name, "test"))
+        for d in data_dirs():
+            if (d / rel).exists():
+                return str(d / rel)
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise UserError(f"{spec}: dataset not found locally ({rel} under {', '.join(map(str, data_dirs()))}) "
+                            f"and HF_HUB_OFFLINE=1")
+        return f"hub:{spec}"
+    if ":" in spec or spec.endswith((".jsonl", ".gz", ".json", ".csv", ".parquet")):
+        kind = "no such file" if "." in Path(spec).name and ":" not in spec else "unknown dataset"
+        raise UserError(f"{spec}: {kind}; known datasets: {', '.join(KNOWN)}")
+    if spec.count("/") == 1:
+        return f"hub:{spec}"
+    raise UserError(f"{spec}: no such file or dataset; known datasets: {', '.join(KNOWN)}")
+
+
+# ---------------------------------------------------------------- reading records
+
+
+def _read_records(path: str):
+    """Yield (record number, dict) from a local file; record = line for jsonl/csv, index for json/parquet."""
+    p = Path(path)
+    name = p.name.lower()
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(p, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        rec = json.loads(raw.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise UserError(f"{where(p, n)}: invalid UTF-8") from None
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{where(p, n)}: malformed JSON ({e.msg})") from None
+                    yield n, rec
+        elif name.endswith(".json"):
+            try:
+                data = json.loads(p.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                raise UserError(f"{p}: invalid UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where(p, e.lineno)}: malformed JSON ({e.msg})") from None
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise UserError(f"{p}: expected a JSON list of records (or {{\"data\": [...]}})")
+            yield from enumerate(data)
+        elif name.endswith(".csv"):
+            try:
+                text = p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{p}: invalid UTF-8") from None
+            for n, row in enumerate(csv.DictReader(io.StringIO(text)), 2):
+                yield n, row
+        elif name.endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise UserError(f"{p}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            yield from enumerate(pq.read_table(p).to_pylist())
+        else:
+            raise UserError(f"{p}: unsupported file type (use .jsonl, .jsonl.gz, .json, .csv or .parquet)")
+    except (EOFError, gzip.BadGzipFile, zlib.error):
+        raise UserError(f"{p}: truncated or corrupt gzip file") from None
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{p}: is a directory, expected a data file") from None
+
+
+def _hub_records(spec: str):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{spec}: loading a Hub dataset needs the `datasets` package") from None
+    name, split = spec, "train"
+    if spec in KNOWN or spec.rsplit(":", 1)[0] in KNOWN:
+        name, split = (spec, "test") if spec in KNOWN else spec.rsplit(":", 1)
+        _, hub_id, data_dir = KNOWN[name]
+        ds = datasets.load_dataset(hub_id, data_dir=data_dir, split=split)
+    else:
+        ds = datasets.load_dataset(spec, split=split)
+    yield from enumerate(ds)
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _text(rec, key, loc) -> str:
+    if key not in rec:
+        raise UserError(f"{loc}: missing field '{key}' (fields: {', '.join(map(str, rec))})")
+    v = rec[key]
+    if not isinstance(v, str):
+        raise UserError(f"{loc}: field '{key}' is {type(v).__name__}, expected a string")
+    return v
+
+
+def _render(messages, loc, chat_template) -> str:
+    roles = {"system": "System", "user": "Human", "assistant": "Assistant"}
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise UserError(f"{loc}: messages must be objects with 'role' and string 'content'")
+        if m["role"] not in roles:
+            raise UserError(f"{loc}: unknown chat role '{m['role']}' (expected system, user or assistant)")
+    if chat_template is not None:
+        return chat_template(messages)
+    return "".join(f"\n\n{roles[m['role']]}: {m['content']}" for m in messages) + ASSISTANT
+
+
+def _split_hh(chosen: str, rejected: str, loc) -> tuple[str, str, str]:
+    """HH-RLHF: the prompt is the shared dialogue up to the last '\\n\\nAssistant:'; the answers follow it."""
+    k = chosen.rfind(ASSISTANT)
+    if k < 0 or not rejected.startswith(chosen[: k + len(ASSISTANT)]):
+        k = rejected.rfind(ASSISTANT)
+        if k < 0 or not chosen.startswith(rejected[: k + len(ASSISTANT)]):
+            raise UserError(f"{loc}: chosen and rejected dialogues do not share a prefix ending in 'Assistant:'")
+    cut = k + len(ASSISTANT)
+    return chosen[:cut], chosen[cut:].strip(), rejected[cut:].strip()
+
+
+def _majority(rec, loc) -> int:
+    """PandaLM: majority of three annotators (0 tie, 1 response1, 2 response2); 0 = tie or no majority."""
+    votes = []
+    for k in ("annotator1", "annotator2", "annotator3"):
+        v = rec.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (0, 1, 2):
+            raise UserError(f"{loc}: '{k}' must be 0, 1 or 2, got {v!r}")
+        votes.append(int(v))
+    label, count = Counter(votes).most_common(1)[0]
+    return label if count >= 2 else 0
+
+
+def _parse(rec, loc, columns, chat_template):
+    """One record -> ('pair', prompt, chosen, rejected) | ('unlabelled', prompt, a, b) | ('drop', reason)."""
+    if not isinstance(rec, dict):
+        raise UserError(f"{loc}: expected a JSON object, got {type(rec).__name__}")
+    if columns:
+        mapped = {}
+        for ours, theirs in columns.items():
+            if theirs not in rec:
+                raise UserError(f"{loc}: missing column '{theirs}' (mapped to '{ours}')")
+            mapped[ours] = rec[theirs]
+        rec = mapped
+        if "label" in rec:
+            lab = rec["label"]
+            if isinstance(lab, str) and lab.strip().lstrip("-").isdigit():
+                lab = int(lab)
+            # 0 = answer_a is better, 1 = answer_b is better.
+            if lab not in (0, 1) or isinstance(lab, bool):
+                raise UserError(f"{loc}: label must be 0 or 1 (answer_a / answer_b better), got {lab!r}")
+            a, b = _text(rec, "answer_a", loc), _text(rec, "answer_b", loc)
+            first = lab == 0
+            return ("pair", _text(rec, "prompt", loc), a if first else b, b if first else a)
+    keys = set(rec)
+    if {"instruction", "response1", "response2"} <= keys:
+        label = _majority(rec, loc)
+        if label == 0:
+            return ("drop", "tie or no majority among annotators")
+        prompt = _text(rec, "instruction", loc)
+        if rec.get("input"):
+            prompt += "\n\n" + _text(rec, "input", loc)
+        # The PandaLM release stores a few one-word answers as JSON booleans (true for "True"): keep them as text.
+        r1, r2 = (str(rec[k]) if isinstance(rec.get(k), (bool, int, float)) else _text(rec, k, loc)
+                  for k in ("response1", "response2"))
+        return ("pair", prompt, r1, r2) if label == 1 else ("pair", prompt, r2, r1)
+    if {"answer_a", "answer_b"} <= keys:
+        return ("unlabelled", _text(rec, "prompt", loc), _text(rec, "answer_a", loc), _text(rec, "answer_b", loc))
+    if {"chosen", "rejected"} <= keys:
+        c, r = rec["chosen"], rec["rejected"]
+        if isinstance(c, list) and isinstance(r, list):  # TRL conversational format
+            if not c or not r or c[-1].get("role") != "assistant" or r[-1].get("role") != "assistant":
+                raise UserError(f"{loc}: conversational chosen/rejected must end with an assistant message")
+            if isinstance(rec.get("prompt"), list):
+                prompt_msgs = rec["prompt"]
+                c_ans, r_ans = c[-1], r[-1]
+            else:
+                prompt_msgs = c[:-1]
+                c_ans, r_ans = c[-1], r[-1]
+            prompt = _render(prompt_msgs, loc, chat_template)
+            _render([c_ans, r_ans], loc, None)  # validates roles and content types
+            return ("pair", prompt, c_ans["content"], r_ans["content"])
+        c, r = _text(rec, "chosen", loc), _text(rec, "rejected", loc)
+        if "prompt" in rec:  # TRL standard format
+            return ("pair", _text(rec, "prompt", loc), c, r)
+        if ASSISTANT in c:  # HH-RLHF raw dialogues
+            return ("pair", *_split_hh(c, r, loc))
+        raise UserError(f"{loc}: 'chosen'/'rejected' without a 'prompt' field and not HH-RLHF dialogues")
+    raise UserError(f"{loc}: unrecognised record format (fields: {', '.join(map(str, rec))}); supported: HH-RLHF "
+                    f"(chosen, rejected), TRL (prompt, chosen, rejected; strings or messages), PandaLM, "
+                    f"unlabelled (prompt, answer_a, answer_b), or a column mapping (data.columns)")
+
+
+def _load(spec, columns, limit, chat_template, want):
+    path = resolve_data_spec(spec)
+    records = _hub_records(path[4:]) if path.startswith("hub:") else _read_records(path)
+    source = spec if (spec in KNOWN or ":" in spec and not Path(spec).exists()) else Path(path).name.split(".")[0]
+    out, drops, total = [], Counter(), 0
+    for n, rec in records:
+        total += 1
+        kind, *fields = _parse(rec, where(path, n), columns, chat_template)
+        if kind == "drop":
+            drops[fields[0]] += 1
+            continue
+        if kind == "unlabelled" and want == "pair":
+            raise UserError(f"{where(path, n)}: the file has no labels (prompt, answer_a, answer_b); use it as "
+                            f"an unlabelled pool (data.pool)")
+        prompt, a, b = fields
+        if a == b:
+            drops["identical answers"] += 1
+            continue
+        if not a.strip() or not b.strip():
+            drops["empty answer"] += 1
+            continue
+        pid = pair_id(prompt, a, b)
+        if want == "pair":
+            out.append(Pair(pid, prompt, a, b, source))
+        else:  # unlabelled view: answer order from the id, never from the label
+            a, b = (a, b) if kind == "unlabelled" or int(pid, 16) % 2 == 0 else (b, a)
+            out.append(UnlabelledPair(pid, prompt, a, b, source))
+        if limit is not None and len(out) >= limit:
+            break
+    if total == 0:
+        raise UserError(f"{path}: no records (empty file)")
+    for reason, count in drops.items():
+        log.info("%s: dropped %d of %d records (%s)", source, count, total, reason)
+    if not out:
+        raise UserError(f"{path}: no usable pairs (all {total} records dropped: {dict(drops)})")
+    return dedupe(out)
+
+
+def load_pairs(spec: str, *, columns: dict | None = None, limit: int | None = None, chat_template=None) -> list[Pair]:
+    return _load(spec, columns, limit, chat_template, "pair")
+
+
+def load_unlabelled(spec: str, *, columns=None, limit=None, chat_template=None) -> list[UnlabelledPair]:
+    """A pool: a file of (prompt, answer_a, answer_b), or any labelled file with its labels discarded."""
+    return _load(spec, columns, limit, chat_template, "unlabelled")
+
+
+def dedupe(pairs: list) -> list:
+    seen, out = set(), []
+    for p in pairs:
+        if p.id not in seen:
+            seen.add(p.id)
+            out.append(p)
+    if len(out) < len(pairs):
+        log.info("dropped %d duplicate pairs (same prompt and answers)", len(pairs) - len(out))
+    return out
+
+
+def hide_labels(pairs: list[Pair]) -> tuple[list[UnlabelledPair], dict[str, int]]:
+    """The firewall: the unlabelled view of labelled pairs (answer order from the id only) and, kept apart for
+    the audit, id -> 0 if answer_a is the human-chosen answer else 1."""
+    pool, truth = [], {}
+    for p in pairs:
+        a_first = int(p.id, 16) % 2 == 0
+        a, b = (p.chosen, p.rejected) if a_first else (p.rejected, p.chosen)
+        pool.append(UnlabelledPair(p.id, p.prompt, a, b, p.source))
+        truth[p.id] = 0 if a_first else 1
+    return pool, truth
+
+
+def _count(size, n: int, name: str) -> int:
+    if isinstance(size, float):
+        if not 0 <= size <= 1:
+            raise UserError(f"config: '{name}' as a fraction must be in [0, 1], got {size}")
+        return round(size * n)
+    if size < 0:
+        raise UserError(f"config: '{name}' must be >= 0, got {size}")
+    return size
+
+
+def split_pairs(pairs: list[Pair], *, seed_size, test_size, pool_size=None, seed: int = 0) -> Split:
+    """test, seed and pool sets by fraction (of all pairs) or count. The order is a hash of (seed, pair id),
+    so the split is deterministic and does not change when the input is re-ordered."""
+    pairs = dedupe(pairs)
+    n = len(pairs)
+    n_test, n_seed = _count(test_size, n, "data.test_size"), _count(seed_size, n, "data.seed_size")
+    n_pool = n - n_test - n_seed if pool_size is None else _count(pool_size, n, "data.pool_size")
+    if n_test + n_seed + n_pool > n or n_pool < 0:
+        raise UserError(f"data: asked for {n_test} test + {n_seed} seed + {max(n_pool, 0)} pool pairs, "
+                        f"but only {n} usable pairs exist")
+    order = sorted(pairs, key=lambda p: hashlib.sha1(f"{seed}:{p.id}".encode()).hexdigest())
+    return Split(seed=order[n_test : n_test + n_seed], pool=order[n_test + n_seed : n_test + n_seed + n_pool],
+                 test=order[:n_test])
