@@ -301,9 +301,9 @@ def _load(spec, columns, limit, chat_template, want):
         pid = pair_id(prompt, a, b)
         if want == "pair":
             out.append(Pair(pid, prompt, a, b, source))
-        else:  # unlabelled view: answer order from the id, never from the label
-            a, b = (a, b) if kind == "unlabelled" or int(pid, 16) % 2 == 0 else (b, a)
-            out.append(UnlabelledPair(pid, prompt, a, b, source))
+        else:
+            out.append(UnlabelledPair(pid, prompt, a, b, source) if kind == "unlabelled" else
+                       _unlabelled(Pair(pid, prompt, a, b, source)))
         if limit is not None and len(out) >= limit:
             break
     if total == 0:
@@ -338,13 +338,15 @@ def dedupe(pairs: list) -> list:
 def hide_labels(pairs: list[Pair]) -> tuple[list[UnlabelledPair], dict[str, int]]:
     """The firewall: the unlabelled view of labelled pairs (answer order from the id only) and, kept apart for
     the audit, id -> 0 if answer_a is the human-chosen answer else 1."""
-    pool, truth = [], {}
-    for p in pairs:
-        a_first = int(p.id, 16) % 2 == 0
-        a, b = (p.chosen, p.rejected) if a_first else (p.rejected, p.chosen)
-        pool.append(UnlabelledPair(p.id, p.prompt, a, b, p.source))
-        truth[p.id] = 0 if a_first else 1
-    return pool, truth
+    pool = [_unlabelled(p) for p in pairs]
+    return pool, {u.id: 0 if u.answer_a == p.chosen else 1 for u, p in zip(pool, pairs)}
+
+
+def _unlabelled(p: Pair) -> UnlabelledPair:
+    """Answer order from the texts and the id only, never from the label (sorted, then swapped by id parity)."""
+    x, y = sorted((p.chosen, p.rejected))
+    a, b = (x, y) if int(p.id, 16) % 2 == 0 else (y, x)
+    return UnlabelledPair(p.id, p.prompt, a, b, p.source)
 
 
 def _count(size, n: int, name: str) -> int:
