@@ -170,3 +170,22 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shared_data, 
         wa = load_file(ref / "iterations" / str(it) / "model.safetensors")
         wb = load_file(run / "iterations" / str(it) / "model.safetensors")
         assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
+    from ser.experiment import run_experiment
+
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"experiment.seeds": "[0, 1]", "ser.max_iterations": 1,
+                                                             "experiment.bootstrap": 200}))
+    root = run_experiment(cfg, str(tmp_path / "exp"))
+    summary = json.loads((root / "summary.json").read_text())
+    assert set(summary["methods"]) == {"seed_only", "full_label", "ser_paper", "ser_code", "ssrm"}
+    for m in summary["methods"].values():
+        lo, hi = m["ci95"]
+        assert lo <= m["accuracy"] <= hi and len(m["per_seed"]) == 2
+    # the self-labelling runs share the seed RM, so their iteration-0 accuracy is the seed-only accuracy
+    assert summary["methods"]["ser_paper"]["accuracy"] is not None
+    md = (root / "report.md").read_text()
+    assert "| seed_only |" in md and "gap closed" in md and "pseudo-label precision" in md.lower()
+    html = (root / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5
