@@ -91,6 +91,8 @@ def run(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "peft", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "sequence longer than the maximum" is expected: ser tokenizes first, then truncates the prompt itself.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     from ser.config import load_config
 
     if args.command in ("score", "eval") and extra:
