@@ -8,7 +8,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from ser.data import data_dirs  # noqa: E402  ($SER_DATA_DIR, then ../shared/data)
+
+SHARED_DATA = next((d for d in data_dirs() if (d / "hh-rlhf").exists()), data_dirs()[0])
 ROOT = Path(__file__).resolve().parents[1]
 
 
