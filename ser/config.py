@@ -69,7 +69,7 @@ class SERConfig:
     tau_delta: float = 0.30  # SER paper §3: status-2 needs |σ(r1) - σ(r2)| >= tau_delta
     min_pairs: float | int = 0.05  # SER paper's N_min (600 of 160k pairs); int = count, float = fraction of the pool
     rule: str = "paper"  # paper: status 1 else 2 by count, else stop | code: released one-pass OR rule | ssrm: baseline
-    calibration: str = "center"  # none (paper) | center: subtract the mean reward on the seed pairs | temperature
+    calibration: str = "temperature"  # none (paper) | center: minus the seed mean | temperature: center + fit T
     pseudo_loss: str = "sigmoid"  # loss on pseudo-labelled pairs: sigmoid (released code) | hinge (paper)
     pseudo_margin: float = 1.0  # margin of the hinge loss on pseudo-labelled pairs
     restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone

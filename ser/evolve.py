@@ -266,8 +266,8 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
 
 def summary_table(run: Path) -> str:
     """The per-iteration table printed at the end of `ser evolve`."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "rm/acc" in r or "ser/stop" in r]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in records if "rm/acc" in r or "ser/stop" in r]
     lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'precision':>9} {'test_acc':>8}"]
     for r in rows:
         prec = r.get("ser/pseudo_precision")
@@ -275,4 +275,9 @@ def summary_table(run: Path) -> str:
         lines.append(f"{r['iteration']:>4} {r.get('ser/status', 'seed'):>6} {r.get('ser/n_status1', ''):>7} "
                      f"{r.get('ser/n_status2', ''):>7} {r.get('ser/added', ''):>6} "
                      f"{'' if prec is None else f'{prec:.3f}':>9} {'' if acc is None else f'{acc:.4f}':>8}")
+    accs = [r["rm/acc"] for r in rows if "rm/acc" in r]
+    stop = next((r["ser/stop_reason"] for r in reversed(records) if "ser/stop_reason" in r), None)
+    if accs:
+        lines.append(f"seed RM accuracy {accs[0]:.4f} -> final RM accuracy {accs[-1]:.4f} "
+                     f"(strict r_chosen > r_rejected on the held-out human-labelled pairs); stop: {stop}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ def probabilities(rewards, offset: float = 0.0, temperature: float = 1.0) -> np.
     return sigmoid((np.asarray(rewards, dtype=np.float64) - offset) / temperature)
 
 
-def fit_temperature(margins, grid=np.exp(np.linspace(math.log(0.05), math.log(20.0), 241))) -> float:
+def fit_temperature(margins, grid=np.exp(np.linspace(math.log(1e-3), math.log(1e3), 481))) -> float:
     """The T minimising the NLL of σ(margin / T) on human-labelled pairs (margin = r_chosen - r_rejected).
 
     Temperature scaling (Guo et al., 2017) done by a grid search: one parameter, no optimiser state.
