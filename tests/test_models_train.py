@@ -136,3 +136,23 @@ def test_collate_pads_right():
     b = collate([[5, 6, 7], [8]], None, 0)
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_lora_rm_is_merged_on_save_and_loads_without_peft(tiny_bert_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from ser.models import unwrap_for_saving
+
+    torch.manual_seed(0)
+    rm, tok = load_reward_model(str(tiny_bert_dir), "lora", {"r": 4, "targets": ["query", "value"]})
+    p, c, r = _separable_pairs(8)
+    tcfg = TrainConfig(batch_size=8, lr=1e-2, warmup_ratio=0.0)
+    rm, _ = train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg))
+    rm.eval()
+    before = score_pairs(rm, tok, p, c, r, 32)
+    merged = unwrap_for_saving(rm)
+    save_reward_model(merged, tok, tmp_path / "rm", {})
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    after = score_pairs(plain, tok, p, c, r, 32)
+    np.testing.assert_allclose(before[0], after[0], atol=1e-5)
+    assert not any("lora" in k for k in plain.state_dict())
