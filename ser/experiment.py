@@ -156,6 +156,7 @@ def write_report(root: Path, summary: dict, per_seed: dict, cfg: Config) -> None
         if hline is not None:
             ax.axhline(hline, color="k", ls="--", label="full_label (mean)")
         ax.set(title=title, xlabel="iteration", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(root / name, dpi=110)
@@ -191,6 +192,7 @@ def _count_plot(root, per_seed, methods, plt):
         ax.plot([r["iteration"] for r in rows], [r["ser/n_status2"] for r in rows], marker="x", ls=":",
                 color=f"C{i}", label=f"{m} status-2")
     ax.set(title="Status-1 / status-2 candidates per iteration", xlabel="iteration", ylabel="pairs")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "status_counts.png", dpi=110)
