@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="SER vs baselines over several seeds, with a report",
                        epilog=OVERRIDES_HELP)
     _add_config_args(p)
+
+    p = sub.add_parser("curve", help="learning curve: RM test accuracy vs number of human labels, with CIs",
+                       epilog=OVERRIDES_HELP)
+    _add_config_args(p)
+    p.add_argument("--sizes", required=True,
+                   help="comma-separated label counts, fractions of all pairs, or 'all', e.g. 100,0.15,all")
     return parser
 
 
@@ -130,6 +136,13 @@ def run(argv: list[str]) -> int:
 
         cfg = load_config(args.config, _split_overrides(extra))
         out = run_experiment(cfg, args.out)
+        print(f"wrote {out}")
+    elif args.command == "curve":
+        from ser.experiment import run_curve
+
+        cfg = load_config(args.config, _split_overrides(extra))
+        out = run_curve(cfg, args.out, [s.strip() for s in args.sizes.split(",") if s.strip()])
+        print((out / "curve.md").read_text())
         print(f"wrote {out}")
     return 0
 

@@ -56,7 +56,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate on the test set every N steps (0 = only at the end)
     seed: int = 0  # torch / shuffling seed
     score_batch_size: int = 64  # sequences per forward pass when scoring
-    mixed_precision: str = "no"  # no | bf16 | fp16 (passed to accelerate)
+    mixed_precision: str = "no"  # no | bf16 | fp16: training (accelerate autocast); bf16 also applies to scoring
 
 
 @dataclass

@@ -349,7 +349,8 @@ def _unlabelled(p: Pair) -> UnlabelledPair:
     return UnlabelledPair(p.id, p.prompt, a, b, p.source)
 
 
-def _count(size, n: int, name: str) -> int:
+def resolve_count(size, n: int, name: str) -> int:
+    """A size given as a fraction of n (float) or a count (int), as an int; `name` is for the error."""
     if isinstance(size, float):
         if not 0 <= size <= 1:
             raise UserError(f"config: '{name}' as a fraction must be in [0, 1], got {size}")
@@ -364,8 +365,8 @@ def split_pairs(pairs: list[Pair], *, seed_size, test_size, pool_size=None, seed
     so the split is deterministic and does not change when the input is re-ordered."""
     pairs = dedupe(pairs)
     n = len(pairs)
-    n_test, n_seed = _count(test_size, n, "data.test_size"), _count(seed_size, n, "data.seed_size")
-    n_pool = n - n_test - n_seed if pool_size is None else _count(pool_size, n, "data.pool_size")
+    n_test, n_seed = resolve_count(test_size, n, "data.test_size"), resolve_count(seed_size, n, "data.seed_size")
+    n_pool = n - n_test - n_seed if pool_size is None else resolve_count(pool_size, n, "data.pool_size")
     if n_test + n_seed + n_pool > n or n_pool < 0:
         raise UserError(f"data: asked for {n_test} test + {n_seed} seed + {max(n_pool, 0)} pool pairs, "
                         f"but only {n} usable pairs exist")

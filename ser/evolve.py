@@ -103,7 +103,8 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             # 1. Score the unlabelled pool with the current RM.
             rm, tok = load_iteration(run, it - 1)
             r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool],
-                                   [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size)
+                                   [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size,
+                                   cfg.train.mixed_precision)
             offset, temperature = calibrate(rm, tok, seed, cfg)
             del rm
             # 2-4. Status of each pair, the RM's learning status, the selected pairs and their pseudo-labels.

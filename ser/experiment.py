@@ -25,6 +25,8 @@ import numpy as np
 
 from ser.checkpoint import atomic_write_text, check_writable
 from ser.config import Config
+from ser.data import resolve_count
+from ser.errors import UserError
 from ser.evaluate import hierarchical_bootstrap
 from ser.evolve import State, load_iteration, run_evolve, save_state
 from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores
@@ -239,3 +241,76 @@ def _markdown(summary, per_seed, cfg, plots) -> str:
                              f"{'' if prec is None else f'{prec:.3f}'} | {'' if acc is None else f'{acc:.4f}'} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def run_curve(cfg: Config, out: str, sizes: list) -> Path:
+    """`ser curve`: the learning curve, RM test accuracy against the number of human labels, with 95% CIs.
+
+    For each seed of `experiment.seeds` and each size, an RM is trained from the backbone on the first `size`
+    labelled pairs (seed + pool of that seed's split, a nested prefix in hash order) for `train.epochs` and
+    scored on that split's test set. Sizes are counts, fractions of all pairs (like data.seed_size) or `all`.
+    Finished points are kept on disk, so a killed run continues where it stopped."""
+    try:
+        sizes = [s if s == "all" else float(s) if "." in s else int(s) for s in sizes]
+    except ValueError:
+        raise UserError(f"--sizes: expected counts, fractions or 'all', got {','.join(sizes)}") from None
+    root = check_writable(out)
+    t0 = time.time()
+    rows: dict[int, list[np.ndarray]] = {}
+    for seed in cfg.experiment.seeds:
+        scfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=cfg.data.split_seed + seed),
+                                   train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 100 * seed))
+        split = load_splits(scfg.data)
+        labelled = split.seed + split.pool
+        total = len(labelled) + len(split.test)
+        for size in sizes:
+            n = len(labelled) if size == "all" else resolve_count(size, total, "--sizes")
+            if not 0 < n <= len(labelled):
+                raise UserError(f"--sizes: {size} means {n} labels, but the split has {len(labelled)} "
+                                f"labelled training pairs")
+            path = root / f"seed{seed}" / f"n{n}.json"
+            if not path.exists():
+                t1 = time.time()
+                pairs = labelled[:n]
+                rm, tok, _ = fit_rm(scfg, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                                    [p.rejected for p in pairs], accelerator=make_accelerator(scfg.train),
+                                    desc=f"seed {seed} n={n}")
+                correct = _correct(rm, tok, split.test, scfg)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps({"labels": n, "accuracy": float(correct.mean()),
+                                                    "correct": correct.tolist(), "seconds": time.time() - t1}))
+                log.info("seed %d, %d labels: test accuracy %.4f", seed, n, correct.mean())
+            rows.setdefault(n, []).append(np.array(json.loads(path.read_text())["correct"]))
+    points = []
+    for n, per_seed in sorted(rows.items()):
+        matrix = np.stack(per_seed)
+        lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap)
+        points.append({"labels": n, "accuracy": float(matrix.mean()), "ci95": [lo, hi],
+                       "per_seed": [float(x) for x in matrix.mean(axis=1)]})
+    summary = {"points": points, "wall_seconds": time.time() - t0, "commit": _commit(),
+               "config": dataclasses.asdict(cfg)}
+    atomic_write_text(root / "curve.json", json.dumps(summary, indent=2))
+    lines = ["# Learning curve", "",
+             f"Data: `{cfg.data.train}` · backbone `{cfg.model.backbone}` ({cfg.model.mode}) · max_length "
+             f"{cfg.model.max_length} · epochs {cfg.train.epochs} · lr {cfg.train.lr} · precision "
+             f"{cfg.train.mixed_precision} · seeds {cfg.experiment.seeds} · commit {summary['commit']} · wall time "
+             f"{summary['wall_seconds'] / 60:.1f} min", "",
+             "| human labels | test accuracy | 95% CI | per seed |", "|---|---|---|---|"]
+    lines += [f"| {p['labels']} | {p['accuracy']:.4f} | [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] | "
+              f"{', '.join(f'{x:.3f}' for x in p['per_seed'])} |" for p in points]
+    atomic_write_text(root / "curve.md", "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [p["labels"] for p in points]
+    ax.errorbar(x, [p["accuracy"] for p in points], marker="o", capsize=3,
+                yerr=[[p["accuracy"] - p["ci95"][0] for p in points], [p["ci95"][1] - p["accuracy"] for p in points]])
+    ax.set(xscale="log", title="RM test accuracy vs human labels (95% CI)", xlabel="human labels",
+           ylabel="test accuracy")
+    fig.tight_layout()
+    fig.savefig(root / "curve.png", dpi=110)
+    plt.close(fig)
+    return root

@@ -43,7 +43,8 @@ def load_splits(dcfg: DataConfig) -> Split:
 def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config):
     """(r_chosen, r_rejected) arrays for labelled pairs."""
     return score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                       [p.rejected for p in pairs], cfg.model.max_length, cfg.train.score_batch_size)
+                       [p.rejected for p in pairs], cfg.model.max_length, cfg.train.score_batch_size,
+                       cfg.train.mixed_precision)
 
 
 def evaluate_rm(rm, tokenizer, pairs: list[Pair], cfg: Config) -> dict:

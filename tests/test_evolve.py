@@ -189,3 +189,26 @@ def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
     assert "| seed_only |" in md and "gap closed" in md and "pseudo-label precision" in md.lower()
     html = (root / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5
+
+
+def test_learning_curve(tiny_bert_dir, shared_data, tmp_path):
+    from ser.errors import UserError
+    from ser.experiment import run_curve
+
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"experiment.seeds": "[0, 1]", "experiment.bootstrap": 200,
+                                                             "train.epochs": 1}))
+    root = run_curve(cfg, str(tmp_path / "curve"), ["8", "0.125", "all"])
+    points = json.loads((root / "curve.json").read_text())["points"]
+    # 0.125 of the 128 pairs = 16 labels; 'all' = seed + pool = 96
+    assert [p["labels"] for p in points] == [8, 16, 96]
+    for p in points:
+        assert p["ci95"][0] <= p["accuracy"] <= p["ci95"][1] and len(p["per_seed"]) == 2
+    assert "| 96 |" in (root / "curve.md").read_text() and (root / "curve.png").stat().st_size > 0
+    # finished points are reused: a second call trains nothing and gives the same numbers
+    stamp = (root / "seed0" / "n8.json").stat().st_mtime_ns
+    assert json.loads((run_curve(cfg, str(root), ["8", "0.125", "all"]) / "curve.json").read_text())["points"] == points
+    assert (root / "seed0" / "n8.json").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="labelled training pairs"):
+        run_curve(cfg, str(tmp_path / "c2"), ["97"])
+    with pytest.raises(UserError, match="--sizes"):
+        run_curve(cfg, str(tmp_path / "c3"), ["ten"])

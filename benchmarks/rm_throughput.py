@@ -1,0 +1,256 @@
+"""Reward-model throughput, side by side on this machine: `ser` against TRL and a transformers pipeline.
+
+Training: ser's loop (`ser.train.train_reward_model`) against trl 1.12.0 `RewardTrainer`, on the same
+backbone, the same real HH-RLHF pairs (pre-tokenized once with ser's encoder and handed to TRL as
+`chosen_ids`/`rejected_ids`, so TRL drops and re-truncates nothing), the same max length, batch size,
+number of optimizer steps, learning rate, schedule and precision. TRL runs without gradient checkpointing
+(its default is on, which would only slow it). Runs alternate A B A B; pairs/s = pairs trained / seconds in
+the training call, summed over rounds. Both final models are scored on the same held-out pairs.
+
+Scoring: `ser.scoring.score_pairs` against `pipeline("text-classification")` with the same batch size, on the
+same (already truncated) texts; their fp32 scores are compared as a check that both see the same input.
+
+MFU: model FLOPs of ser's training (6 x non-embedding parameters x real tokens + attention 12 x layers x
+hidden x tokens^2 per sequence) per second, divided by the measured fp32 matmul peak of this machine
+(`matmul_peak_gflops`); the bf16 matmul peak is printed too.
+
+    python benchmarks/rm_throughput.py --json            # full measurement (about an hour on 2 CPU cores)
+    python benchmarks/rm_throughput.py --smoke --json    # the same code on a few pairs (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from ser.config import TrainConfig
+from ser.data import load_pairs, split_pairs
+from ser.models import encode, load_reward_model
+from ser.scoring import score_pairs
+from ser.train import train_reward_model
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Best sustained GFLOP/s of an n x n matmul in `dtype` on this machine's CPU threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def reset_accelerate() -> None:
+    """ser and TRL each build an `Accelerator`; its global state must not carry over between them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def model_flops(model, lengths: list[int]) -> float:
+    """Training FLOPs for sequences of `lengths` real tokens (forward + backward = 3 x forward)."""
+    cfg = model.config
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    tokens = sum(lengths)
+    return 6.0 * n_params * tokens + 12.0 * layers * hidden * sum(t * t for t in lengths)
+
+
+def texts_from_ids(tokenizer, ids: list[int], token_types) -> dict | str:
+    """The exact text a pipeline should see for one encoded sequence: a text pair for pair-template
+    tokenizers (BERT), the joined text for causal ones."""
+    if token_types is None:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    special = set(tokenizer.all_special_ids)
+    first = [t for t, s in zip(ids, token_types) if s == 0 and t not in special]
+    second = [t for t, s in zip(ids, token_types) if s == 1 and t not in special]
+    return {"text": tokenizer.decode(first), "text_pair": tokenizer.decode(second)}
+
+
+def run_backbone(backbone: str, args) -> dict:
+    pairs = load_pairs("hh-rlhf:helpful-base")
+    n_train = args.steps * args.batch_size
+    split = split_pairs(pairs, seed_size=n_train, test_size=args.test_pairs, pool_size=0, seed=0)
+    train, test = split.seed, split.test
+    prompts, chosen, rejected = [p.prompt for p in train], [p.chosen for p in train], [p.rejected for p in train]
+    _, tokenizer = load_reward_model(backbone)
+    enc = encode(tokenizer, prompts * 2, chosen + rejected, args.max_length)
+    n = len(train)
+    tcfg = TrainConfig(epochs=1.0, batch_size=args.batch_size, lr=args.lr, seed=0,
+                       mixed_precision=args.precision, warmup_ratio=0.05, schedule="linear")
+
+    def ser_round():
+        reset_accelerate()
+        torch.manual_seed(0)
+        rm, tok = load_reward_model(backbone)
+        from ser.train import make_accelerator
+
+        accelerator = make_accelerator(tcfg)
+        t0 = time.perf_counter()
+        rm, summary = train_reward_model(rm, tok, prompts, chosen, rejected, tcfg, args.max_length,
+                                         accelerator=accelerator)
+        return rm, time.perf_counter() - t0, summary["steps"]
+
+    def trl_round():
+        from datasets import Dataset
+        from trl import RewardConfig, RewardTrainer
+
+        reset_accelerate()
+        torch.manual_seed(0)
+        rm, tok = load_reward_model(backbone)
+        data = Dataset.from_dict({"chosen_ids": enc.input_ids[:n], "rejected_ids": enc.input_ids[n:]})
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = RewardConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                               learning_rate=args.lr, lr_scheduler_type="linear",
+                               warmup_steps=round(0.05 * args.steps), weight_decay=0.0, max_grad_norm=1.0,
+                               max_length=args.max_length, bf16=args.precision == "bf16",
+                               gradient_checkpointing=False, disable_dropout=False, save_strategy="no",
+                               report_to=[], logging_steps=10**6, use_cpu=not torch.cuda.is_available(),
+                               dataloader_num_workers=0, seed=0)
+            trainer = RewardTrainer(model=rm, args=cfg, train_dataset=data, processing_class=tok)
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                trainer.train()
+            seconds = time.perf_counter() - t0
+        return trainer.model, seconds, trainer.state.global_step
+
+    seconds = {"ser": 0.0, "trl": 0.0}
+    steps = {}
+    models = {}
+    for _ in range(args.rounds):  # A B A B ...
+        for name, fn in (("ser", ser_round), ("trl", trl_round)):
+            models[name], dt, steps[name] = fn()
+            seconds[name] += dt
+    assert steps["ser"] == steps["trl"] == args.steps, steps
+
+    def accuracy(rm):
+        r_c, r_r = score_pairs(rm, tokenizer, [p.prompt for p in test], [p.chosen for p in test],
+                               [p.rejected for p in test], args.max_length, 2 * args.batch_size)
+        return float((r_c > r_r).mean())
+
+    acc = {name: accuracy(m.float()) for name, m in models.items()}
+    pair_len = [len(enc.input_ids[i]) for i in range(2 * n)]
+    flops = model_flops(models["ser"], pair_len) * args.rounds
+    del models
+
+    # Scoring: the same sequences both ways, alternating.
+    from transformers import pipeline
+
+    rm, tok = load_reward_model(backbone)
+    rm.eval()
+    s_enc = encode(tok, [p.prompt for p in test] * 2, [p.chosen for p in test] + [p.rejected for p in test],
+                   args.max_length)
+    inputs = [texts_from_ids(tok, ids, None if s_enc.token_type_ids is None else s_enc.token_type_ids[i])
+              for i, ids in enumerate(s_enc.input_ids)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = pipeline("text-classification", model=rm, tokenizer=tok, device=-1 if not torch.cuda.is_available()
+                        else 0, function_to_apply="none", batch_size=2 * args.batch_size)
+    m = len(test)
+    score_s = {"ser": 0.0, "pipeline": 0.0}
+    tok_kwargs = {"truncation": True, "max_length": args.max_length}
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        r_a, r_b = score_pairs(rm, tok, [p.prompt for p in test], [p.chosen for p in test],
+                               [p.rejected for p in test], args.max_length, 2 * args.batch_size, args.precision)
+        score_s["ser"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = pipe(inputs, **tok_kwargs)
+        score_s["pipeline"] += time.perf_counter() - t0
+    ser_fp32 = np.concatenate(score_pairs(rm, tok, [p.prompt for p in test], [p.chosen for p in test],
+                                          [p.rejected for p in test], args.max_length, 2 * args.batch_size))
+    pipe_scores = np.array([o["score"] for o in out])
+    ser_bf16 = np.concatenate([r_a, r_b])
+
+    result = {
+        "backbone": backbone,
+        "train_pairs_per_s_ser": args.rounds * n / seconds["ser"],
+        "train_pairs_per_s_trl": args.rounds * n / seconds["trl"],
+        "train_speedup_vs_trl": seconds["trl"] / seconds["ser"],
+        "test_accuracy_ser": acc["ser"],
+        "test_accuracy_trl": acc["trl"],
+        "score_pairs_per_s_ser": args.rounds * m / score_s["ser"],
+        "score_pairs_per_s_pipeline": args.rounds * m / score_s["pipeline"],
+        "score_speedup_vs_pipeline": score_s["pipeline"] / score_s["ser"],
+        # same input check: ser fp32 vs pipeline fp32 scores; and what bf16 scoring changes
+        "score_max_abs_diff_ser_fp32_vs_pipeline": float(np.abs(ser_fp32 - pipe_scores).max()),
+        "score_max_abs_diff_bf16_vs_fp32": float(np.abs(ser_bf16 - ser_fp32).max()),
+        "score_rank_agreement_bf16_vs_fp32": float(((r_a > r_b) == (ser_fp32[:m] > ser_fp32[m:])).mean()),
+        "train_model_gflops_per_s_ser": flops / seconds["ser"] / 1e9,
+        "train_tokens_per_pair": float(np.mean(pair_len)) * 2,
+    }
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbones", default="minilm,smollm2-135m")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per training run")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per step (each pair = 2 sequences)")
+    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--test-pairs", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved A B rounds")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--precision", default="bf16", choices=["no", "bf16"], help="both sides use this")
+    p.add_argument("--smoke", action="store_true", help="a few pairs: checks the code path, not the speed")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args()
+    if args.smoke:
+        args.steps = args.steps or 2
+        args.batch_size, args.max_length, args.test_pairs, args.rounds = 4, 64, args.test_pairs or 8, 1
+    args.steps = args.steps or 60
+    args.test_pairs = args.test_pairs or 500
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("transformers", "accelerate", "trl", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    torch.set_num_threads(torch.get_num_threads())
+    out = {"settings": {**{k: v for k, v in vars(args).items() if k != "json"}, "data": "hh-rlhf:helpful-base",
+                        "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "cpu": _cpu_name(), "cuda": torch.cuda.is_available()},
+           "matmul_peak_gflops": matmul_peak_gflops(torch.float32, seconds=0.5 if args.smoke else 3.0),
+           "matmul_peak_gflops_bf16": matmul_peak_gflops(torch.bfloat16, seconds=0.5 if args.smoke else 3.0),
+           "backbones": {}}
+    for backbone in [b for b in args.backbones.split(",") if b]:
+        r = run_backbone(backbone, args)
+        r["train_mfu"] = r["train_model_gflops_per_s_ser"] / out["matmul_peak_gflops"]
+        r["train_mfu_vs_bf16_peak"] = r["train_model_gflops_per_s_ser"] / out["matmul_peak_gflops_bf16"]
+        out["backbones"][backbone] = r
+        print(f"{backbone}: train {r['train_pairs_per_s_ser']:.2f} vs TRL {r['train_pairs_per_s_trl']:.2f} pairs/s "
+              f"(x{r['train_speedup_vs_trl']:.2f}; acc {r['test_accuracy_ser']:.3f} vs {r['test_accuracy_trl']:.3f}), "
+              f"score {r['score_pairs_per_s_ser']:.1f} vs pipeline {r['score_pairs_per_s_pipeline']:.1f} pairs/s "
+              f"(x{r['score_speedup_vs_pipeline']:.2f}), MFU {r['train_mfu']:.0%}", file=sys.stderr)
+    print(json.dumps(out, indent=None if args.json else 2))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
