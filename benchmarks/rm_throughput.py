@@ -39,7 +39,7 @@ import torch
 
 from ser.config import TrainConfig
 from ser.data import load_pairs, split_pairs
-from ser.models import encode, load_reward_model
+from ser.models import encode_pairs, load_reward_model
 from ser.scoring import score_pairs
 from ser.train import train_reward_model
 
@@ -93,7 +93,7 @@ def run_backbone(backbone: str, args) -> dict:
     train, test = split.seed, split.test
     prompts, chosen, rejected = [p.prompt for p in train], [p.chosen for p in train], [p.rejected for p in train]
     _, tokenizer = load_reward_model(backbone)
-    enc = encode(tokenizer, prompts * 2, chosen + rejected, args.max_length)
+    enc = encode_pairs(tokenizer, prompts, chosen, rejected, args.max_length)
     n = len(train)
     tcfg = TrainConfig(epochs=1.0, batch_size=args.batch_size, lr=args.lr, seed=0,
                        mixed_precision=args.precision, warmup_ratio=0.05, schedule="linear")
@@ -157,7 +157,7 @@ def run_backbone(backbone: str, args) -> dict:
 
     rm, tok = load_reward_model(backbone)
     rm.eval()
-    s_enc = encode(tok, [p.prompt for p in test] * 2, [p.chosen for p in test] + [p.rejected for p in test],
+    s_enc = encode_pairs(tok, [p.prompt for p in test], [p.chosen for p in test], [p.rejected for p in test],
                    args.max_length)
     inputs = [texts_from_ids(tok, ids, None if s_enc.token_type_ids is None else s_enc.token_type_ids[i])
               for i, ids in enumerate(s_enc.input_ids)]

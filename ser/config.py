@@ -35,6 +35,7 @@ class ModelConfig:
     backbone: str = "minilm"  # short name (minilm, smollm2-135m, gemma3-270m), local directory or Hub id
     mode: str = "full"  # full | lora | head  (what is trained)
     max_length: int = 256  # tokens per (prompt, answer); the prompt is truncated from the left
+    share_prompt: bool = True  # causal RMs: one packed [prompt, a, b] sequence per pair (same rewards, fewer tokens)
     lora_r: int = 8  # SER paper: LoRA r=8, alpha=32, dropout 0.1
     lora_alpha: int = 32
     lora_dropout: float = 0.1

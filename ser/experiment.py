@@ -104,11 +104,11 @@ def _metrics(run: Path) -> list[dict]:
 
 def run_experiment(cfg: Config, out: str) -> Path:
     root = check_writable(out)
-    t0 = time.time()
+    t0, commit = time.time(), _commit()  # the code that ran, even if the checkout moves during the run
     per_seed = {seed: run_seed(cfg, root, seed) for seed in cfg.experiment.seeds}
     summary = summarise(per_seed, cfg)
     summary["wall_seconds"] = time.time() - t0
-    summary["commit"] = _commit()
+    summary["commit"] = commit
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2, default=float))
     write_report(root, summary, per_seed, cfg)
     return root
@@ -255,7 +255,7 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
     except ValueError:
         raise UserError(f"--sizes: expected counts, fractions or 'all', got {','.join(sizes)}") from None
     root = check_writable(out)
-    t0 = time.time()
+    t0, commit = time.time(), _commit()
     rows: dict[int, list[np.ndarray]] = {}
     for seed in cfg.experiment.seeds:
         scfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=cfg.data.split_seed + seed),
@@ -287,7 +287,7 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
         lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap)
         points.append({"labels": n, "accuracy": float(matrix.mean()), "ci95": [lo, hi],
                        "per_seed": [float(x) for x in matrix.mean(axis=1)]})
-    summary = {"points": points, "wall_seconds": time.time() - t0, "commit": _commit(),
+    summary = {"points": points, "wall_seconds": time.time() - t0, "commit": commit,
                "config": dataclasses.asdict(cfg)}
     atomic_write_text(root / "curve.json", json.dumps(summary, indent=2))
     lines = ["# Learning curve", "",

@@ -154,6 +154,7 @@ class Encoded:
     token_type_ids: list[list[int]] | None
     truncated_answers: int  # answers that alone exceeded the budget and were cut (logged, never silent)
     truncated_prompts: int
+    prompt_lengths: list[int]  # prompt tokens kept in each sequence (after the leading special tokens)
 
 
 def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -> Encoded:
@@ -184,7 +185,98 @@ def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -
     tt = enc.get("token_type_ids")
     if tt is not None:
         tt = [t[-max_length:] for t in tt]
-    return Encoded(ids, tt, cut_answers, n_cut_prompts)
+    answer_lengths = [len(x) for x in tokenizer(answers, add_special_tokens=False)["input_ids"]]
+    prompt_lengths = [max(0, len(x) - n_special - a) for x, a in zip(ids, answer_lengths)]
+    return Encoded(ids, tt, cut_answers, n_cut_prompts, prompt_lengths)
+
+
+def leading_special_tokens(tokenizer) -> int:
+    """How many special tokens come before the prompt in a text pair ([CLS] for BERT, 0 for most causal LMs)."""
+    special = set(tokenizer.all_special_ids)
+    ids = tokenizer("a", "b")["input_ids"]
+    return next((i for i, t in enumerate(ids) if t not in special), 0)
+
+
+def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b: list[str],
+                 max_length: int) -> Encoded:
+    """`encode` for the 2n sequences (prompt_i, a_i) then (prompt_i, b_i), except that both answers of a pair
+    see the same prompt tokens: the prompt is cut for the longer answer. The two rewards then compare the
+    answers and never how much context each saw, and a causal RM can run the shared prompt once."""
+    n = len(prompts)
+    enc = encode(tokenizer, list(prompts) * 2, list(answers_a) + list(answers_b), max_length)
+    lead = leading_special_tokens(tokenizer)
+    ids, tt, plen = list(enc.input_ids), enc.token_type_ids and list(enc.token_type_ids), list(enc.prompt_lengths)
+    for i in range(n):
+        common = min(plen[i], plen[i + n])
+        for s in (i, i + n):
+            cut = plen[s] - common  # prompt tokens this side saw and the other did not: drop the oldest
+            if cut:
+                ids[s] = ids[s][:lead] + ids[s][lead + cut :]
+                if tt is not None:
+                    tt[s] = tt[s][:lead] + tt[s][lead + cut :]
+                plen[s] = common
+    return Encoded(ids, tt, enc.truncated_answers, enc.truncated_prompts, plen)
+
+
+def can_share_prompt(model, tokenizer) -> bool:
+    """Whether one packed sequence [prompt, answer_a, answer_b] can give both rewards of a pair: a causal LM
+    with a per-token score head (`...ForSequenceClassification.score`) and no pair template."""
+    base = _inner(model)
+    return (tokenizer.num_special_tokens_to_add(pair=True) == 0 and isinstance(getattr(base, "score", None),
+            torch.nn.Module) and not getattr(base.config, "is_encoder_decoder", False))
+
+
+def _inner(model):
+    """The transformers model inside DDP/DeepSpeed (`.module`) and peft (`get_base_model`) wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def pack_pairs(ids_a: list[list[int]], ids_b: list[list[int]], prompt_lengths: list[int], pad_id: int) -> dict:
+    """Pairs sharing their prompt as one right-padded sequence each: [prompt, a, b] with b's positions
+    restarting after the prompt and a 4D mask that lets b see the prompt but not a. The tokens, positions and
+    attention of each answer equal those of its own sequence (prompt + answer), so the rewards are the same
+    up to float rounding, for (len(prompt) + len(a) + len(b)) instead of 2 len(prompt) + len(a) + len(b)
+    tokens. Returns input_ids, attention_mask (B, 1, T, T) bool, position_ids, and the last index of a and b."""
+    rows, pos, seg, last_a, last_b = [], [], [], [], []
+    for a, b, p in zip(ids_a, ids_b, prompt_lengths):
+        assert a[:p] == b[:p], "pack_pairs needs a shared prompt (use encode_pairs)"
+        rows.append(a + b[p:])
+        pos.append(list(range(len(a))) + list(range(p, len(b))))
+        seg.append([0] * p + [1] * (len(a) - p) + [2] * (len(b) - p))
+        last_a.append(len(a) - 1)
+        last_b.append(len(a) + len(b) - p - 1)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    for i, (r, q, g) in enumerate(zip(rows, pos, seg)):
+        input_ids[i, : len(r)], position_ids[i, : len(r)], segment[i, : len(r)] = (torch.tensor(r), torch.tensor(q),
+                                                                                   torch.tensor(g))
+    idx = torch.arange(width)
+    causal = idx[None, :, None] >= idx[None, None, :]  # (1, Tq, Tk): key not after query
+    sq, sk = segment[:, :, None], segment[:, None, :]
+    visible = (sk == 0) | (sk == sq)  # the prompt, or the query's own answer
+    mask = causal & visible & (sk >= 0)
+    mask |= torch.eye(width, dtype=torch.bool)[None]  # padding queries see themselves (no empty softmax row)
+    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
+            "last_a": torch.tensor(last_a), "last_b": torch.tensor(last_b)}
+
+
+def packed_pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_a, r_b) from one forward pass over `pack_pairs` output: the score head's per-token output is read
+    at the last token of each answer."""
+    captured = {}
+    handle = _inner(model).score.register_forward_hook(lambda m, i, o: captured.__setitem__("logits", o))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        handle.remove()
+    token_rewards = captured["logits"][..., 0].float()  # (B, T)
+    rows = torch.arange(token_rewards.shape[0], device=token_rewards.device)
+    return (token_rewards[rows, batch["last_a"].to(token_rewards.device)],
+            token_rewards[rows, batch["last_b"].to(token_rewards.device)])
 
 
 def collate(input_ids: list[list[int]], token_type_ids, pad_id: int) -> dict[str, torch.Tensor]:

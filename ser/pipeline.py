@@ -44,7 +44,7 @@ def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config):
     """(r_chosen, r_rejected) arrays for labelled pairs."""
     return score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
                        [p.rejected for p in pairs], cfg.model.max_length, cfg.train.score_batch_size,
-                       cfg.train.mixed_precision)
+                       cfg.train.mixed_precision, cfg.model.share_prompt)
 
 
 def evaluate_rm(rm, tokenizer, pairs: list[Pair], cfg: Config) -> dict:
@@ -83,7 +83,8 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
     pseudo_loss = (cfg.ser.pseudo_loss, cfg.ser.pseudo_margin if cfg.ser.pseudo_loss == "hinge" else 0.0)
     rm, summary = train_reward_model(rm, tokenizer, prompts, chosen, rejected, cfg.train, cfg.model.max_length,
                                      accelerator=accelerator, pseudo=pseudo, pseudo_loss=pseudo_loss,
-                                     epochs=epochs, on_step=on_step, desc=desc)
+                                     epochs=epochs, on_step=on_step, share_prompt=cfg.model.share_prompt,
+                                     desc=desc)
     return unwrap_for_saving(rm), tokenizer, summary
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ser.config import TrainConfig
 from ser.errors import UserError
 from ser.losses import pairwise_losses
-from ser.models import collate, encode
+from ser.models import can_share_prompt, collate, encode_pairs, pack_pairs, packed_pair_rewards
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +54,22 @@ def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int
 
 def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConfig, max_length: int, *,
                        accelerator: Accelerator, pseudo=None, pseudo_loss: tuple[str, float] = ("sigmoid", 0.0),
-                       epochs: float | None = None, on_step=None, desc: str = "train") -> tuple[object, dict]:
+                       epochs: float | None = None, on_step=None, share_prompt: bool = True,
+                       desc: str = "train") -> tuple[object, dict]:
     """Train `rm` in place on pairs (prompt, chosen, rejected); returns (unwrapped rm, summary).
 
     pseudo: optional bool per pair; pseudo-labelled pairs use `pseudo_loss` = (kind, margin), human pairs
     use tcfg.loss / tcfg.margin. on_step(step, record, rm): called after every optimizer step (logging,
-    periodic evaluation).
+    periodic evaluation). share_prompt: causal RMs run each pair as one packed sequence (`pack_pairs`).
     """
     n = len(prompts)
     if n == 0:
         raise UserError("no training pairs")
     epochs = tcfg.epochs if epochs is None else epochs
     t0 = time.time()
-    # Tokenize once: chosen sequences are 0..n-1 and rejected n..2n-1.
-    enc = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected), max_length)
+    # Tokenize once: chosen sequences are 0..n-1 and rejected n..2n-1, both with the same prompt tokens.
+    enc = encode_pairs(tokenizer, list(prompts), list(chosen), list(rejected), max_length)
+    packed = share_prompt and can_share_prompt(rm, tokenizer)
     if enc.truncated_answers:
         log.warning("%d of %d answers exceed max_length=%d on their own and were cut at the end",
                     enc.truncated_answers, 2 * n, max_length)
@@ -77,13 +79,20 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     is_pseudo = torch.zeros(n, dtype=torch.bool) if pseudo is None else torch.as_tensor(np.asarray(pseudo, bool))
 
     def collate_pairs(idx: list[int]) -> dict:
-        seqs = idx + [i + n for i in idx]  # (2B,): chosen first, then rejected
-        tt = [enc.token_type_ids[i] for i in seqs] if enc.token_type_ids is not None else None
-        batch = collate([enc.input_ids[i] for i in seqs], tt, tokenizer.pad_token_id)
+        if packed:  # (B, T) rows [prompt, chosen, rejected]
+            batch = pack_pairs([enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx],
+                               [enc.prompt_lengths[i] for i in idx], tokenizer.pad_token_id)
+        else:  # (2B, T): chosen rows first, then rejected
+            seqs = idx + [i + n for i in idx]
+            tt = [enc.token_type_ids[i] for i in seqs] if enc.token_type_ids is not None else None
+            batch = collate([enc.input_ids[i] for i in seqs], tt, tokenizer.pad_token_id)
         batch["pseudo"] = is_pseudo[idx]
         return batch
 
-    pair_len = [max(len(enc.input_ids[i]), len(enc.input_ids[i + n])) for i in range(n)]
+    if packed:
+        pair_len = [len(enc.input_ids[i]) + len(enc.input_ids[i + n]) - enc.prompt_lengths[i] for i in range(n)]
+    else:
+        pair_len = [max(len(enc.input_ids[i]), len(enc.input_ids[i + n])) for i in range(n)]
     batches = length_grouped_batches(_epoch_order(n, epochs, tcfg.seed), pair_len, tcfg.batch_size, tcfg.seed)
     loader = DataLoader(range(n), batch_sampler=batches, collate_fn=collate_pairs)
     steps = math.ceil(len(loader) / tcfg.grad_accum)
@@ -102,8 +111,10 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     for batch in loader:
         pseudo_mask = batch.pop("pseudo")
         with accelerator.accumulate(rm):
-            rewards = rm(**batch).logits[:, 0].float()  # (2B,)
-            r_chosen, r_rejected = rewards.chunk(2)
+            if packed:
+                r_chosen, r_rejected = packed_pair_rewards(rm, batch)
+            else:
+                r_chosen, r_rejected = rm(**batch).logits[:, 0].float().chunk(2)  # (2B,) -> (B,), (B,)
             margins = r_chosen - r_rejected  # (B,)
             human = pairwise_losses(margins, tcfg.loss, tcfg.margin)
             machine = pairwise_losses(margins, *pseudo_loss)
