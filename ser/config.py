@@ -57,7 +57,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate on the test set every N steps (0 = only at the end)
     seed: int = 0  # torch / shuffling seed
     score_batch_size: int = 64  # sequences per forward pass when scoring
-    mixed_precision: str = "no"  # no | bf16 | fp16: training (accelerate autocast); bf16 also applies to scoring
+    mixed_precision: str = "no"  # no | bf16 | fp16 | auto (bf16 where fast): training autocast; bf16 also scoring
 
 
 @dataclass
@@ -172,7 +172,7 @@ def validate(cfg: Config) -> None:
         "model.mode": (cfg.model.mode, ("full", "lora", "head")),
         "train.schedule": (cfg.train.schedule, ("linear", "cosine", "constant")),
         "train.loss": (cfg.train.loss, ("sigmoid", "hinge")),
-        "train.mixed_precision": (cfg.train.mixed_precision, ("no", "bf16", "fp16")),
+        "train.mixed_precision": (cfg.train.mixed_precision, ("no", "bf16", "fp16", "auto")),
         "ser.rule": (cfg.ser.rule, ("paper", "code", "ssrm")),
         "ser.calibration": (cfg.ser.calibration, ("none", "center", "temperature")),
         "ser.pseudo_loss": (cfg.ser.pseudo_loss, ("sigmoid", "hinge")),

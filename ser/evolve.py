@@ -30,7 +30,7 @@ from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores, ser_config
 from ser.scoring import score_pairs
 from ser.selection import (STOP, fit_temperature, learning_status, orient, pair_status, probabilities,
                            resolve_min_pairs, select, ssrm_select)
-from ser.train import make_accelerator
+from ser.train import make_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
 STATUS_NAMES = {0: "stop", 1: "1", 2: "2", 3: "1|2"}
@@ -104,7 +104,7 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             rm, tok = load_iteration(run, it - 1)
             r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool],
                                    [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size,
-                                   cfg.train.mixed_precision, cfg.model.share_prompt)
+                                   resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt)
             offset, temperature = calibrate(rm, tok, seed, cfg)
             del rm
             # 2-4. Status of each pair, the RM's learning status, the selected pairs and their pseudo-labels.

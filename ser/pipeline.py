@@ -18,7 +18,7 @@ from ser.errors import UserError
 from ser.evaluate import pair_metrics
 from ser.models import load_reward_model, unwrap_for_saving
 from ser.scoring import score_pairs
-from ser.train import make_accelerator, train_reward_model
+from ser.train import make_accelerator, resolve_precision, train_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config):
     """(r_chosen, r_rejected) arrays for labelled pairs."""
     return score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
                        [p.rejected for p in pairs], cfg.model.max_length, cfg.train.score_batch_size,
-                       cfg.train.mixed_precision, cfg.model.share_prompt)
+                       resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt)
 
 
 def evaluate_rm(rm, tokenizer, pairs: list[Pair], cfg: Config) -> dict:

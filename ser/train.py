@@ -25,8 +25,21 @@ from ser.models import can_share_prompt, collate, encode_pairs, pack_pairs, pack
 log = logging.getLogger(__name__)
 
 
+def resolve_precision(name: str) -> str:
+    """`auto` -> bf16 where the hardware runs it fast (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX),
+    else no (fp32). Other values pass through."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if fast else "no"
+
+
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
-    return Accelerator(gradient_accumulation_steps=tcfg.grad_accum, mixed_precision=tcfg.mixed_precision)
+    return Accelerator(gradient_accumulation_steps=tcfg.grad_accum,
+                       mixed_precision=resolve_precision(tcfg.mixed_precision))
 
 
 def _epoch_order(n: int, epochs: float, seed: int) -> list[int]:

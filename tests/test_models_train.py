@@ -237,3 +237,15 @@ def test_lora_rm_is_merged_on_save_and_loads_without_peft(tiny_bert_dir, tmp_pat
     after = score_pairs(plain, tok, p, c, r, 32)
     np.testing.assert_allclose(before[0], after[0], atol=1e-5)
     assert not any("lora" in k for k in plain.state_dict())
+
+
+def test_resolve_precision(monkeypatch):
+    from ser.train import resolve_precision
+
+    assert resolve_precision("no") == "no" and resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_precision("auto") == "no"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16"
