@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=OVERRIDES_HELP)
     _add_config_args(p)
 
+    p = sub.add_parser("sft", help="supervised fine-tuning of a policy LM on the chosen answers", epilog=OVERRIDES_HELP)
+    _add_config_args(p)
+
+    p = sub.add_parser("ppo", help="PPO of a policy LM against a saved reward model", epilog=OVERRIDES_HELP)
+    _add_config_args(p, out_required=False)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+
     p = sub.add_parser("curve", help="learning curve: RM test accuracy vs number of human labels, with CIs",
                        epilog=OVERRIDES_HELP)
     _add_config_args(p)
@@ -137,6 +144,21 @@ def run(argv: list[str]) -> int:
         cfg = load_config(args.config, _split_overrides(extra))
         out = run_experiment(cfg, args.out)
         print(f"wrote {out}")
+    elif args.command == "sft":
+        from ser.policy import run_sft
+
+        summary = run_sft(load_config(args.config, _split_overrides(extra)), args.out)
+        print(f"sft: {summary['steps']} steps on {summary['pairs']} answers, final loss {summary['final_loss']:.4f}")
+        print(f"wrote {args.out}/policy")
+    elif args.command == "ppo":
+        from ser.ppo import run_ppo
+
+        if args.resume and (args.config or extra):
+            raise UserError("--resume continues a run with its saved config; drop --config and overrides")
+        if not args.resume and not args.out:
+            raise UserError("ppo: give --out DIR (or --resume RUN_DIR)")
+        cfg = None if args.resume else load_config(args.config, _split_overrides(extra))
+        print(f"wrote {run_ppo(cfg, args.out, resume=args.resume)}")
     elif args.command == "curve":
         from ser.experiment import run_curve
 

@@ -80,6 +80,44 @@ class SERConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """The policy LM for `ser sft` / `ser ppo` and how it generates (released SER pipeline's sampling)."""
+
+    backbone: str = "smollm2-135m"  # causal LM: short name, local directory (e.g. an `ser sft` output) or Hub id
+    max_prompt_length: int = 256  # prompt tokens (cut from the left, keeping the latest turns)
+    max_new_tokens: int = 64  # answer length limit; answers that hit it without EOS are "unfinished"
+    temperature: float = 0.7  # sampling during PPO rollouts
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+
+
+@dataclass
+class PPOConfig:
+    """`ser ppo`: PPO of the policy against a saved RM (SER paper §4: adaptive KL from 0.2)."""
+
+    rm: str = ""  # saved RM directory (`ser train-rm`/`ser evolve` output)
+    steps: int = 20  # PPO steps (one rollout batch each)
+    batch_size: int = 8  # prompts per rollout
+    mini_batch_size: int = 4  # sequences per gradient step
+    ppo_epochs: int = 2  # passes over each rollout batch
+    lr: float = 1e-5
+    kl_coef: float = 0.2  # initial KL coefficient (SER paper)
+    kl_target: float | None = 6.0  # adaptive control towards this KL (nats per answer); null = fixed coefficient
+    kl_horizon: int = 10000  # Ziegler et al.'s horizon of the adaptive controller
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2  # policy ratio clip
+    clip_value: float = 0.2  # value clip
+    vf_coef: float = 0.1
+    reward: str = "sigmoid"  # sigmoid: sigmoid(score) - baseline (paper) | normalize: (score - mean) / std of the RM
+    reward_baseline: float = 0.5
+    no_eos_penalty: float = 1.0  # subtracted from the reward of answers that hit max_new_tokens without ending
+    whiten_rewards: bool = False
+    save_every: int = 5  # checkpoint every N steps (and at the end)
+    seed: int = 0
+
+
+@dataclass
 class ExperimentConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # one full set of runs per seed
     methods: list = field(default_factory=lambda: ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm"])
@@ -93,6 +131,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ser: SERConfig = field(default_factory=SERConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 def _coerce(value, tp, key: str, origin: str):
@@ -176,12 +216,15 @@ def validate(cfg: Config) -> None:
         "ser.rule": (cfg.ser.rule, ("paper", "code", "ssrm")),
         "ser.calibration": (cfg.ser.calibration, ("none", "center", "temperature")),
         "ser.pseudo_loss": (cfg.ser.pseudo_loss, ("sigmoid", "hinge")),
+        "ppo.reward": (cfg.ppo.reward, ("sigmoid", "normalize")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"config: '{key}' must be one of {', '.join(allowed)}, got {value!r}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                "model.max_length": cfg.model.max_length, "train.score_batch_size": cfg.train.score_batch_size}
+                "model.max_length": cfg.model.max_length, "train.score_batch_size": cfg.train.score_batch_size,
+                "ppo.batch_size": cfg.ppo.batch_size, "ppo.mini_batch_size": cfg.ppo.mini_batch_size,
+                "ppo.ppo_epochs": cfg.ppo.ppo_epochs, "policy.max_new_tokens": cfg.policy.max_new_tokens}
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config: '{key}' must be >= 1, got {value}")

@@ -112,6 +112,7 @@ def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = Non
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
+    keep_eos_trainable(model, tokenizer)
     model.config.problem_type = "regression"
     head = head_prefixes(model)
     if mode == "head":
@@ -126,6 +127,15 @@ def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = Non
                             modules_to_save=[h.rstrip(".") for h in head], task_type="SEQ_CLS")
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def keep_eos_trainable(model, tokenizer) -> None:
+    """When eos doubles as the pad token, a saved config says pad_token_id = eos and transformers then builds
+    the embedding with padding_idx = eos, which freezes the eos row; a freshly loaded backbone (no pad id)
+    trains it. Clear it, so a model trains the same whether it came from the backbone or a checkpoint."""
+    emb = model.get_input_embeddings()
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id and emb is not None:
+        emb.padding_idx = None
 
 
 def head_prefixes(model) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
                        mixed_precision=resolve_precision(tcfg.mixed_precision))
 
 
-def _epoch_order(n: int, epochs: float, seed: int) -> list[int]:
+def epoch_order(n: int, epochs: float, seed: int) -> list[int]:
     """Pair indices for `epochs` passes (the last one partial), reshuffled each epoch, deterministic."""
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -106,7 +106,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         pair_len = [len(enc.input_ids[i]) + len(enc.input_ids[i + n]) - enc.prompt_lengths[i] for i in range(n)]
     else:
         pair_len = [max(len(enc.input_ids[i]), len(enc.input_ids[i + n])) for i in range(n)]
-    batches = length_grouped_batches(_epoch_order(n, epochs, tcfg.seed), pair_len, tcfg.batch_size, tcfg.seed)
+    batches = length_grouped_batches(epoch_order(n, epochs, tcfg.seed), pair_len, tcfg.batch_size, tcfg.seed)
     loader = DataLoader(range(n), batch_sampler=batches, collate_fn=collate_pairs)
     steps = math.ceil(len(loader) / tcfg.grad_accum)
     params = [p for p in rm.parameters() if p.requires_grad]

@@ -1,0 +1,184 @@
+"""The policy LM: loading, prompt formatting, generation and `ser sft` (supervised fine-tuning on the chosen
+answers of a preference dataset, loss on the answer tokens only)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ser.checkpoint import append_jsonl, atomic_dir, check_writable
+from ser.config import Config, to_dict
+from ser.errors import UserError
+from ser.models import keep_eos_trainable, load_tokenizer, resolve_backbone
+
+log = logging.getLogger(__name__)
+_TURN = re.compile(r"\n\n(Human|Assistant|System): ")
+_ROLE = {"Human": "user", "Assistant": "assistant", "System": "system"}
+
+
+def load_policy(backbone: str, dtype=torch.float32):
+    """(causal LM, tokenizer) for a short name, directory or Hub id; the tokenizer pads on the left for
+    generation and uses eos as pad when it has none."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_backbone(backbone)
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = "left"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    keep_eos_trainable(model, tokenizer)
+    return model, tokenizer
+
+
+def hh_messages(prompt: str) -> list[dict]:
+    """An HH-RLHF style prompt ('\\n\\nHuman: ...\\n\\nAssistant:') as chat messages; the trailing empty
+    assistant turn is dropped (the model writes it). Text without the markers is one user message."""
+    text = prompt if prompt.startswith("\n\n") else "\n\n" + prompt
+    text = re.sub(r"\n\nAssistant:\s*$", "", text) + "\n\n"
+    parts = _TURN.split(text)
+    if len(parts) < 3:
+        return [{"role": "user", "content": prompt.strip()}]
+    return [{"role": _ROLE[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def prompt_texts(tokenizer, prompts: list[str]) -> list[str]:
+    """What the policy sees: the chat template with a generation prompt when the tokenizer has one, else the
+    raw HH text (which already ends with 'Assistant:')."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    return [tokenizer.apply_chat_template(hh_messages(p), tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> dict:
+    """Left-padded prompt ids (B, P), cut from the left to max_prompt_length; the template's own special
+    tokens are in the text already."""
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(prompt_texts(tokenizer, prompts), return_tensors="pt", padding=True, truncation=True,
+                         max_length=max_prompt_length, add_special_tokens=False)
+    finally:
+        tokenizer.truncation_side = side
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, ended) for generated tokens (B, T): the mask covers every token up to and including the first
+    eos; `ended` is False for answers that hit the length limit without an eos."""
+    is_eos = responses == eos_id
+    ended = is_eos.any(-1)
+    first = torch.where(ended, is_eos.int().argmax(-1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
+    mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]
+    return mask.float(), ended
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], pcfg, *, do_sample: bool = True, seed: int | None = None):
+    """Sample answers. Returns (prompt ids (B, P), response ids (B, T), response mask, ended, answer texts)."""
+    enc = encode_prompts(tokenizer, prompts, pcfg.max_prompt_length)
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(**enc, do_sample=do_sample, temperature=pcfg.temperature if do_sample else None,
+                         top_k=pcfg.top_k or None, top_p=pcfg.top_p if do_sample else None,
+                         max_new_tokens=pcfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    responses = out[:, enc["input_ids"].shape[1] :]
+    mask, ended = response_mask(responses, tokenizer.eos_token_id)
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
+    return enc, responses, mask, ended, texts
+
+
+def save_policy(model, tokenizer, target: str | Path, cfg: Config, extra: dict | None = None) -> Path:
+    """An HF causal-LM directory (safetensors), written atomically with a manifest."""
+    import json
+
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ser_config.json").write_text(json.dumps({"config": to_dict(cfg), **(extra or {})}, indent=2))
+    return Path(target)
+
+
+def run_sft(cfg: Config, out: str) -> dict:
+    """`ser sft`: fine-tune the policy on (prompt, chosen) of `data.train`'s training split; loss on the
+    answer tokens (and the closing eos) only. Saves `OUT/policy`."""
+    from accelerate.utils import set_seed
+
+    from ser.pipeline import load_splits
+    from ser.train import epoch_order, length_grouped_batches, make_accelerator
+
+    root = check_writable(out)
+    set_seed(cfg.train.seed)
+    split = load_splits(cfg.data)
+    pairs = split.seed + split.pool  # everything but the test pairs
+    model, tok = load_policy(cfg.policy.backbone)
+    prompts = prompt_texts(tok, [p.prompt for p in pairs])
+    rows = []
+    for prompt, answer in zip(prompts, [p.chosen for p in pairs]):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"][-cfg.policy.max_prompt_length :]
+        a_ids = tok(answer, add_special_tokens=False)["input_ids"][: cfg.model.max_length - 1] + [tok.eos_token_id]
+        rows.append((p_ids, a_ids))
+    accelerator = make_accelerator(cfg.train)
+    lengths = [len(p) + len(a) for p, a in rows]
+    batches = length_grouped_batches(epoch_order(len(rows), cfg.train.epochs, cfg.train.seed), lengths,
+                                     cfg.train.batch_size, cfg.train.seed)
+
+    def collate(idx):
+        width = max(lengths[i] for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            p, a = rows[i]
+            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[j, len(p) : len(p) + len(a)] = torch.tensor(a)  # the answer and its eos; not the prompt
+            mask[j, : len(p) + len(a)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    loader = torch.utils.data.DataLoader(range(len(rows)), batch_sampler=batches, collate_fn=collate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    from transformers import get_scheduler
+
+    steps = math.ceil(len(batches) / cfg.train.grad_accum)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * steps),
+                              num_training_steps=steps)
+    model.train()
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    t0, step, losses = time.time(), 0, []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise UserError(f"sft: non-finite loss at step {step}; stopped (lower train.lr)")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+        if accelerator.sync_gradients:
+            step += 1
+            if accelerator.is_main_process:
+                append_jsonl(root / "metrics.jsonl", {"step": step, "sft/loss": losses[-1]})
+    model = accelerator.unwrap_model(model)
+    summary = {"steps": step, "pairs": len(rows), "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
+               "seconds": time.time() - t0}
+    if accelerator.is_main_process:
+        save_policy(model, tok, root / "policy", cfg, {"sft": summary})
+    log.info("sft: %d steps on %d answers, final loss %.4f, %.0fs", step, len(rows), summary["final_loss"],
+             summary["seconds"])
+    return summary

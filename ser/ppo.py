@@ -1,0 +1,178 @@
+"""`ser ppo`: PPO of a policy LM against a saved reward model, as a plain loop of numbered steps.
+
+The RM may use a different tokenizer from the policy (a MiniLM RM for a SmolLM2 policy): answers are decoded
+to text and the RM scores (prompt, answer text) with its own tokenizer. The value function is a linear head
+on the policy's last hidden state. The math (GAE, clipped losses, KL, adaptive controller) is in `ser.rl`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ser.checkpoint import append_jsonl, atomic_dir, atomic_write_text, check_writable, verify_manifest
+from ser.config import Config, load_config, to_dict
+from ser.data import load_pairs, split_pairs
+from ser.errors import UserError
+from ser.policy import generate, load_policy
+from ser.rl import (AdaptiveKLController, entropy_from_logits, gae, kl_estimates, masked_mean, policy_loss,
+                    shape_score, token_rewards, value_loss, whiten)
+from ser.scoring import score_texts
+
+log = logging.getLogger(__name__)
+
+
+def forward(model, value_head, prompt_ids, prompt_mask, responses, response_mask):
+    """Log-probabilities of the response tokens, values before each of them and the entropy, all (B, T)."""
+    ids = torch.cat([prompt_ids, responses], 1)
+    attn = torch.cat([prompt_mask, response_mask.long()], 1)
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left-padded prompts keep positions from 0
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
+                output_hidden_states=value_head is not None, use_cache=False)
+    p = prompt_ids.shape[1]
+    logits = out.logits[:, p - 1 : -1].float()  # the position before each response token predicts it
+    logp = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
+    values = None if value_head is None else value_head(out.hidden_states[-1][:, p - 1 : -1].float())[..., 0]
+    return logp, values, entropy_from_logits(logits)
+
+
+def ppo_prompts(cfg: Config) -> list[str]:
+    """Training prompts: the prompts of `data.train`'s seed + pool split, without the test pairs' prompts."""
+    split = split_pairs(load_pairs(cfg.data.train, limit=cfg.data.limit), seed_size=cfg.data.seed_size,
+                        test_size=cfg.data.test_size, seed=cfg.data.split_seed)
+    test = {p.prompt for p in split.test}
+    seen, prompts = set(), []
+    for p in split.seed + split.pool:
+        if p.prompt not in seen and p.prompt not in test:
+            seen.add(p.prompt)
+            prompts.append(p.prompt)
+    if not prompts:
+        raise UserError(f"ppo: no training prompts in {cfg.data.train}")
+    return prompts
+
+
+def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> Path:
+    from accelerate.utils import set_seed
+
+    from ser.pipeline import load_saved_rm
+    from ser.train import make_accelerator
+
+    if resume:
+        root = Path(resume)
+        if not (root / "config.yaml").exists():
+            raise UserError(f"{root}: not a `ser ppo` run directory (no config.yaml)")
+        cfg = load_config(root / "config.yaml")
+        state = None
+        if (root / "checkpoint").exists():
+            verify_manifest(root / "checkpoint")
+            state = json.loads((root / "checkpoint" / "ser_config.json").read_text())["ppo_state"]
+        _truncate_metrics(root / "metrics.jsonl", state["step"] if state else 0)
+    else:
+        root, state = check_writable(out), None
+        if not cfg.ppo.rm:
+            raise UserError("ppo: set ppo.rm to a saved reward-model directory")
+        atomic_write_text(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    pc, gen = cfg.ppo, cfg.policy
+    set_seed(pc.seed)
+    rm, rm_tok, rm_max_len = load_saved_rm(pc.rm)
+    stats = json.loads((Path(pc.rm) / "ser_config.json").read_text()) if (Path(pc.rm) / "ser_config.json").exists() else {}
+    start = 0
+    if state:  # the last completed checkpoint: policy, value head, optimizer, KL coefficient
+        policy, tok = load_policy(str(root / "checkpoint"))
+        start = state["step"]
+    else:
+        policy, tok = load_policy(gen.backbone)
+    if tok.eos_token_id is None:
+        raise UserError(f"{gen.backbone}: the policy tokenizer has no eos token")
+    reference = copy.deepcopy(load_policy(gen.backbone)[0] if state else policy).eval().requires_grad_(False)
+    value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value_head.parameters()), lr=pc.lr)
+    kl_ctl = AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
+    if state:
+        extra = torch.load(root / "checkpoint" / "ppo_state.pt", weights_only=True)
+        value_head.load_state_dict(extra["value_head"])
+        optimizer.load_state_dict(extra["optimizer"])
+        kl_ctl.value = state["kl_coef"]
+    accelerator = make_accelerator(cfg.train)
+    policy, value_head, optimizer = accelerator.prepare(policy, value_head, optimizer)
+    prompts = ppo_prompts(cfg)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(pc.seed)).tolist()
+
+    for step in range(start, pc.steps):
+        t0 = time.time()
+        batch = [prompts[order[(step * pc.batch_size + i) % len(prompts)]] for i in range(pc.batch_size)]
+        # 1. Rollout: sample an answer per prompt from the current policy.
+        enc, responses, mask, ended, texts = generate(accelerator.unwrap_model(policy), tok, batch, gen,
+                                                      seed=pc.seed * 100003 + step)
+        # 2. Reward: the RM scores the decoded answer with its own tokenizer; shaped, unfinished answers penalised.
+        score = torch.as_tensor(score_texts(rm, rm_tok, batch, texts, rm_max_len), dtype=torch.float32)
+        seq_reward = shape_score(score, pc.reward, baseline=pc.reward_baseline, mean=stats.get("reward_mean", 0.0),
+                                 std=stats.get("reward_std", 1.0), ended=ended, no_eos_penalty=pc.no_eos_penalty)
+        # 3. KL penalty against the frozen reference policy, per token.
+        with torch.no_grad():
+            old_logp, old_values, _ = forward(policy, value_head, enc["input_ids"], enc["attention_mask"], responses, mask)
+            ref_logp, _, _ = forward(reference, None, enc["input_ids"], enc["attention_mask"], responses, mask)
+        kl = kl_estimates(old_logp, ref_logp)["k1"] * mask
+        rewards = token_rewards(seq_reward, kl, mask, kl_ctl.value)
+        if pc.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        # 4. Advantages (GAE) and returns from the value head's estimates.
+        advantages, returns = gae(rewards, old_values, mask, pc.gamma, pc.lam)
+        advantages = whiten(advantages, mask)
+        # 5. Update: several PPO epochs over mini-batches, clipped policy and value losses.
+        records = []
+        for _ in range(pc.ppo_epochs):
+            shuffle = torch.Generator().manual_seed(pc.seed * 100003 + step)
+            for idx in torch.randperm(pc.batch_size, generator=shuffle).split(pc.mini_batch_size):
+                logp, values, entropy = forward(policy, value_head, enc["input_ids"][idx], enc["attention_mask"][idx],
+                                                responses[idx], mask[idx])
+                pg, clip_frac = policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], pc.clip)
+                vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], pc.clip_value)
+                loss = pg + pc.vf_coef * vf
+                if not torch.isfinite(loss):
+                    raise UserError(f"ppo: non-finite loss at step {step}; the last checkpoint is intact")
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(list(policy.parameters()) + list(value_head.parameters()), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                records.append((pg.item(), vf.item(), clip_frac.item(), masked_mean(entropy, mask[idx]).item()))
+        seq_kl = kl.sum(-1).mean().item()
+        kl_ctl.update(seq_kl, pc.batch_size)
+        r = torch.tensor(records).mean(0).tolist()
+        record = {"step": step + 1, "ppo/score": score.mean().item(), "ppo/reward": seq_reward.mean().item(),
+                  "ppo/kl": seq_kl, "ppo/kl_coef": kl_ctl.value, "ppo/entropy": r[3], "ppo/clip_frac": r[2],
+                  "ppo/policy_loss": r[0], "ppo/value_loss": r[1], "ppo/answer_tokens": mask.sum(-1).mean().item(),
+                  "ppo/unfinished": (~ended).float().mean().item(), "time/seconds": time.time() - t0}
+        append_jsonl(root / "metrics.jsonl", record)
+        log.info("ppo step %d: score %.3f, reward %.3f, KL %.3f (coef %.4f), entropy %.2f, clip %.2f, %.0f tokens",
+                 step + 1, record["ppo/score"], record["ppo/reward"], seq_kl, kl_ctl.value, r[3], r[2],
+                 record["ppo/answer_tokens"])
+        if (step + 1) % pc.save_every == 0 or step + 1 == pc.steps:
+            _checkpoint(root, accelerator, policy, value_head, optimizer, tok, cfg, step + 1, kl_ctl.value)
+    return root
+
+
+def _checkpoint(root, accelerator, policy, value_head, optimizer, tok, cfg, step, kl_coef) -> None:
+    """Policy (HF directory), value head, optimizer and the loop state in one directory, renamed into place
+    atomically: a run killed at any moment resumes from the last complete checkpoint."""
+    with atomic_dir(root / "checkpoint") as tmp:
+        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        torch.save({"value_head": accelerator.unwrap_model(value_head).state_dict(),
+                    "optimizer": optimizer.state_dict()}, tmp / "ppo_state.pt")
+        (tmp / "ser_config.json").write_text(json.dumps({"config": to_dict(cfg),
+                                                         "ppo_state": {"step": step, "kl_coef": kl_coef}}))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines of steps after the checkpoint (they will be run again)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
