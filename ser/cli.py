@@ -80,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, out_required=False)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
+    p = sub.add_parser("generate-pairs", help="an unlabelled pool: two answers per prompt from one or two policies")
+    p.add_argument("--policy", required=True, help="policy directory (or backbone name) for answer_a")
+    p.add_argument("--policy-b", help="policy for answer_b (default: a second sample of --policy)")
+    p.add_argument("--prompts", required=True, help="data spec whose prompts are used")
+    p.add_argument("--out", required=True, help="output .jsonl (prompt, answer_a, answer_b)")
+    p.add_argument("--limit", type=int, help="first N unique prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("judge", help="win / tie / lose of policy A against B, judged by a gold RM")
+    p.add_argument("--a", required=True, help="policy A directory (or backbone name)")
+    p.add_argument("--b", required=True, help="policy B directory (or backbone name)")
+    p.add_argument("--prompts", required=True, help="data spec of held-out prompts")
+    p.add_argument("--judge", required=True, help="saved RM directory used as the judge")
+    p.add_argument("--out", required=True, help="output .jsonl with both answers, scores and verdicts")
+    p.add_argument("--limit", type=int, help="first N unique prompts")
+    p.add_argument("--tie-margin", type=float, default=0.0, help="|r_a - r_b| <= margin counts as a tie")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("curve", help="learning curve: RM test accuracy vs number of human labels, with CIs",
                        epilog=OVERRIDES_HELP)
     _add_config_args(p)
@@ -108,7 +128,7 @@ def run(argv: list[str]) -> int:
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     from ser.config import load_config
 
-    if args.command in ("score", "eval") and extra:
+    if args.command in ("score", "eval", "generate-pairs", "judge") and extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     if args.command == "train-rm":
         from ser.pipeline import run_train_rm
@@ -159,6 +179,22 @@ def run(argv: list[str]) -> int:
             raise UserError("ppo: give --out DIR (or --resume RUN_DIR)")
         cfg = None if args.resume else load_config(args.config, _split_overrides(extra))
         print(f"wrote {run_ppo(cfg, args.out, resume=args.resume)}")
+    elif args.command == "generate-pairs":
+        from ser.judge import generate_pairs
+
+        n = generate_pairs(args.policy, args.policy_b, args.prompts, args.out, limit=args.limit,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed)
+        print(f"generated {n} pairs\nwrote {args.out}")
+    elif args.command == "judge":
+        from ser.judge import judge
+
+        v = judge(args.a, args.b, args.prompts, args.judge, args.out, limit=args.limit, tie_margin=args.tie_margin,
+                  max_new_tokens=args.max_new_tokens, seed=args.seed)
+        print(f"A vs B on {v.n} prompts (judge {args.judge}, tie margin {args.tie_margin}):")
+        for k in ("win", "tie", "lose"):
+            lo, hi = v.ci95[k]
+            print(f"  {k:4s} {getattr(v, k):.3f}  95% CI [{lo:.3f}, {hi:.3f}]")
+        print(f"  mean judge score: A {v.mean_score_a:.4f}, B {v.mean_score_b:.4f}\nwrote {args.out}")
     elif args.command == "curve":
         from ser.experiment import run_curve
 

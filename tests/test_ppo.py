@@ -78,3 +78,52 @@ def test_sft_trains_on_answers(tiny_llama_dir, shared_data, tmp_path):
     assert summary["steps"] == 5 and summary["pairs"] == 20
     model, tok = load_policy(str(tmp_path / "sft" / "policy"))
     assert tok.padding_side == "left" and (tmp_path / "sft" / "policy" / "manifest.json").exists()
+
+
+def test_verdicts_hand_derived():
+    from ser.judge import verdicts
+
+    v = verdicts([1.0, 0.0, 0.05, -1.0], [0.0, 1.0, 0.0, -1.0], tie_margin=0.1, n_resamples=200)
+    # differences 1, -1, 0.05, 0: one win, one loss, two ties
+    assert (v.win, v.tie, v.lose) == (0.25, 0.5, 0.25) and v.n == 4
+    assert v.ci95["tie"][0] <= 0.5 <= v.ci95["tie"][1]
+
+
+def test_generate_pairs_feeds_evolve_and_judge_writes_verdicts(tiny_llama_dir, tiny_rm, shared_data, tmp_path):
+    from ser.data import load_unlabelled
+    from ser.judge import generate_pairs, judge
+
+    pool = tmp_path / "pool.jsonl"
+    assert generate_pairs(str(tiny_llama_dir), None, "hh-rlhf:helpful-base", str(pool), limit=6,
+                          max_new_tokens=5) == 6
+    rows = [json.loads(l) for l in pool.read_text().splitlines()]
+    assert set(rows[0]) == {"prompt", "answer_a", "answer_b"}
+    assert len(load_unlabelled(str(pool))) == sum(r["answer_a"] != r["answer_b"] for r in rows)
+    v = judge(str(tiny_llama_dir), str(tiny_llama_dir), "hh-rlhf:helpful-base", str(tiny_rm),
+              str(tmp_path / "verdicts.jsonl"), limit=5, max_new_tokens=5)
+    # the same policy with the same seed gives the same answers: every prompt is a tie
+    assert (v.win, v.tie, v.lose) == (0.0, 1.0, 0.0)
+    lines = [json.loads(l) for l in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 and all(l["verdict"] == "tie" for l in lines)
+
+
+def test_saved_rm_is_a_reward_function_for_trl_grpo(tiny_llama_dir, tiny_rm, tmp_path):
+    """TRL's GRPOTrainer takes the saved RM directory as `reward_funcs` (its own BERT tokenizer, a Llama
+    policy) and runs an optimizer step on CPU."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ser.policy import load_policy
+
+    policy, tok = load_policy(str(tiny_llama_dir))
+    before = [p.detach().clone() for p in policy.parameters()]
+    data = Dataset.from_dict({"prompt": ["Human: hi\n\nAssistant:", "Human: what is 2+2?\n\nAssistant:"] * 2})
+    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=4, max_steps=1, learning_rate=1e-2, report_to=[], save_strategy="no",
+                      logging_steps=1, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0)
+    trainer = GRPOTrainer(model=policy, reward_funcs=str(tiny_rm), args=args, train_dataset=data,
+                          processing_class=tok)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert any("reward" in k for k in trainer.state.log_history[0])
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
