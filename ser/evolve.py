@@ -66,7 +66,7 @@ def select_pseudo_labels(r_a, r_b, offset: float, temperature: float, cfg: Confi
     p_a, p_b = probabilities(r_a, offset, temperature), probabilities(r_b, offset, temperature)
     status = pair_status(p_a, p_b, s.tau_high, s.tau_low, s.tau_delta)
     if s.rule == "ssrm":  # baseline: pairwise confidence only, no statuses, stop only when nothing is confident
-        take = ssrm_select(r_a, r_b, s.ssrm_threshold)
+        take = ssrm_select(r_a, r_b, s.ssrm_threshold, temperature)
         learning = 3 if take.any() else STOP
         return status, learning, take, np.asarray(r_a) > np.asarray(r_b)
     learning = learning_status(status, resolve_min_pairs(s.min_pairs, pool_size), s.rule)

@@ -89,8 +89,9 @@ def generate(model, tokenizer, prompts: list[str], pcfg, *, do_sample: bool = Tr
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
+    # top_k=0 and top_p=1.0 switch those filters off (None would fall back to the model's generation_config)
     out = model.generate(**enc, do_sample=do_sample, temperature=pcfg.temperature if do_sample else None,
-                         top_k=pcfg.top_k or None, top_p=pcfg.top_p if do_sample else None,
+                         top_k=pcfg.top_k if do_sample else None, top_p=pcfg.top_p if do_sample else None,
                          max_new_tokens=pcfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     model.train(was_training)

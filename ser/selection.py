@@ -76,7 +76,9 @@ def orient(p_a, p_b) -> np.ndarray:
     return np.asarray(p_a) > np.asarray(p_b)
 
 
-def ssrm_select(r_a, r_b, threshold: float = 0.8) -> np.ndarray:
-    """SSRM baseline (He et al., 2024): keep pairs with max(P, 1-P) >= threshold, P = σ(r_a - r_b)."""
-    p = sigmoid(np.asarray(r_a, dtype=np.float64) - np.asarray(r_b, dtype=np.float64))
+def ssrm_select(r_a, r_b, threshold: float = 0.8, temperature: float = 1.0) -> np.ndarray:
+    """SSRM baseline (He et al., 2024): keep pairs with max(P, 1-P) >= threshold, P = σ((r_a - r_b) / T).
+    T = 1 is SSRM's rule; SER's temperature calibration passes its fitted T, so that both methods judge
+    confidence on the same calibrated scale (with raw scores a small seed RM is never confident)."""
+    p = sigmoid((np.asarray(r_a, dtype=np.float64) - np.asarray(r_b, dtype=np.float64)) / temperature)
     return np.maximum(p, 1.0 - p) >= threshold

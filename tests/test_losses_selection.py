@@ -83,6 +83,9 @@ def test_ssrm_threshold():
     d = math.log(4.0)  # σ(log 4) = 0.8 exactly in reals
     keep = ssrm_select([d + 1e-6, d - 1e-3, -d - 1e-6, 0.0], [0.0, 0.0, 0.0, 0.0], 0.8)
     assert keep.tolist() == [True, False, True, False]
+    # with SER's fitted temperature T the margin is divided by T: 0.01 / 0.005 = 2 -> σ(2) = 0.88 >= 0.8
+    assert ssrm_select([0.01, 0.005], [0.0, 0.0], 0.8, temperature=0.005).tolist() == [True, False]
+    assert not ssrm_select([0.01], [0.0], 0.8).any()  # raw scale: σ(0.01) = 0.5025
 
 
 probs = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
