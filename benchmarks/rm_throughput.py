@@ -7,8 +7,12 @@ number of optimizer steps, learning rate, schedule and precision. TRL runs witho
 (its default is on, which would only slow it). Runs alternate A B A B; pairs/s = pairs trained / seconds in
 the training call, summed over rounds. Both final models are scored on the same held-out pairs.
 
-Scoring: `ser.scoring.score_pairs` against `pipeline("text-classification")` with the same batch size, on the
-same (already truncated) texts; their fp32 scores are compared as a check that both see the same input.
+Scoring: `ser.scoring.score_pairs` against `pipeline("text-classification")` with the same batch size and
+precision (bf16 autocast for both, or fp32 for both), on the same (already truncated) texts; their fp32 scores
+are compared as a check that both see the same input.
+
+What ser's side does that the others do not: length-grouped batches (TRL shuffles, the pipeline keeps input
+order), and for causal RMs one packed [prompt, chosen, rejected] row per pair (the prompt runs once).
 
 MFU: model FLOPs of ser's training (6 x non-embedding parameters x real tokens + attention 12 x layers x
 hidden x tokens^2 per sequence) per second, divided by the measured fp32 matmul peak of this machine
@@ -39,7 +43,7 @@ import torch
 
 from ser.config import TrainConfig
 from ser.data import load_pairs, split_pairs
-from ser.models import encode_pairs, load_reward_model
+from ser.models import can_share_prompt, encode_pairs, load_reward_model
 from ser.scoring import score_pairs
 from ser.train import train_reward_model
 
@@ -66,12 +70,12 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def model_flops(model, lengths: list[int]) -> float:
-    """Training FLOPs for sequences of `lengths` real tokens (forward + backward = 3 x forward)."""
+def model_flops(model, tokens: int, lengths: list[int]) -> float:
+    """Training FLOPs (forward + backward = 3 x forward): 6 x non-embedding parameters per token run, plus
+    attention scores and values, 12 x layers x hidden x length^2 per (prompt + answer) sequence."""
     cfg = model.config
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-    tokens = sum(lengths)
     return 6.0 * n_params * tokens + 12.0 * layers * hidden * sum(t * t for t in lengths)
 
 
@@ -157,8 +161,12 @@ def run_backbone(backbone: str, args) -> dict:
         return float((r_c > r_r).mean())
 
     acc = {name: accuracy(m.float()) for name, m in models.items()}
-    pair_len = [len(enc.input_ids[i]) for i in range(2 * n)]
-    flops = model_flops(models["ser"], pair_len) * args.rounds
+    # FLOPs of the tokens ser's training actually ran: a packed [prompt, a, b] row for causal RMs, whose
+    # attention spans the prompt plus one answer per query (counted as two sequences for the quadratic term).
+    packed = can_share_prompt(models["ser"], tokenizer)
+    seq_len = [len(enc.input_ids[i]) for i in range(2 * n)]
+    linear_tokens = sum(seq_len) - (sum(enc.prompt_lengths[:n]) if packed else 0)
+    flops = model_flops(models["ser"], linear_tokens, seq_len) * args.rounds
     del models
 
     # Scoring: the same sequences both ways, alternating.
@@ -177,14 +185,20 @@ def run_backbone(backbone: str, args) -> dict:
     m = len(test)
     score_s = {"ser": 0.0, "pipeline": 0.0}
     tok_kwargs = {"truncation": True, "max_length": args.max_length}
+    bf16 = args.precision == "bf16"
+
+    def run_pipeline(items):  # the pipeline under the same precision as ser (bf16 autocast or fp32)
+        with torch.inference_mode(), torch.autocast(rm.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return pipe(items, **tok_kwargs)
+
+    run_pipeline(inputs[: 2 * args.batch_size])  # warm-up, not timed (ser's path is warm from accuracy())
     for _ in range(args.rounds):
         t0 = time.perf_counter()
         r_a, r_b = score_pairs(rm, tok, [p.prompt for p in test], [p.chosen for p in test],
                                [p.rejected for p in test], args.max_length, 2 * args.batch_size, args.precision)
         score_s["ser"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = pipe(inputs, **tok_kwargs)
+        out = run_pipeline(inputs)
         score_s["pipeline"] += time.perf_counter() - t0
     ser_fp32 = np.concatenate(score_pairs(rm, tok, [p.prompt for p in test], [p.chosen for p in test],
                                           [p.rejected for p in test], args.max_length, 2 * args.batch_size))
@@ -206,7 +220,8 @@ def run_backbone(backbone: str, args) -> dict:
         "score_max_abs_diff_bf16_vs_fp32": float(np.abs(ser_bf16 - ser_fp32).max()),
         "score_rank_agreement_bf16_vs_fp32": float(((r_a > r_b) == (ser_fp32[:m] > ser_fp32[m:])).mean()),
         "train_model_gflops_per_s_ser": flops / seconds["ser"] / 1e9,
-        "train_tokens_per_pair": float(np.mean(pair_len)) * 2,
+        "train_tokens_per_pair": linear_tokens / n,
+        "train_packed_pairs": packed,
     }
     return result
 

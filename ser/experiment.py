@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -256,19 +257,27 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
         raise UserError(f"--sizes: expected counts, fractions or 'all', got {','.join(sizes)}") from None
     root = check_writable(out)
     t0, commit = time.time(), _commit()
+    # A finished point is reused only if it was trained with the same settings (everything but the seeds).
+    fingerprint = hashlib.sha1(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "experiment"},
+                                          sort_keys=True, default=str).encode()).hexdigest()[:12]
     rows: dict[int, list[np.ndarray]] = {}
     for seed in cfg.experiment.seeds:
         scfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=cfg.data.split_seed + seed),
                                    train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 100 * seed))
         split = load_splits(scfg.data)
         labelled = split.seed + split.pool
-        total = len(labelled) + len(split.test)
+        total, done = len(labelled) + len(split.test), set()
         for size in sizes:
             n = len(labelled) if size == "all" else resolve_count(size, total, "--sizes")
             if not 0 < n <= len(labelled):
                 raise UserError(f"--sizes: {size} means {n} labels, but the split has {len(labelled)} "
                                 f"labelled training pairs")
+            if n in done:
+                continue  # two sizes that mean the same number of labels: one point
+            done.add(n)
             path = root / f"seed{seed}" / f"n{n}.json"
+            if path.exists() and json.loads(path.read_text()).get("fingerprint") != fingerprint:
+                raise UserError(f"{path} was trained with other settings; use a new --out for this curve")
             if not path.exists():
                 t1 = time.time()
                 pairs = labelled[:n]
@@ -277,7 +286,8 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
                                     desc=f"seed {seed} n={n}")
                 correct = _correct(rm, tok, split.test, scfg)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, json.dumps({"labels": n, "accuracy": float(correct.mean()),
+                atomic_write_text(path, json.dumps({"labels": n, "fingerprint": fingerprint,
+                                                    "accuracy": float(correct.mean()),
                                                     "correct": correct.tolist(), "seconds": time.time() - t1}))
                 log.info("seed %d, %d labels: test accuracy %.4f", seed, n, correct.mean())
             rows.setdefault(n, []).append(np.array(json.loads(path.read_text())["correct"]))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ser.checkpoint import atomic_write_text
 from ser.config import PolicyConfig
@@ -37,6 +38,7 @@ def load_prompts(spec: str, limit: int | None) -> list[str]:
 
 def _answers(policy_dir: str, prompts: list[str], pcfg: PolicyConfig, seed: int, batch_size: int) -> list[str]:
     model, tok = load_policy(policy_dir)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     out = []
     for start in range(0, len(prompts), batch_size):
         *_, texts = generate(model, tok, prompts[start : start + batch_size], pcfg, seed=seed + start)
@@ -91,14 +93,17 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
     """Generate both policies' answers on the prompts, score them with the judge RM, write every answer and
     verdict to `out` (JSONL) and return the rates."""
     from ser.pipeline import load_saved_rm
-    from ser.scoring import score_texts
+    from ser.scoring import score_pairs
 
     prompts = load_prompts(spec, limit)
     pcfg = PolicyConfig(max_new_tokens=max_new_tokens, **PAIR_SAMPLING)
     a = _answers(policy_a, prompts, pcfg, seed, batch_size)
     b = _answers(policy_b, prompts, pcfg, seed, batch_size)
     rm, tok, max_length = load_saved_rm(judge_rm)
-    r_a, r_b = score_texts(rm, tok, prompts, a, max_length), score_texts(rm, tok, prompts, b, max_length)
+    rm.to("cuda" if torch.cuda.is_available() else "cpu")
+    r_a, r_b = score_pairs(rm, tok, prompts, a, b, max_length)  # both answers see the same prompt tokens
+    same = np.array([x == y for x, y in zip(a, b)])
+    r_b = np.where(same, r_a, r_b)  # identical answers tie exactly (no float noise from packing)
     v = verdicts(r_a, r_b, tie_margin)
     rows = [{"prompt": p, "answer_a": x, "answer_b": y, "score_a": float(s), "score_b": float(t),
              "verdict": "win" if s - t > tie_margin else "lose" if t - s > tie_margin else "tie"}

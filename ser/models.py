@@ -225,15 +225,21 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
                 if tt is not None:
                     tt[s] = tt[s][:lead] + tt[s][lead + cut :]
                 plen[s] = common
-    return Encoded(ids, tt, enc.truncated_answers, enc.truncated_prompts, plen)
+    full = [len(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    cut_prompts = sum(plen[s] < full[s % n] for s in range(2 * n))  # by max_length or to match the other side
+    return Encoded(ids, tt, enc.truncated_answers, cut_prompts, plen)
 
 
 def can_share_prompt(model, tokenizer) -> bool:
     """Whether one packed sequence [prompt, answer_a, answer_b] can give both rewards of a pair: a causal LM
     with a per-token score head (`...ForSequenceClassification.score`) and no pair template."""
     base = _inner(model)
+    cfg = base.config
     return (tokenizer.num_special_tokens_to_add(pair=True) == 0 and isinstance(getattr(base, "score", None),
-            torch.nn.Module) and not getattr(base.config, "is_encoder_decoder", False))
+            torch.nn.Module) and not getattr(cfg, "is_encoder_decoder", False)
+            # the boolean 4D mask is honoured by SDPA only (eager adds it, flash-attention ignores it), and a
+            # sliding-window layer would lose its window
+            and getattr(cfg, "_attn_implementation", None) == "sdpa" and not getattr(cfg, "sliding_window", None))
 
 
 def _inner(model):

@@ -84,7 +84,7 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], pcfg, *, do_sample: bool = True, seed: int | None = None):
     """Sample answers. Returns (prompt ids (B, P), response ids (B, T), response mask, ended, answer texts)."""
-    enc = encode_prompts(tokenizer, prompts, pcfg.max_prompt_length)
+    enc = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, prompts, pcfg.max_prompt_length).items()}
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training

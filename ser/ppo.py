@@ -8,6 +8,7 @@ on the policy's last hidden state. The math (GAE, clipped losses, KL, adaptive c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -28,15 +29,16 @@ from ser.scoring import score_texts
 log = logging.getLogger(__name__)
 
 
-def forward(model, value_head, prompt_ids, prompt_mask, responses, response_mask):
-    """Log-probabilities of the response tokens, values before each of them and the entropy, all (B, T)."""
+def forward(model, value_head, prompt_ids, prompt_mask, responses, response_mask, temperature: float = 1.0):
+    """Log-probabilities of the response tokens under the sampling distribution (logits / temperature), the
+    values before each of them and the entropy, all (B, T)."""
     ids = torch.cat([prompt_ids, responses], 1)
     attn = torch.cat([prompt_mask, response_mask.long()], 1)
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left-padded prompts keep positions from 0
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
                 output_hidden_states=value_head is not None, use_cache=False)
     p = prompt_ids.shape[1]
-    logits = out.logits[:, p - 1 : -1].float()  # the position before each response token predicts it
+    logits = out.logits[:, p - 1 : -1].float() / temperature  # the position before each response token predicts it
     logp = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
     values = None if value_head is None else value_head(out.hidden_states[-1][:, p - 1 : -1].float())[..., 0]
     return logp, values, entropy_from_logits(logits)
@@ -71,7 +73,9 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         state = None
         if (root / "checkpoint").exists():
             verify_manifest(root / "checkpoint")
-            state = json.loads((root / "checkpoint" / "ser_config.json").read_text())["ppo_state"]
+            state = json.loads((root / "checkpoint" / "ser_config.json").read_text()).get("ppo_state")
+            if state is None:
+                raise UserError(f"{root / 'checkpoint'}: not a `ser ppo` checkpoint (no ppo_state)")
         _truncate_metrics(root / "metrics.jsonl", state["step"] if state else 0)
     else:
         root, state = check_writable(out), None
@@ -82,6 +86,9 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     set_seed(pc.seed)
     rm, rm_tok, rm_max_len = load_saved_rm(pc.rm)
     stats = json.loads((Path(pc.rm) / "ser_config.json").read_text()) if (Path(pc.rm) / "ser_config.json").exists() else {}
+    if pc.reward == "normalize" and not {"reward_mean", "reward_std"} <= set(stats):
+        raise UserError(f"{pc.rm}: ppo.reward=normalize needs the RM's reward_mean/reward_std in ser_config.json "
+                        f"(saved by ser train-rm / ser evolve); use ppo.reward=sigmoid for other RMs")
     start = 0
     if state:  # the last completed checkpoint: policy, value head, optimizer, KL coefficient
         policy, tok = load_policy(str(root / "checkpoint"))
@@ -100,25 +107,33 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         value_head.load_state_dict(extra["value_head"])
         optimizer.load_state_dict(extra["optimizer"])
         kl_ctl.value = state["kl_coef"]
-    accelerator = make_accelerator(cfg.train)
+    # PPO accumulates nothing: one optimizer step per mini-batch, so the loss is never divided by train.grad_accum.
+    accelerator = make_accelerator(dataclasses.replace(cfg.train, grad_accum=1))
     policy, value_head, optimizer = accelerator.prepare(policy, value_head, optimizer)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    reference.to(device)
+    rm.to(device)
     prompts = ppo_prompts(cfg)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(pc.seed)).tolist()
 
     for step in range(start, pc.steps):
         t0 = time.time()
-        batch = [prompts[order[(step * pc.batch_size + i) % len(prompts)]] for i in range(pc.batch_size)]
+        first = (step * world + rank) * pc.batch_size  # each process its own prompts
+        batch = [prompts[order[(first + i) % len(prompts)]] for i in range(pc.batch_size)]
         # 1. Rollout: sample an answer per prompt from the current policy.
         enc, responses, mask, ended, texts = generate(accelerator.unwrap_model(policy), tok, batch, gen,
-                                                      seed=pc.seed * 100003 + step)
+                                                      seed=(pc.seed * 100003 + step) * 1009 + rank)
         # 2. Reward: the RM scores the decoded answer with its own tokenizer; shaped, unfinished answers penalised.
-        score = torch.as_tensor(score_texts(rm, rm_tok, batch, texts, rm_max_len), dtype=torch.float32)
+        score = torch.as_tensor(score_texts(rm, rm_tok, batch, texts, rm_max_len), dtype=torch.float32,
+                                device=device)
         seq_reward = shape_score(score, pc.reward, baseline=pc.reward_baseline, mean=stats.get("reward_mean", 0.0),
                                  std=stats.get("reward_std", 1.0), ended=ended, no_eos_penalty=pc.no_eos_penalty)
-        # 3. KL penalty against the frozen reference policy, per token.
-        with torch.no_grad():
-            old_logp, old_values, _ = forward(policy, value_head, enc["input_ids"], enc["attention_mask"], responses, mask)
-            ref_logp, _, _ = forward(reference, None, enc["input_ids"], enc["attention_mask"], responses, mask)
+        # 3. KL penalty against the frozen reference policy, per token (same precision as the policy).
+        with torch.no_grad(), accelerator.autocast():
+            old_logp, old_values, _ = forward(policy, value_head, enc["input_ids"], enc["attention_mask"], responses,
+                                              mask, gen.temperature)
+            ref_logp, _, _ = forward(reference, None, enc["input_ids"], enc["attention_mask"], responses, mask,
+                                     gen.temperature)
         kl = kl_estimates(old_logp, ref_logp)["k1"] * mask
         rewards = token_rewards(seq_reward, kl, mask, kl_ctl.value)
         if pc.whiten_rewards:
@@ -128,11 +143,12 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         advantages = whiten(advantages, mask)
         # 5. Update: several PPO epochs over mini-batches, clipped policy and value losses.
         records = []
+        shuffle = torch.Generator().manual_seed(pc.seed * 100003 + step)
         for _ in range(pc.ppo_epochs):
-            shuffle = torch.Generator().manual_seed(pc.seed * 100003 + step)
             for idx in torch.randperm(pc.batch_size, generator=shuffle).split(pc.mini_batch_size):
+                idx = idx.to(device)
                 logp, values, entropy = forward(policy, value_head, enc["input_ids"][idx], enc["attention_mask"][idx],
-                                                responses[idx], mask[idx])
+                                                responses[idx], mask[idx], gen.temperature)
                 pg, clip_frac = policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], pc.clip)
                 vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], pc.clip_value)
                 loss = pg + pc.vf_coef * vf
@@ -143,19 +159,25 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
                 optimizer.step()
                 optimizer.zero_grad()
                 records.append((pg.item(), vf.item(), clip_frac.item(), masked_mean(entropy, mask[idx]).item()))
-        seq_kl = kl.sum(-1).mean().item()
-        kl_ctl.update(seq_kl, pc.batch_size)
-        r = torch.tensor(records).mean(0).tolist()
-        record = {"step": step + 1, "ppo/score": score.mean().item(), "ppo/reward": seq_reward.mean().item(),
+        # Statistics averaged over processes, so every rank updates the KL controller identically.
+        local = torch.tensor([kl.sum(-1).mean().item(), score.mean().item(), seq_reward.mean().item(),
+                              mask.sum(-1).mean().item(), (~ended).float().mean().item(),
+                              *torch.tensor(records).mean(0).tolist()], device=device)
+        seq_kl, mean_score, mean_reward, tokens, unfinished, *r = accelerator.reduce(local, "mean").tolist()
+        kl_ctl.update(seq_kl, pc.batch_size * world)
+        record = {"step": step + 1, "ppo/score": mean_score, "ppo/reward": mean_reward,
                   "ppo/kl": seq_kl, "ppo/kl_coef": kl_ctl.value, "ppo/entropy": r[3], "ppo/clip_frac": r[2],
-                  "ppo/policy_loss": r[0], "ppo/value_loss": r[1], "ppo/answer_tokens": mask.sum(-1).mean().item(),
-                  "ppo/unfinished": (~ended).float().mean().item(), "time/seconds": time.time() - t0}
-        append_jsonl(root / "metrics.jsonl", record)
+                  "ppo/policy_loss": r[0], "ppo/value_loss": r[1], "ppo/answer_tokens": tokens,
+                  "ppo/unfinished": unfinished, "time/seconds": time.time() - t0}
+        if accelerator.is_main_process:
+            append_jsonl(root / "metrics.jsonl", record)
         log.info("ppo step %d: score %.3f, reward %.3f, KL %.3f (coef %.4f), entropy %.2f, clip %.2f, %.0f tokens",
                  step + 1, record["ppo/score"], record["ppo/reward"], seq_kl, kl_ctl.value, r[3], r[2],
                  record["ppo/answer_tokens"])
         if (step + 1) % pc.save_every == 0 or step + 1 == pc.steps:
-            _checkpoint(root, accelerator, policy, value_head, optimizer, tok, cfg, step + 1, kl_ctl.value)
+            if accelerator.is_main_process:
+                _checkpoint(root, accelerator, policy, value_head, optimizer, tok, cfg, step + 1, kl_ctl.value)
+            accelerator.wait_for_everyone()
     return root
 
 
@@ -174,5 +196,11 @@ def _checkpoint(root, accelerator, policy, value_head, optimizer, tok, cfg, step
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines of steps after the checkpoint (they will be run again)."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn by the kill: its step is run again
         atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -1,16 +1,49 @@
 """Scoring: rewards for (prompt, answer) sequences with a reward model, batched by length.
 
-`precision="bf16"` runs the forward pass under bf16 autocast (about 2x faster on CPUs with AVX512-BF16 and on
-GPUs); rewards are still returned as float64. The default "no" is full fp32. Pairs on a causal RM run their
+`precision="bf16"` runs the backbone under bf16 autocast (about 2x faster on CPUs with AVX512-BF16 and on
+GPUs) and the reward head in fp32; rewards are returned as float64. The default "no" is full fp32. Pairs on a causal RM run their
 shared prompt once (`ser.models.pack_pairs`): the same rewards for fewer tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
-from ser.models import Encoded, can_share_prompt, collate, encode, encode_pairs, pack_pairs, packed_pair_rewards
+from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs, head_prefixes, pack_pairs,
+                        packed_pair_rewards)
+
+
+@contextlib.contextmanager
+def fp32_head(rm, enabled: bool):
+    """Run the reward head (the modules outside the backbone: score/classifier, pooler) in fp32 while the
+    backbone runs under bf16 autocast, so rewards are not rounded to bf16's 8-bit mantissa (which would turn
+    close pairs into exact ties, counted as wrong)."""
+    if not enabled:
+        yield
+        return
+    model = getattr(rm, "module", rm)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    heads = [m for name, m in model.named_modules() if name and f"{name}." in head_prefixes(model)]
+    originals = [m.forward for m in heads]
+
+    def wrap(forward):
+        def run(*args, **kwargs):
+            x = next(a for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+            as_fp32 = lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+            with torch.autocast(x.device.type, enabled=False):
+                return forward(*map(as_fp32, args), **{k: as_fp32(v) for k, v in kwargs.items()})
+        return run
+
+    for m in heads:
+        m.forward = wrap(m.forward)
+    try:
+        yield
+    finally:
+        for m, f in zip(heads, originals):
+            m.forward = f
 
 
 @torch.inference_mode()
@@ -22,7 +55,8 @@ def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: st
         idx = order[start : start + batch_size]
         tt = [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None
         batch = collate([enc.input_ids[i] for i in idx], tt, pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        bf16 = precision == "bf16"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), fp32_head(rm, bf16):
             logits = rm(**{k: v.to(device) for k, v in batch.items()}).logits  # (B, 1)
         out[idx] = logits[:, 0].double().cpu().numpy()
     return out
@@ -40,7 +74,8 @@ def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str
         batch = pack_pairs([enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx],
                            [enc.prompt_lengths[i] for i in idx], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        bf16 = precision == "bf16"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), fp32_head(rm, bf16):
             r_a, r_b = packed_pair_rewards(rm, batch)
         out[idx] = r_a.double().cpu().numpy()
         out[[i + n for i in idx]] = r_b.double().cpu().numpy()

@@ -18,15 +18,22 @@ def ser(*args):
     return p.stdout
 
 
-def test_train_eval_score_round_trip(shared_data, tmp_path):
-    out = ser("train-rm", "--config", "configs/rm-tiny.yaml", "--out", tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(shared_data, tmp_path_factory):
+    """`ser train-rm` on the rm-tiny preset once; (run directory, stdout)."""
+    run = tmp_path_factory.mktemp("rm-tiny") / "run"
+    return run, ser("train-rm", "--config", "configs/rm-tiny.yaml", "--out", run)
+
+
+def test_train_eval_score_round_trip(trained, shared_data, tmp_path):
+    run, out = trained
     assert "test accuracy" in out and "wrote" in out
-    rm = tmp_path / "run" / "rm"
+    rm = run / "rm"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "ser_config.json", "manifest.json"):
         assert (rm / f).exists(), f
     stats = json.loads((rm / "ser_config.json").read_text())
     assert stats["reward_std"] > 0 and stats["config"]["model"]["max_length"] == 96
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"train/loss"') >= 10
+    assert (run / "metrics.jsonl").read_text().count('"train/loss"') >= 10
     m = json.loads(ser("eval", "--rm", rm, "--data", shared_data / "hh-rlhf/helpful-online/test.jsonl.gz",
                        "--limit", 64, "--json"))
     assert 0 <= m["accuracy"] <= 1 and m["n"] == 64 and "ece" in m and "brier" in m
@@ -56,3 +63,14 @@ def test_evolve_tiny_real(shared_data, tmp_path):
     assert (run / "iterations" / "0" / "model.safetensors").exists() and (run / "final" / "config.json").exists()
     m = json.loads(ser("eval", "--rm", run / "final", "--data", "hh-rlhf:helpful-base", "--limit", 8, "--json"))
     assert "accuracy" in m
+
+
+def test_ppo_tiny_real_models(trained, tmp_path):
+    """configs/ppo-tiny.yaml: the packaged SmolLM2-135M-Instruct policy, PPO against the MiniLM RM just
+    trained (a different tokenizer: rewards come from decoded text), a few steps on real HH prompts."""
+    out = tmp_path / "ppo"
+    ser("ppo", "--config", "configs/ppo-tiny.yaml", f"--ppo.rm={trained[0] / 'rm'}", "--out", out)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["ppo/kl"]) and 0 < r["ppo/answer_tokens"] <= 24 for r in rows)
+    assert (out / "checkpoint" / "model.safetensors").exists() and (out / "checkpoint" / "manifest.json").exists()

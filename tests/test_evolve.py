@@ -212,3 +212,6 @@ def test_learning_curve(tiny_bert_dir, shared_data, tmp_path):
         run_curve(cfg, str(tmp_path / "c2"), ["97"])
     with pytest.raises(UserError, match="--sizes"):
         run_curve(cfg, str(tmp_path / "c3"), ["ten"])
+    with pytest.raises(UserError, match="other settings"):
+        run_curve(load_config(None, tiny_overrides(tiny_bert_dir, **{"train.lr": 1e-4, "train.epochs": 1})),
+                  str(root), ["8"])
