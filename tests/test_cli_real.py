@@ -71,6 +71,6 @@ def test_ppo_tiny_real_models(trained, tmp_path):
     out = tmp_path / "ppo"
     ser("ppo", "--config", "configs/ppo-tiny.yaml", f"--ppo.rm={trained[0] / 'rm'}", "--out", out)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(np.isfinite(r["ppo/kl"]) and 0 < r["ppo/answer_tokens"] <= 24 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["ppo/kl"]) and 0 < r["ppo/answer_tokens"] <= 12 for r in rows)
     assert (out / "checkpoint" / "model.safetensors").exists() and (out / "checkpoint" / "manifest.json").exists()
