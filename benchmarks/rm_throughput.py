@@ -18,7 +18,7 @@ MFU: model FLOPs of ser's training (6 x non-embedding parameters x real tokens +
 hidden x tokens^2 per sequence) per second, divided by the measured fp32 matmul peak of this machine
 (`matmul_peak_gflops`); the bf16 matmul peak is printed too.
 
-    python benchmarks/rm_throughput.py --json            # full measurement (about an hour on 2 CPU cores)
+    python benchmarks/rm_throughput.py --json            # full measurement (about 20 minutes on 2 CPU cores)
     python benchmarks/rm_throughput.py --smoke --json    # the same code on a few pairs (CI)
 """
 
@@ -90,7 +90,7 @@ def texts_from_ids(tokenizer, ids: list[int], token_types) -> dict | str:
     return {"text": tokenizer.decode(first), "text_pair": tokenizer.decode(second)}
 
 
-DEFAULT_STEPS = {"minilm": 60, "smollm2-135m": 10}  # the causal RM is ~10x the compute per pair
+DEFAULT_STEPS = {"minilm": 40, "smollm2-135m": 6}  # the causal RM is ~10x the compute per pair
 
 
 def run_backbone(backbone: str, args) -> dict:
@@ -243,7 +243,7 @@ def main() -> None:
     if args.smoke:
         args.steps = args.steps or 2
         args.batch_size, args.max_length, args.test_pairs, args.rounds = 4, 64, args.test_pairs or 8, 1
-    args.test_pairs = args.test_pairs or 500
+    args.test_pairs = args.test_pairs or 200
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("transformers", "accelerate", "trl", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
