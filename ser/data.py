@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -91,11 +92,12 @@ def resolve_data_spec(spec: str) -> str:
             raise UserError(f"{spec}: dataset not found locally ({rel} under {', '.join(map(str, data_dirs()))}) "
                             f"and HF_HUB_OFFLINE=1")
         return f"hub:{spec}"
-    if ":" in spec or spec.endswith((".jsonl", ".gz", ".json", ".csv", ".parquet")):
+    files = (".jsonl", ".gz", ".json", ".csv", ".parquet")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", spec) and not spec.endswith(files) and not Path(spec).parent.exists():
+        return f"hub:{spec}"  # owner/name[:split] on the Hugging Face Hub
+    if ":" in spec or spec.endswith(files):
         kind = "no such file" if "." in Path(spec).name and ":" not in spec else "unknown dataset"
         raise UserError(f"{spec}: {kind}; known datasets: {', '.join(KNOWN)}")
-    if spec.count("/") == 1:
-        return f"hub:{spec}"
     raise UserError(f"{spec}: no such file or dataset; known datasets: {', '.join(KNOWN)}")
 
 
@@ -166,7 +168,8 @@ def _hub_records(spec: str):
         _, hub_id, data_dir = KNOWN[name]
         ds = datasets.load_dataset(hub_id, data_dir=data_dir, split=split)
     else:
-        ds = datasets.load_dataset(spec, split=split)
+        name, _, split = spec.partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
     yield from enumerate(ds)
 
 
