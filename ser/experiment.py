@@ -233,6 +233,9 @@ def _markdown(summary, per_seed, cfg, plots) -> str:
     for s in per_seed:
         for m in SELF_LABELLING:
             for r in per_seed[s].get(m, {}).get("metrics", []):
+                if "ser/stop_reason" in r:  # the run's closing record: why it stopped
+                    lines.append(f"| {s} | {m} | {r['iteration']} | stop: {r['ser/stop_reason']} | | | | | |")
+                    continue
                 if r.get("iteration", 0) == 0:
                     continue
                 prec = r.get("ser/pseudo_precision")
