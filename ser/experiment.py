@@ -42,10 +42,15 @@ def _correct(rm, tok, pairs, cfg) -> np.ndarray:
     return (r_c > r_r).astype(np.float64)
 
 
+def seed_config(cfg: Config, seed: int) -> Config:
+    """The config of one experiment seed: its own split (split_seed + seed) and training seed."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=cfg.data.split_seed + seed),
+                               train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 100 * seed))
+
+
 def run_seed(cfg: Config, root: Path, seed: int) -> dict:
     """All methods for one seed; returns {method: {"correct": per-test-pair 0/1, "metrics": [...]}}."""
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=cfg.data.split_seed + seed),
-                              train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 100 * seed))
+    cfg = seed_config(cfg, seed)
     split = load_splits(cfg.data)
     accelerator = make_accelerator(cfg.train)
     results, methods = {}, cfg.experiment.methods
@@ -265,8 +270,7 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
                                           sort_keys=True, default=str).encode()).hexdigest()[:12]
     rows: dict[int, list[np.ndarray]] = {}
     for seed in cfg.experiment.seeds:
-        scfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=cfg.data.split_seed + seed),
-                                   train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 100 * seed))
+        scfg = seed_config(cfg, seed)
         split = load_splits(scfg.data)
         labelled = split.seed + split.pool
         total, done = len(labelled) + len(split.test), set()
