@@ -46,7 +46,7 @@ class State:
     data_hash: str = ""  # hash of the split's ids: resuming on different data is an error
 
 
-def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config) -> tuple[float, float]:
+def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config, accelerator=None) -> tuple[float, float]:
     """(offset, temperature) of p = σ((r - offset) / T), fitted on the human-labelled seed pairs.
 
     none: (0, 1), the paper. The pairwise loss is shift-invariant, so the absolute reward level (and with it what
@@ -54,7 +54,7 @@ def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config) -> tuple[float
     rescales so that σ(margin / T) is calibrated on the labelled pairs."""
     if cfg.ser.calibration == "none":
         return 0.0, 1.0
-    r_c, r_r = rm_scores(rm, tokenizer, seed_pairs, cfg)
+    r_c, r_r = rm_scores(rm, tokenizer, seed_pairs, cfg, accelerator)
     offset = float(np.concatenate([r_c, r_r]).mean())
     return offset, (fit_temperature(r_c - r_r) if cfg.ser.calibration == "temperature" else 1.0)
 
@@ -100,12 +100,12 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             # 0. Seed RM on the human-labelled fraction only.
             train_pairs, is_pseudo = list(seed), [False] * len(seed)
         else:
-            # 1. Score the unlabelled pool with the current RM.
+            # 1. Score the unlabelled pool with the current RM (sharded across processes, gathered in order).
             rm, tok = load_iteration(run, it - 1)
             r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool],
                                    [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size,
-                                   resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt)
-            offset, temperature = calibrate(rm, tok, seed, cfg)
+                                   resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
+            offset, temperature = calibrate(rm, tok, seed, cfg, accelerator)
             del rm
             # 2-4. Status of each pair, the RM's learning status, the selected pairs and their pseudo-labels.
             status, learning, take, a_wins = select_pseudo_labels(r_a, r_b, offset, temperature, cfg, len(pool))
@@ -139,7 +139,7 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
                                   metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
                                   prefix={"iteration": it}, desc=f"iteration {it}")
         # 7. Evaluate on the held-out human-labelled test pairs.
-        m = evaluate_rm(rm, tok, test, cfg)
+        m = evaluate_rm(rm, tok, test, cfg, accelerator)
         record |= {"rm/acc": m["accuracy"], "rm/ece": m["ece"], "rm/brier": m["brier"],
                    "rm/mean_margin": m["mean_margin"], "train/pairs": len(train_pairs),
                    "train/loss": summary["final_loss"], "time/seconds": time.time() - t0}

@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 
 from ser.checkpoint import (append_jsonl, atomic_write_text, check_writable, read_ser_config, save_reward_model,
                             verify_manifest)
-from ser.config import Config, DataConfig, to_dict
+from ser.config import Config, DataConfig, TrainConfig, to_dict
 from ser.data import Pair, Split, load_pairs, load_unlabelled, split_pairs
 from ser.errors import UserError
 from ser.evaluate import pair_metrics
@@ -40,15 +40,16 @@ def load_splits(dcfg: DataConfig) -> Split:
     return Split(seed=split.seed, pool=split.pool, test=test)
 
 
-def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config):
-    """(r_chosen, r_rejected) arrays for labelled pairs."""
+def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config, accelerator=None):
+    """(r_chosen, r_rejected) arrays for labelled pairs; sharded across processes when `accelerator` is given
+    (then every process must call it)."""
     return score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
                        [p.rejected for p in pairs], cfg.model.max_length, cfg.train.score_batch_size,
-                       resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt)
+                       resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
 
 
-def evaluate_rm(rm, tokenizer, pairs: list[Pair], cfg: Config) -> dict:
-    r_c, r_r = rm_scores(rm, tokenizer, pairs, cfg)
+def evaluate_rm(rm, tokenizer, pairs: list[Pair], cfg: Config, accelerator=None) -> dict:
+    r_c, r_r = rm_scores(rm, tokenizer, pairs, cfg, accelerator)
     return pair_metrics(r_c, r_r, [p.source for p in pairs])
 
 
@@ -74,7 +75,7 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
 
     def on_step(step, record, model):
         if eval_pairs and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            m = evaluate_rm(model, tokenizer, eval_pairs, cfg)
+            m = evaluate_rm(accelerator.unwrap_model(model), tokenizer, eval_pairs, cfg, accelerator)
             record = {**record, "eval/acc": m["accuracy"], "eval/mean_margin": m["mean_margin"]}
             log.info("%s step %d: eval accuracy %.4f", desc, step, m["accuracy"])
         if metrics_path is not None and accelerator.is_main_process:
@@ -101,7 +102,7 @@ def run_train_rm(cfg: Config, out: str | Path) -> dict:
     rm, tokenizer, summary = fit_rm(cfg, [p.prompt for p in s], [p.chosen for p in s], [p.rejected for p in s],
                                     accelerator=accelerator, eval_pairs=split.test, metrics_path=metrics_path)
     train_seconds = time.time() - t0
-    metrics = evaluate_rm(rm, tokenizer, split.test, cfg)
+    metrics = evaluate_rm(rm, tokenizer, split.test, cfg, accelerator)
     result = {"train_seconds": train_seconds, "train_pairs": len(s), **summary,
               **{f"test/{k}": v for k, v in metrics.items()}}
     if accelerator.is_main_process:
@@ -126,11 +127,20 @@ def load_saved_rm(directory: str | Path):
     return rm, tokenizer, max_length
 
 
+def _scoring_accelerator(rm):
+    """An Accelerator for `ser score`/`ser eval`: with several processes the batches are sharded across them
+    (`score_pairs(..., accelerator=)`); the RM moves to this process's device."""
+    accelerator = make_accelerator(TrainConfig(mixed_precision="no"))
+    rm.to(accelerator.device)
+    return accelerator
+
+
 def run_eval(rm_dir: str, spec: str, limit: int | None = None, batch_size: int = 64) -> dict:
     pairs = load_pairs(spec, limit=limit)
     rm, tokenizer, max_length = load_saved_rm(rm_dir)
     r_c, r_r = score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                           [p.rejected for p in pairs], max_length, batch_size)
+                           [p.rejected for p in pairs], max_length, batch_size,
+                           accelerator=_scoring_accelerator(rm))
     return {"rm": str(rm_dir), "data": spec, **pair_metrics(r_c, r_r, [p.source for p in pairs])}
 
 
@@ -149,10 +159,13 @@ def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = 
                 for p in pool]
         keys = ("answer_a", "answer_b")
     rm, tokenizer, max_length = load_saved_rm(rm_dir)
+    accelerator = _scoring_accelerator(rm)
     r_a, r_b = score_pairs(rm, tokenizer, [r["prompt"] for r in rows], [r[keys[0]] for r in rows],
-                           [r[keys[1]] for r in rows], max_length, batch_size)
+                           [r[keys[1]] for r in rows], max_length, batch_size, accelerator=accelerator)
     names = ("r_chosen", "r_rejected") if keys[0] == "chosen" else ("r_a", "r_b")
     lines = [json.dumps({"id": r["id"], "source": r["source"], names[0]: float(a), names[1]: float(b)})
              for r, a, b in zip(rows, r_a, r_b)]
-    atomic_write_text(out_file, "\n".join(lines) + "\n")
+    if accelerator.is_main_process:
+        atomic_write_text(out_file, "\n".join(lines) + "\n")
+    accelerator.wait_for_everyone()
     return len(lines)

@@ -3,12 +3,14 @@ answers of a preference dataset, loss on the answer tokens only)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ser.checkpoint import append_jsonl, atomic_dir, check_writable
@@ -119,7 +121,7 @@ def run_sft(cfg: Config, out: str) -> dict:
     from accelerate.utils import set_seed
 
     from ser.pipeline import load_splits
-    from ser.train import epoch_order, length_grouped_batches, make_accelerator
+    from ser.train import epoch_order, length_grouped_batches, make_accelerator, rank_share
 
     root = check_writable(out)
     set_seed(cfg.train.seed)
@@ -149,32 +151,47 @@ def run_sft(cfg: Config, out: str) -> dict:
             mask[j, : len(p) + len(a)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    loader = torch.utils.data.DataLoader(range(len(rows)), batch_sampler=batches, collate_fn=collate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     from transformers import get_scheduler
 
-    steps = math.ceil(len(batches) / cfg.train.grad_accum)
+    accum = cfg.train.grad_accum
+    steps = math.ceil(len(batches) / accum)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * steps),
                               num_training_steps=steps)
     model.train()
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    t0, step, losses = time.time(), 0, []
-    for batch in loader:
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
+    model, optimizer = accelerator.prepare(model, optimizer)
+    t0, step, losses, window = time.time(), 0, [], np.zeros(2)  # window: summed token loss, answer tokens
+    for i, global_batch in enumerate(batches):
+        # This process's rows; the loss is a sum over answer tokens divided by the global batch's count, so the
+        # mean over processes (DDP) is the per-token mean of the whole batch, as on one process.
+        idx, share = rank_share(global_batch, accelerator.process_index, accelerator.num_processes)
+        tokens = sum(len(rows[j][1]) for j in global_batch)
+        batch = {k: v.to(accelerator.device) for k, v in collate(idx).items()}
+        labels = batch.pop("labels")
+        sync = (i + 1) % accum == 0 or i + 1 == len(batches)
+        n_micro = min(accum, len(batches) - i // accum * accum)
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            logits = model(**batch).logits[:, :-1].float()
+            token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                           ignore_index=-100, reduction="sum")
+            loss = token_loss * (share > 0) * accelerator.num_processes / tokens / n_micro
             if not torch.isfinite(loss):
                 raise UserError(f"sft: non-finite loss at step {step}; stopped (lower train.lr)")
             accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        losses.append(loss.item())
-        if accelerator.sync_gradients:
-            step += 1
-            if accelerator.is_main_process:
-                append_jsonl(root / "metrics.jsonl", {"step": step, "sft/loss": losses[-1]})
+        window += [token_loss.item() * (share > 0), (labels[:, 1:] != -100).sum().item() * (share > 0)]
+        if not sync:
+            continue
+        if cfg.train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if accelerator.num_processes > 1:
+            window = accelerator.reduce(torch.tensor(window, device=accelerator.device), reduction="sum").cpu().numpy()
+        losses.append(float(window[0] / window[1]))
+        window, step = np.zeros(2), step + 1
+        if accelerator.is_main_process:
+            append_jsonl(root / "metrics.jsonl", {"step": step, "sft/loss": losses[-1]})
     model = accelerator.unwrap_model(model)
     summary = {"steps": step, "pairs": len(rows), "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
                "seconds": time.time() - t0}

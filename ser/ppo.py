@@ -8,7 +8,6 @@ on the policy's last hidden state. The math (GAE, clipped losses, KL, adaptive c
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import time
@@ -107,8 +106,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         value_head.load_state_dict(extra["value_head"])
         optimizer.load_state_dict(extra["optimizer"])
         kl_ctl.value = state["kl_coef"]
-    # PPO accumulates nothing: one optimizer step per mini-batch, so the loss is never divided by train.grad_accum.
-    accelerator = make_accelerator(dataclasses.replace(cfg.train, grad_accum=1))
+    accelerator = make_accelerator(cfg.train)  # one optimizer step per mini-batch: nothing accumulates
     policy, value_head, optimizer = accelerator.prepare(policy, value_head, optimizer)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     reference.to(device)

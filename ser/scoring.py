@@ -3,6 +3,10 @@
 `precision="bf16"` runs the backbone under bf16 autocast (about 2x faster on CPUs with AVX512-BF16 and on
 GPUs) and the reward head in fp32; rewards are returned as float64. The default "no" is full fp32. Pairs on a causal RM run their
 shared prompt once (`ser.models.pack_pairs`): the same rewards for fewer tokens.
+
+Under several processes (`accelerate launch`, `torchrun`), `score_pairs(..., accelerator=acc)` deals the length-sorted
+batches round-robin to the ranks and sums the per-rank arrays: each reward is computed by exactly one rank, in
+the same batch as on one process, so the gathered result is the single-process result, in input order.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ def fp32_head(rm, enabled: bool):
 
 
 @torch.inference_mode()
-def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str) -> np.ndarray:
+def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str, rank: int = 0,
+                   world: int = 1) -> np.ndarray:
     order = sorted(range(len(enc.input_ids)), key=lambda i: len(enc.input_ids[i]))
     device = next(rm.parameters()).device
-    out = np.empty(len(order), dtype=np.float64)
-    for start in range(0, len(order), batch_size):
+    out = np.zeros(len(order), dtype=np.float64)  # this rank's batches; the others stay 0
+    for start in list(range(0, len(order), batch_size))[rank::world]:
         idx = order[start : start + batch_size]
         tt = [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None
         batch = collate([enc.input_ids[i] for i in idx], tt, pad_id)
@@ -63,13 +68,14 @@ def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: st
 
 
 @torch.inference_mode()
-def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str) -> np.ndarray:
+def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str, rank: int = 0,
+                  world: int = 1) -> np.ndarray:
     n = len(enc.input_ids) // 2
     size = [len(enc.input_ids[i]) + len(enc.input_ids[i + n]) - enc.prompt_lengths[i] for i in range(n)]
     order = sorted(range(n), key=lambda i: size[i])
     device = next(rm.parameters()).device
-    out = np.empty(2 * n, dtype=np.float64)
-    for start in range(0, n, max(1, batch_size // 2)):
+    out = np.zeros(2 * n, dtype=np.float64)
+    for start in list(range(0, n, max(1, batch_size // 2)))[rank::world]:
         idx = order[start : start + max(1, batch_size // 2)]
         batch = pack_pairs([enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx],
                            [enc.prompt_lengths[i] for i in idx], pad_id)
@@ -97,9 +103,10 @@ def score_texts(rm, tokenizer, prompts: list[str], answers: list[str], max_lengt
 
 
 def score_pairs(rm, tokenizer, prompts, answers_a, answers_b, max_length: int, batch_size: int = 64,
-                precision: str = "no", share_prompt: bool = True):
+                precision: str = "no", share_prompt: bool = True, accelerator=None):
     """(r_a, r_b) for a list of pairs. Both answers of a pair see the same prompt tokens (`encode_pairs`);
-    `batch_size` counts sequences (a packed pair counts as two)."""
+    `batch_size` counts sequences (a packed pair counts as two). With `accelerator`, every process must call
+    this with the same pairs: the batches are sharded across processes and the rewards gathered."""
     n = len(prompts)
     if n == 0:
         return np.zeros(0), np.zeros(0)
@@ -108,7 +115,11 @@ def score_pairs(rm, tokenizer, prompts, answers_a, answers_b, max_length: int, b
     rm.eval()
     try:
         packed = share_prompt and can_share_prompt(rm, tokenizer)
-        r = (_score_packed if packed else _score_encoded)(rm, enc, tokenizer.pad_token_id, batch_size, precision)
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        r = (_score_packed if packed else _score_encoded)(rm, enc, tokenizer.pad_token_id, batch_size, precision,
+                                                          rank, world)
     finally:
         rm.train(was_training)
+    if world > 1:  # every reward was computed by exactly one rank: the sum is that reward, bit for bit
+        r = accelerator.reduce(torch.from_numpy(r).to(accelerator.device), reduction="sum").cpu().numpy()
     return r[:n], r[n:]

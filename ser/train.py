@@ -1,11 +1,12 @@
 """Reward-model training: a plain PyTorch loop on `accelerate` with the pairwise (Bradley–Terry) loss.
 
-The same loop runs on one CPU, under `accelerate launch --num_processes N` (DDP) and under DeepSpeed/FSDP:
+The same loop runs on one CPU, under `accelerate launch` / `torchrun` with N processes (DDP) and under DeepSpeed/FSDP:
 device placement, mixed precision, gradient accumulation and data sharding all come from `Accelerator`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -14,7 +15,6 @@ import time
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ser.config import TrainConfig
@@ -38,8 +38,25 @@ def resolve_precision(name: str) -> str:
 
 
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
-    return Accelerator(gradient_accumulation_steps=tcfg.grad_accum,
-                       mixed_precision=resolve_precision(tcfg.mixed_precision))
+    """Device placement, DDP/DeepSpeed/FSDP wrapping and mixed precision. The loops below shard the data and
+    accumulate gradients themselves (`rank_share`), so `train.batch_size` is the global batch and a run
+    gives the same result on 1 or N processes."""
+    # cpu=True without a GPU: under `torchrun --nproc_per_node N` the processes then join through gloo.
+    accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision),
+                              cpu=not torch.accelerator.is_available())
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants the per-process batch (no loader given)
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
+            1, tcfg.batch_size // accelerator.num_processes)
+    return accelerator
+
+
+def rank_share(batch: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """This process's rows of a global batch, and the weight that turns their summed loss into its share of
+    the batch mean: DDP averages gradients over the `world` processes, so weight = world / len(batch) gives
+    the mean over the whole batch, as on one process. A process left without rows recomputes the first row
+    with weight 0 (every process must run forward and backward)."""
+    mine = batch[rank::world]
+    return (mine, world / len(batch)) if mine else (batch[:1], 0.0)
 
 
 def epoch_order(n: int, epochs: float, seed: int) -> list[int]:
@@ -89,6 +106,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     if enc.truncated_prompts:
         log.info("%d of %d prompts were cut from the left to fit max_length=%d", enc.truncated_prompts, 2 * n,
                  max_length)
+    losses: list[float] = []  # per optimizer step
     is_pseudo = torch.zeros(n, dtype=torch.bool) if pseudo is None else torch.as_tensor(np.asarray(pseudo, bool))
 
     def collate_pairs(idx: list[int]) -> dict:
@@ -107,8 +125,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     else:
         pair_len = [max(len(enc.input_ids[i]), len(enc.input_ids[i + n])) for i in range(n)]
     batches = length_grouped_batches(epoch_order(n, epochs, tcfg.seed), pair_len, tcfg.batch_size, tcfg.seed)
-    loader = DataLoader(range(n), batch_sampler=batches, collate_fn=collate_pairs)
-    steps = math.ceil(len(loader) / tcfg.grad_accum)
+    steps = math.ceil(len(batches) / tcfg.grad_accum)
     params = [p for p in rm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     from transformers import get_scheduler
@@ -117,13 +134,17 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=round(tcfg.warmup_ratio * steps),
                               num_training_steps=steps)
     rm.train()
-    rm, optimizer, loader, scheduler = accelerator.prepare(rm, optimizer, loader, scheduler)
+    rm, optimizer = accelerator.prepare(rm, optimizer)
 
-    step, losses, correct, seen = 0, [], 0, 0
+    step, window, totals = 0, [], np.zeros(3)  # totals: summed loss, pairs, correct pairs
     bar = tqdm(total=steps, desc=desc, disable=not sys.stderr.isatty() or not accelerator.is_main_process)
-    for batch in loader:
+    for i, global_batch in enumerate(batches):
+        idx, weight = rank_share(global_batch, accelerator.process_index, accelerator.num_processes)
+        batch = {k: v.to(accelerator.device) for k, v in collate_pairs(idx).items()}
         pseudo_mask = batch.pop("pseudo")
-        with accelerator.accumulate(rm):
+        sync = (i + 1) % tcfg.grad_accum == 0 or i + 1 == len(batches)
+        n_micro = min(tcfg.grad_accum, len(batches) - i // tcfg.grad_accum * tcfg.grad_accum)
+        with contextlib.nullcontext() if sync else accelerator.no_sync(rm):
             if packed:
                 r_chosen, r_rejected = packed_pair_rewards(rm, batch)
             else:
@@ -131,31 +152,36 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             margins = r_chosen - r_rejected  # (B,)
             human = pairwise_losses(margins, tcfg.loss, tcfg.margin)
             machine = pairwise_losses(margins, *pseudo_loss)
-            loss = torch.where(pseudo_mask, machine, human).mean()
+            per_pair = torch.where(pseudo_mask, machine, human)
+            loss = per_pair.sum() * weight / n_micro  # averaged over processes by DDP: the global batch's mean
             if not torch.isfinite(loss):
                 raise UserError(f"{desc}: non-finite loss ({loss.item()}) at step {step}; stopped before "
                                 f"corrupting the model (lower train.lr or check the data)")
             accelerator.backward(loss)
-            if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        losses.append(loss.item())
-        correct += int((margins > 0).sum())
-        seen += margins.numel()
-        if accelerator.sync_gradients:
-            step += 1
-            bar.update(1)
-            record = {"step": step, "train/loss": float(np.mean(losses[-tcfg.grad_accum:])),
-                      "train/lr": scheduler.get_last_lr()[0], "train/acc": correct / max(seen, 1)}
-            bar.set_postfix(loss=f"{record['train/loss']:.4f}")
-            if on_step is not None:
-                on_step(step, record, rm)
+        mine = float(weight > 0)
+        window.append([per_pair.sum().item() * mine, len(idx) * mine, (margins > 0).sum().item() * mine])
+        if not sync:
+            continue
+        if tcfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        stats = np.sum(window, axis=0)
+        if accelerator.num_processes > 1:  # the step's loss and accuracy over all processes
+            stats = accelerator.reduce(torch.tensor(stats, device=accelerator.device), reduction="sum").cpu().numpy()
+        totals, window, step = totals + stats, [], step + 1
+        bar.update(1)
+        record = {"step": step, "train/loss": float(stats[0] / stats[1]), "train/lr": scheduler.get_last_lr()[0],
+                  "train/acc": float(totals[2] / totals[1])}
+        bar.set_postfix(loss=f"{record['train/loss']:.4f}")
+        losses.append(record["train/loss"])
+        if on_step is not None:
+            on_step(step, record, rm)
     bar.close()
     rm = accelerator.unwrap_model(rm)
     accelerator.free_memory()
     summary = {"steps": step, "pairs": n, "epochs": epochs, "final_loss": float(np.mean(losses[-10:])),
-               "train_acc": correct / max(seen, 1), "seconds": time.time() - t0,
+               "train_acc": float(totals[2] / max(totals[1], 1)), "seconds": time.time() - t0,
                "truncated_answers": enc.truncated_answers, "truncated_prompts": enc.truncated_prompts}
     return rm, summary
