@@ -52,6 +52,23 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def truncate_jsonl(path: str | Path, key: str, last: int) -> None:
+    """On resume: keep the metric lines with record[key] <= last (work after the checkpoint is redone); a line
+    torn by a kill is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get(key, last) <= last:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -76,6 +93,9 @@ def verify_manifest(directory: str | Path) -> None:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path}: corrupt manifest") from None
+    if not isinstance(manifest, dict) or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                                 and isinstance(e.get("sha256"), str) for e in manifest.values()):
+        raise UserError(f"{path}: corrupt manifest (expected {{file: {{sha256, bytes}}}})")
     for name, entry in manifest.items():
         f = directory / name
         if not f.exists():

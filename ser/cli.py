@@ -37,6 +37,15 @@ def _split_overrides(extra: list[str]) -> list[str]:
     return out
 
 
+def _config_unless_resume(args, extra: list[str]):
+    """The config from --config and overrides; None with --resume (the run continues with its saved config)."""
+    from ser.config import load_config
+
+    if args.resume and (args.config or extra):
+        raise UserError("--resume continues a run with its saved config; drop --config and overrides")
+    return None if args.resume else load_config(args.config, _split_overrides(extra))
+
+
 def _add_config_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--config", help="YAML preset (configs/*.yaml); overrides follow as --section.field=value")
     p.add_argument("--out", required=out_required, help="output directory (printed at the end)")
@@ -49,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-rm", help="train a reward model on human-labelled pairs", epilog=OVERRIDES_HELP)
-    _add_config_args(p)
+    _add_config_args(p, out_required=False)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
     p = sub.add_parser("score", help="score both answers of every pair with a saved reward model")
     p.add_argument("--rm", required=True, help="saved reward-model directory")
@@ -133,12 +143,12 @@ def run(argv: list[str]) -> int:
     if args.command == "train-rm":
         from ser.pipeline import run_train_rm
 
-        cfg = load_config(args.config, _split_overrides(extra))
-        result = run_train_rm(cfg, args.out)
+        cfg = _config_unless_resume(args, extra)
+        result = run_train_rm(cfg, args.out, resume=args.resume)
         print(f"test accuracy: {result['test/accuracy']:.4f} on {result['test/n']} pairs "
               f"(strict r_chosen > r_rejected); trained on {result['train_pairs']} pairs in "
               f"{result['train_seconds']:.0f}s")
-        print(f"wrote {args.out}")
+        print(f"wrote {args.resume or args.out}")
     elif args.command == "score":
         from ser.pipeline import run_score
 
@@ -152,9 +162,7 @@ def run(argv: list[str]) -> int:
     elif args.command == "evolve":
         from ser.evolve import run_evolve, summary_table
 
-        if args.resume and (args.config or extra):
-            raise UserError("--resume continues a run with its saved config; drop --config and overrides")
-        cfg = None if args.resume else load_config(args.config, _split_overrides(extra))
+        cfg = _config_unless_resume(args, extra)
         out = run_evolve(cfg, args.out, resume=args.resume)
         print(summary_table(out))
         print(f"wrote {out}")
@@ -173,11 +181,9 @@ def run(argv: list[str]) -> int:
     elif args.command == "ppo":
         from ser.ppo import run_ppo
 
-        if args.resume and (args.config or extra):
-            raise UserError("--resume continues a run with its saved config; drop --config and overrides")
+        cfg = _config_unless_resume(args, extra)
         if not args.resume and not args.out:
             raise UserError("ppo: give --out DIR (or --resume RUN_DIR)")
-        cfg = None if args.resume else load_config(args.config, _split_overrides(extra))
         print(f"wrote {run_ppo(cfg, args.out, resume=args.resume)}")
     elif args.command == "generate-pairs":
         from ser.judge import generate_pairs

@@ -7,6 +7,7 @@ An unknown key or a value of the wrong type is a `UserError` naming the key (and
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 1.0  # passes over the training pairs (fractional allowed)
-    batch_size: int = 16  # pairs per micro-batch (each pair = 2 sequences)
+    batch_size: int = 16  # pairs per micro-batch over all processes (each pair = 2 sequences)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-5  # AdamW learning rate (SER paper used 2e-5 for 7B LoRA RMs)
     weight_decay: float = 0.0
@@ -55,6 +56,7 @@ class TrainConfig:
     loss: str = "sigmoid"  # sigmoid: -log σ(r_c - r_r - margin) (Bradley–Terry) | hinge: max(0, margin - (r_c - r_r))
     margin: float = 0.0  # margin of the loss above (0 = plain Bradley–Terry)
     eval_every: int = 0  # evaluate on the test set every N steps (0 = only at the end)
+    save_every: int = 100  # `ser train-rm`: a resumable checkpoint every N steps (0 = none); `--resume` continues
     seed: int = 0  # torch / shuffling seed
     score_batch_size: int = 64  # sequences per forward pass when scoring
     mixed_precision: str = "no"  # no | bf16 | fp16 | auto (bf16 where fast): training autocast; bf16 also scoring
@@ -149,13 +151,17 @@ def _coerce(value, tp, key: str, origin: str):
                 pass
         names = " or ".join("null" if a is type(None) else a.__name__ for a in args)
         raise UserError(f"{origin}: '{key}' must be {names}, got {value!r}")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         except ValueError:
-            pass
+            number = None
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+        if number is not None:
+            if not math.isfinite(number):  # nan and inf (".nan", 1e999) are never a meaningful setting
+                raise UserError(f"{origin}: '{key}' must be a finite number, got {value!r}")
+            return number
     if tp in (list, dict) and isinstance(value, tp):
         return value
     if isinstance(tp, type) and isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool):
@@ -181,9 +187,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+            _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), path, set())
+            raw = yaml.safe_load(text) or {}
         except FileNotFoundError:
             raise UserError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a directory, expected a YAML config file") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
@@ -204,6 +214,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         _set(cfg, key, value, "command line")
     validate(cfg)
     return cfg
+
+
+def _check_unique_keys(node, path: Path, seen: set) -> None:
+    """PyYAML keeps the last of two equal keys and drops the first silently: an error naming the line."""
+    if id(node) in seen:  # an alias of a node already checked (and no exponential walk of alias chains)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys = set()
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                if k.value in keys:
+                    raise UserError(f"{path}:{k.start_mark.line + 1}: key '{k.value}' appears twice")
+                keys.add(k.value)
+            _check_unique_keys(v, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            _check_unique_keys(v, path, seen)
 
 
 def validate(cfg: Config) -> None:
@@ -230,6 +258,11 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config: '{key}' must be >= 1, got {value}")
     if not 0 <= cfg.ser.tau_low <= cfg.ser.tau_high <= 1:
         raise UserError(f"config: need 0 <= ser.tau_low <= ser.tau_high <= 1, got {cfg.ser.tau_low}, {cfg.ser.tau_high}")
+    min_pairs = cfg.ser.min_pairs  # N_min = 0 would continue with zero selected pairs instead of stopping
+    if not (0 < min_pairs <= 1 if isinstance(min_pairs, float) else min_pairs >= 1):
+        raise UserError(f"config: 'ser.min_pairs' must be a count >= 1 or a fraction in (0, 1], got {min_pairs}")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise UserError(f"config: 'data.limit' must be >= 1 or null, got {cfg.data.limit}")
     if cfg.train.epochs <= 0 or cfg.train.lr <= 0:
         raise UserError("config: 'train.epochs' and 'train.lr' must be > 0")
 

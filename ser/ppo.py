@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ser.checkpoint import append_jsonl, atomic_dir, atomic_write_text, check_writable, verify_manifest
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_writable, truncate_jsonl,
+                            verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.data import load_pairs, split_pairs
 from ser.errors import UserError
@@ -75,7 +76,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
             state = json.loads((root / "checkpoint" / "ser_config.json").read_text()).get("ppo_state")
             if state is None:
                 raise UserError(f"{root / 'checkpoint'}: not a `ser ppo` checkpoint (no ppo_state)")
-        _truncate_metrics(root / "metrics.jsonl", state["step"] if state else 0)
+        truncate_jsonl(root / "metrics.jsonl", "step", state["step"] if state else 0)
     else:
         root, state = check_writable(out), None
         if not cfg.ppo.rm:
@@ -189,16 +190,3 @@ def _checkpoint(root, accelerator, policy, value_head, optimizer, tok, cfg, step
                     "optimizer": optimizer.state_dict()}, tmp / "ppo_state.pt")
         (tmp / "ser_config.json").write_text(json.dumps({"config": to_dict(cfg),
                                                          "ppo_state": {"step": step, "kl_coef": kl_coef}}))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines of steps after the checkpoint (they will be run again)."""
-    if path.exists():
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line torn by the kill: its step is run again
-        atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -7,16 +7,20 @@ device placement, mixed precision, gradient accumulation and data sharding all c
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ser.checkpoint import atomic_dir, verify_manifest
 from ser.config import TrainConfig
 from ser.errors import UserError
 from ser.losses import pairwise_losses
@@ -82,15 +86,47 @@ def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int
     return [batches[i] for i in perm]
 
 
+def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, scheduler, step: int,
+                     losses: list[float], totals: np.ndarray) -> None:
+    """A resumable mid-training checkpoint, written atomically with a manifest: weights, optimizer, schedule,
+    the step, the running statistics and every process's RNG state (dropout continues exactly)."""
+    rng = gather_object([torch.get_rng_state()])  # one per process, in rank order
+    if accelerator.is_main_process:
+        with atomic_dir(directory) as tmp:
+            torch.save({"model": accelerator.unwrap_model(rm).state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step, "losses": losses,
+                        "totals": totals.tolist(), "rng": rng}, tmp / "train_state.pt")
+            (tmp / "step.json").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
+
+
+def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int) -> dict:
+    """Restore what `save_train_state` wrote (before `accelerator.prepare`); a corrupt checkpoint is an error."""
+    verify_manifest(directory)
+    state = torch.load(directory / "train_state.pt", weights_only=True)
+    rm.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"][rank % len(state["rng"])])
+    return state
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The step a mid-training checkpoint was taken at (0: none)."""
+    return json.loads((directory / "step.json").read_text())["step"] if (directory / "step.json").exists() else 0
+
+
 def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConfig, max_length: int, *,
                        accelerator: Accelerator, pseudo=None, pseudo_loss: tuple[str, float] = ("sigmoid", 0.0),
                        epochs: float | None = None, on_step=None, share_prompt: bool = True,
-                       desc: str = "train") -> tuple[object, dict]:
+                       checkpoint: Path | None = None, desc: str = "train") -> tuple[object, dict]:
     """Train `rm` in place on pairs (prompt, chosen, rejected); returns (unwrapped rm, summary).
 
     pseudo: optional bool per pair; pseudo-labelled pairs use `pseudo_loss` = (kind, margin), human pairs
     use tcfg.loss / tcfg.margin. on_step(step, record, rm): called after every optimizer step (logging,
     periodic evaluation). share_prompt: causal RMs run each pair as one packed sequence (`pack_pairs`).
+    checkpoint: a directory for a resumable state every `tcfg.save_every` steps; training continues from it
+    when it exists (the same batches, schedule and RNG: the result equals an uninterrupted run).
     """
     n = len(prompts)
     if n == 0:
@@ -134,11 +170,17 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=round(tcfg.warmup_ratio * steps),
                               num_training_steps=steps)
     rm.train()
-    rm, optimizer = accelerator.prepare(rm, optimizer)
-
     step, window, totals = 0, [], np.zeros(3)  # totals: summed loss, pairs, correct pairs
-    bar = tqdm(total=steps, desc=desc, disable=not sys.stderr.isatty() or not accelerator.is_main_process)
+    if checkpoint is not None and checkpoint.exists():
+        state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index)
+        step, losses, totals = state["step"], list(state["losses"]), np.array(state["totals"])
+        log.info("%s: resumed from %s at step %d of %d", desc, checkpoint, step, steps)
+    rm, optimizer = accelerator.prepare(rm, optimizer)
+    done = step * tcfg.grad_accum  # micro-batches already trained (before the checkpoint)
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not sys.stderr.isatty() or not accelerator.is_main_process)
     for i, global_batch in enumerate(batches):
+        if i < done:
+            continue
         idx, weight = rank_share(global_batch, accelerator.process_index, accelerator.num_processes)
         batch = {k: v.to(accelerator.device) for k, v in collate_pairs(idx).items()}
         pseudo_mask = batch.pop("pseudo")
@@ -178,6 +220,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         losses.append(record["train/loss"])
         if on_step is not None:
             on_step(step, record, rm)
+        if checkpoint is not None and tcfg.save_every and step % tcfg.save_every == 0 and step < steps:
+            save_train_state(checkpoint, accelerator, rm, optimizer, scheduler, step, losses, totals)
     bar.close()
     rm = accelerator.unwrap_model(rm)
     accelerator.free_memory()

@@ -1,5 +1,5 @@
 """The SER loop end to end on real HH-RLHF pairs with a tiny random backbone: files, keys, determinism,
-the label firewall, unlabelled pools and resume after kill -9."""
+the label firewall, unlabelled pools and resume after kill -9 (of `ser evolve` and `ser train-rm`)."""
 
 import gzip
 import json
@@ -140,6 +140,7 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.005)
 
 
+# after_seed_commit: iteration 0 is committed and iteration 1 is scoring the pool
 @pytest.mark.parametrize("kill_point", ["after_seed_commit", "during_iteration_training", "while_checkpointing"])
 def test_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shared_data, tmp_path, kill_point):
     overrides = [f"--{o}" for o in tiny_overrides(tiny_bert_dir)]
@@ -170,6 +171,58 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shared_data, 
         wa = load_file(ref / "iterations" / str(it) / "model.safetensors")
         wb = load_file(run / "iterations" / str(it) / "model.safetensors")
         assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+TRAIN_RM_KILL_POINTS = {
+    # a checkpoint at step 3 exists and training is past it
+    "during_training": lambda run: '"step": 5,' in _text(run / "metrics.jsonl"),
+    "while_checkpointing": lambda run: any(run.glob(".checkpoint.*.tmp")),
+    # all 16 steps done: the final evaluation and the saved RM's reward statistics are being computed
+    "during_final_scoring": lambda run: '"step": 16,' in _text(run / "metrics.jsonl"),
+}
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+TRAIN_RM_OVERRIDES = ["--model.max_length=64", "--data.train=hh-rlhf:helpful-base", "--data.seed_size=64",
+                      "--data.test_size=200", "--train.batch_size=8", "--train.epochs=2", "--train.lr=1e-3",
+                      "--train.save_every=3", "--train.eval_every=8"]
+
+
+@pytest.fixture(scope="module")
+def train_rm_reference(tiny_bert_dir, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("train-rm") / "ref"
+    p = _ser(["train-rm", "--out", str(ref), f"--model.backbone={tiny_bert_dir}", *TRAIN_RM_OVERRIDES])
+    assert p.wait() == 0, p.stdout.read()
+    return ref
+
+
+@pytest.mark.parametrize("kill_point", TRAIN_RM_KILL_POINTS)
+def test_train_rm_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shared_data, train_rm_reference,
+                                                             tmp_path, kill_point):
+    """Mid-training checkpoints (weights, optimizer, schedule, RNG): the resumed run is the uninterrupted one,
+    dropout included, bit for bit."""
+    overrides, ref = [f"--model.backbone={tiny_bert_dir}", *TRAIN_RM_OVERRIDES], train_rm_reference
+    run = tmp_path / "run"
+    proc = _ser(["train-rm", "--out", str(run), *overrides])
+    _wait_for(lambda: TRAIN_RM_KILL_POINTS[kill_point](run), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "result.json").exists()
+    p = _ser(["train-rm", "--resume", str(run)])
+    out = p.communicate()[0]
+    assert p.returncode == 0, out
+    if kill_point != "while_checkpointing":  # (the first checkpoint may be the one that was being written)
+        assert "resumed from" in out
+    drop_time = lambda r: {k: v for k, v in r.items() if "seconds" not in k}  # noqa: E731
+    assert [drop_time(r) for r in records(run)] == [drop_time(r) for r in records(ref)]
+    assert drop_time(json.loads((run / "result.json").read_text())) == \
+        drop_time(json.loads((ref / "result.json").read_text()))
+    wa, wb = (load_file(r / "rm" / "model.safetensors") for r in (ref, run))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert not (run / "checkpoint").exists()  # removed once the run is complete
 
 
 def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
