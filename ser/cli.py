@@ -7,6 +7,7 @@ Every subcommand that trains takes `--config FILE.yaml`, dotted overrides `--sec
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -218,6 +219,13 @@ def main() -> None:
     except UserError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         code = 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        # Every write is atomic: what was completed before this write is intact, nothing is half-written.
+        print(f"error: {e.filename or 'output'}: {e.strerror}; completed checkpoints are intact "
+              f"(free space or fix permissions, then --resume)", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

@@ -252,3 +252,27 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("auto") == "no"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert resolve_precision("auto") == "bf16"
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing_half_written(tiny_bert_dir, shared_data, tmp_path,
+                                                                    monkeypatch, capsys):
+    import errno
+    import sys
+
+    from ser import checkpoint, cli
+
+    def disk_full(directory):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "manifest.json"))
+
+    monkeypatch.setattr(checkpoint, "write_manifest", disk_full)
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["ser", "train-rm", f"--model.backbone={tiny_bert_dir}", "--data.seed_size=16",
+                                      "--data.test_size=8", "--model.max_length=32", "--train.batch_size=8",
+                                      "--train.save_every=1", "--out", str(run)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "No space left on device" in error and "--resume" in error
+    assert (run / "config.yaml").exists() and not (run / "checkpoint").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
