@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from ser.checkpoint import atomic_dir, verify_manifest
@@ -177,6 +177,10 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         log.info("%s: resumed from %s at step %d of %d", desc, checkpoint, step, steps)
     rm, optimizer = accelerator.prepare(rm, optimizer)
     done = step * tcfg.grad_accum  # micro-batches already trained (before the checkpoint)
+    # Mid-training checkpoints gather full state dicts on the main process: plain or DDP runs. Sharded engines
+    # (DeepSpeed, FSDP) would need accelerator.save_state; not built (no GPU here to test it).
+    resumable = checkpoint is not None and accelerator.distributed_type not in (DistributedType.DEEPSPEED,
+                                                                                 DistributedType.FSDP)
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not sys.stderr.isatty() or not accelerator.is_main_process)
     for i, global_batch in enumerate(batches):
         if i < done:
@@ -220,7 +224,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         losses.append(record["train/loss"])
         if on_step is not None:
             on_step(step, record, rm)
-        if checkpoint is not None and tcfg.save_every and step % tcfg.save_every == 0 and step < steps:
+        if resumable and tcfg.save_every and step % tcfg.save_every == 0 and step < steps:
             save_train_state(checkpoint, accelerator, rm, optimizer, scheduler, step, losses, totals)
     bar.close()
     rm = accelerator.unwrap_model(rm)
