@@ -7,6 +7,7 @@ kill -9) leaves either the old complete version or the new complete version, nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -127,8 +128,11 @@ def atomic_dir(target: str | Path):
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError) and isinstance(e, Exception) and shutil.disk_usage(target.parent).free < 1 << 20:
+            # torch.save and safetensors report a full disk as RuntimeError/SafetensorError
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from e
         raise
 
 

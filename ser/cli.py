@@ -223,8 +223,10 @@ def main() -> None:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
             raise
         # Every write is atomic: what was completed before this write is intact, nothing is half-written.
-        print(f"error: {e.filename or 'output'}: {e.strerror}; completed checkpoints are intact "
-              f"(free space or fix permissions, then --resume)", file=sys.stderr)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        print(f"error: {e.filename or 'output'}: {e.strerror}"
+              + ("; completed checkpoints are intact (free space, then --resume where the command has it)"
+                 if full else ""), file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -252,10 +252,14 @@ def validate(cfg: Config) -> None:
     positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "model.max_length": cfg.model.max_length, "train.score_batch_size": cfg.train.score_batch_size,
                 "ppo.batch_size": cfg.ppo.batch_size, "ppo.mini_batch_size": cfg.ppo.mini_batch_size,
-                "ppo.ppo_epochs": cfg.ppo.ppo_epochs, "policy.max_new_tokens": cfg.policy.max_new_tokens}
+                "ppo.ppo_epochs": cfg.ppo.ppo_epochs, "policy.max_new_tokens": cfg.policy.max_new_tokens,
+                "ppo.save_every": cfg.ppo.save_every}
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config: '{key}' must be >= 1, got {value}")
+    for key, value in {"train.save_every": cfg.train.save_every, "train.eval_every": cfg.train.eval_every}.items():
+        if value < 0:
+            raise UserError(f"config: '{key}' must be >= 0, got {value}")
     if not 0 <= cfg.ser.tau_low <= cfg.ser.tau_high <= 1:
         raise UserError(f"config: need 0 <= ser.tau_low <= ser.tau_high <= 1, got {cfg.ser.tau_low}, {cfg.ser.tau_high}")
     min_pairs = cfg.ser.min_pairs  # N_min = 0 would continue with zero selected pairs instead of stopping

@@ -158,9 +158,12 @@ def _read_records(path: str):
                 if len(set(header)) < len(header):
                     dup = next(h for h in header if header.count(h) > 1)
                     raise UserError(f"{where(p, 1)}: the header names column '{dup}' twice")
-                for n, values in enumerate(rows, 2):
+                for values in rows:
+                    n = rows.line_num  # the file line where the row ends (quoted answers may span lines)
                     if not values:
                         continue
+                    while len(values) > len(header) and values[-1] == "":  # trailing commas, as Excel writes
+                        values = values[:-1]
                     if len(values) != len(header):  # csv.DictReader would drop or pad silently
                         raise UserError(f"{where(p, n)}: row has {len(values)} fields, the header has {len(header)}")
                     yield n, dict(zip(header, values))

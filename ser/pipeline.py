@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -100,6 +101,8 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
         out = Path(resume)
         if not (out / "config.yaml").exists():
             raise UserError(f"{out}: not a `ser train-rm` run directory (no config.yaml)")
+        if (out / "state.json").exists() or (out / "checkpoint" / "ppo_state.pt").exists():
+            raise UserError(f"{out}: a `ser evolve` or `ser ppo` run, not a `ser train-rm` run")
         cfg = load_config(out / "config.yaml")
         if (out / "result.json").exists():
             log.info("%s: already complete", out)
@@ -108,6 +111,9 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
         raise UserError("train-rm: give --out DIR (or --resume RUN_DIR)")
     split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
     check_backbone(cfg.model.backbone)
+    digest = hashlib.sha1("|".join(p.id for p in split.seed + split.test).encode()).hexdigest()[:16]
+    if resume and (out / "data_hash").exists() and (out / "data_hash").read_text() != digest:
+        raise UserError(f"{out}: the data changed since this run started (different pairs); start a new run")
     log.info("pairs: %d train (seed), %d test", len(split.seed), len(split.test))
     accelerator = make_accelerator(cfg.train)
     out = check_writable(out)
@@ -115,10 +121,13 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
     if accelerator.is_main_process:
         if resume:  # work after the checkpoint is redone
             truncate_jsonl(metrics_path, "step", checkpoint_step(checkpoint))
-        else:
-            metrics_path.unlink(missing_ok=True)
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        else:  # a new run: nothing of an older run in OUT may be taken for this one's
+            for stale in (metrics_path, out / "result.json"):
+                stale.unlink(missing_ok=True)
+            for stale in (checkpoint, out / "rm"):
+                shutil.rmtree(stale, ignore_errors=True)
             atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            atomic_write_text(out / "data_hash", digest)
     accelerator.wait_for_everyone()
     t0 = time.time()
     s = split.seed

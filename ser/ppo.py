@@ -72,6 +72,8 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         cfg = load_config(root / "config.yaml")
         state = None
         if (root / "checkpoint").exists():
+            if not (root / "checkpoint" / "ppo_state.pt").exists():
+                raise UserError(f"{root}: not a `ser ppo` run directory (its checkpoint has no ppo_state.pt)")
             verify_manifest(root / "checkpoint")
             state = json.loads((root / "checkpoint" / "ser_config.json").read_text()).get("ppo_state")
             if state is None:

@@ -1,7 +1,8 @@
 """Reward-model training: a plain PyTorch loop on `accelerate` with the pairwise (Bradley–Terry) loss.
 
 The same loop runs on one CPU, under `accelerate launch` / `torchrun` with N processes (DDP) and under DeepSpeed/FSDP:
-device placement, mixed precision, gradient accumulation and data sharding all come from `Accelerator`.
+device placement, model wrapping and mixed precision come from `Accelerator`; the loop itself deals each global
+batch out to the processes (`rank_share`) and accumulates gradients, so N processes compute what one does.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision),
                               cpu=not torch.accelerator.is_available())
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants the per-process batch (no loader given)
+        if tcfg.grad_accum > 1:  # its engine steps inside backward(); the loops below accumulate by hand
+            raise UserError("train.grad_accum > 1 is not supported under DeepSpeed; raise train.batch_size")
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
             1, tcfg.batch_size // accelerator.num_processes)
     return accelerator
@@ -89,8 +92,10 @@ def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int
 def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, scheduler, step: int,
                      losses: list[float], totals: np.ndarray) -> None:
     """A resumable mid-training checkpoint, written atomically with a manifest: weights, optimizer, schedule,
-    the step, the running statistics and every process's RNG state (dropout continues exactly)."""
-    rng = gather_object([torch.get_rng_state()])  # one per process, in rank order
+    the step, the running statistics and every process's RNG states (dropout continues exactly; an fp16 loss
+    scaler's state is not kept)."""
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
+    rng = gather_object([[torch.get_rng_state(), cuda_rng]])  # one per process, in rank order
     if accelerator.is_main_process:
         with atomic_dir(directory) as tmp:
             torch.save({"model": accelerator.unwrap_model(rm).state_dict(), "optimizer": optimizer.state_dict(),
@@ -103,11 +108,14 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
 def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int) -> dict:
     """Restore what `save_train_state` wrote (before `accelerator.prepare`); a corrupt checkpoint is an error."""
     verify_manifest(directory)
-    state = torch.load(directory / "train_state.pt", weights_only=True)
+    state = torch.load(directory / "train_state.pt", weights_only=True, map_location="cpu")
     rm.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"][rank % len(state["rng"])])
+    cpu_rng, cuda_rng = state["rng"][rank % len(state["rng"])]
+    torch.set_rng_state(cpu_rng)
+    if torch.cuda.is_available() and cuda_rng.numel():
+        torch.cuda.set_rng_state(cuda_rng)
     return state
 
 

@@ -10,6 +10,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ser.data import data_dirs  # noqa: E402  ($SER_DATA_DIR, then ../shared/data)
 
+try:  # CI draws the same hypothesis examples on every run (a failure there is reproducible)
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, deadline=None)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+except ImportError:
+    pass
+
 SHARED_DATA = next((d for d in data_dirs() if (d / "hh-rlhf").exists()), data_dirs()[0])
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -254,17 +254,26 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("auto") == "bf16"
 
 
+@pytest.mark.parametrize("how", ["oserror", "torch_save_runtimeerror"])
 def test_full_disk_is_a_clear_error_and_leaves_nothing_half_written(tiny_bert_dir, shared_data, tmp_path,
-                                                                    monkeypatch, capsys):
+                                                                    monkeypatch, capsys, how):
+    """ENOSPC while the first mid-training checkpoint is written: as an OSError (file writes) or as the
+    RuntimeError that torch.save raises on a full disk (then the free space decides)."""
     import errno
+    import shutil
     import sys
 
     from ser import checkpoint, cli
 
-    def disk_full(directory):
-        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "manifest.json"))
-
-    monkeypatch.setattr(checkpoint, "write_manifest", disk_full)
+    if how == "oserror":
+        def disk_full(directory):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "manifest.json"))
+        monkeypatch.setattr(checkpoint, "write_manifest", disk_full)
+    else:
+        def torch_save(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+        monkeypatch.setattr(torch, "save", torch_save)
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
     run = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["ser", "train-rm", f"--model.backbone={tiny_bert_dir}", "--data.seed_size=16",
                                       "--data.test_size=8", "--model.max_length=32", "--train.batch_size=8",
