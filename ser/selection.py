@@ -23,12 +23,16 @@ def probabilities(rewards, offset: float = 0.0, temperature: float = 1.0) -> np.
 def fit_temperature(margins, grid=np.exp(np.linspace(math.log(1e-3), math.log(1e3), 481))) -> float:
     """The T minimising the NLL of σ(margin / T) on human-labelled pairs (margin = r_chosen - r_rejected).
 
-    Temperature scaling (Guo et al., 2017) done by a grid search: one parameter, no optimiser state.
+    Temperature scaling (Guo et al., 2017) done by a grid search: one parameter, no optimiser state. The target is
+    Platt's (1999) smoothed (n + 1) / (n + 2) rather than 1: the seed RM is calibrated on the pairs it was trained
+    on, and an RM that separates them all would otherwise get the grid's smallest T, making every pool pair look
+    certain. With n pairs all at margin m > 0 the fit is σ(m / T) = (n + 1) / (n + 2).
     """
     m = np.asarray(margins, dtype=np.float64)
     if m.size == 0:
         return 1.0
-    nll = [np.logaddexp(0.0, -m / t).mean() for t in grid]
+    target = (m.size + 1) / (m.size + 2)
+    nll = [(target * np.logaddexp(0.0, -m / t) + (1 - target) * np.logaddexp(0.0, m / t)).mean() for t in grid]
     return float(grid[int(np.argmin(nll))])
 
 

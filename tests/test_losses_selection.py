@@ -74,9 +74,12 @@ def test_calibrated_probabilities():
 
 
 def test_fit_temperature_recovers_calibrated_scale():
-    # 3 pairs at margin +2, 1 at -2: the NLL is minimal where σ(2/T) = 3/4, i.e. T = 2 / log 3
-    t = fit_temperature([2.0, 2.0, 2.0, -2.0])
-    assert t == pytest.approx(2 / math.log(3), rel=0.03)
+    # 3 pairs at margin +2, 1 at -2, smoothed target t = 5/6: the NLL is
+    # -(3t + 1 - t) log σ(x) - (3 - 3t + t) log σ(-x) with x = 2/T, minimal where σ(x) = (1 + 2t) / 4 = 2/3,
+    # i.e. T = 2 / log 2
+    assert fit_temperature([2.0, 2.0, 2.0, -2.0]) == pytest.approx(2 / math.log(2), rel=0.03)
+    # separable: 4 pairs at +2, t = 5/6 -> σ(2/T) = 5/6, T = 2 / log 5 (without smoothing: the grid's floor)
+    assert fit_temperature([2.0] * 4) == pytest.approx(2 / math.log(5), rel=0.03)
 
 
 def test_ssrm_threshold():

@@ -211,16 +211,22 @@ margin = st.one_of(st.just(0.0), st.floats(1e-2, 20), st.floats(-20, -1e-2))  # 
 def test_fit_temperature_scales_with_the_margins(margins, k):
     """The NLL of σ(m / T) is convex in 1/T (strictly unless every margin is 0), so the grid's argmin is one of
     the two grid points around the true minimiser T*, and T* scales with the margins: fit(k m) is k fit(m)
-    within two grid steps, as long as both lie inside the grid. T* is finite exactly when the mean margin is
-    > 0 and some margin is < 0; with mean <= 0 it is infinite, with no margin < 0 it is 0."""
+    within two grid steps, as long as both lie inside the grid. With the smoothed target T* is finite exactly
+    when the mean margin is > 0; with mean <= 0 it is infinite."""
     m = np.array(margins)
     t, tk = fit_temperature(m), fit_temperature(k * m)
     lo, hi = 1e-3 * (1 - 1e-9), 1e3 * (1 + 1e-9)
     assert lo <= t <= hi and lo <= tk <= hi
     if m.mean() <= 0:
         assert t == pytest.approx(1e3)  # no better than chance: the flattest scale on the grid
-    elif (m >= 0).all() and (m > 0).any():
-        assert t == pytest.approx(1e-3)  # separable: the sharpest scale on the grid
+    elif (m >= 0).all():
+        # separable: T stays finite (unsmoothed it would be 0, the grid's floor). Each positive margin alone would
+        # be fitted at σ(m / T) = (n+1)/(n+2), i.e. T = m / log(n+1); zero margins add a constant; the NLL's
+        # derivative in 1/T is the sum of the single-pair ones, so T* lies between the smallest and largest of these
+        pos = m[m > 0]
+        lo_t, hi_t = pos.min() / math.log(len(m) + 1), pos.max() / math.log(len(m) + 1)
+        lo_t, hi_t = min(max(lo_t, 1e-3), 1e3), min(max(hi_t, 1e-3), 1e3)  # the grid's range
+        assert lo_t * math.exp(-2 * GRID_STEP) <= t <= hi_t * math.exp(2 * GRID_STEP)
     edge = (1e-3 * math.exp(GRID_STEP), 1e3 * math.exp(-GRID_STEP))
     if edge[0] < t < edge[1] and edge[0] < tk < edge[1]:
         assert abs(math.log(tk / (k * t))) <= 2 * GRID_STEP + 1e-9
