@@ -201,7 +201,9 @@ def run(argv: list[str]) -> int:
         for k in ("win", "tie", "lose"):
             lo, hi = v.ci95[k]
             print(f"  {k:4s} {getattr(v, k):.3f}  95% CI [{lo:.3f}, {hi:.3f}]")
-        print(f"  mean judge score: A {v.mean_score_a:.4f}, B {v.mean_score_b:.4f}\nwrote {args.out}")
+        print(f"  mean judge score: A {v.mean_score_a:.4f}, B {v.mean_score_b:.4f}; A - B "
+              f"{v.mean_score_a - v.mean_score_b:+.4f}, 95% CI [{v.mean_diff_ci95[0]:+.4f}, {v.mean_diff_ci95[1]:+.4f}]"
+              f"\nwrote {args.out}")
     elif args.command == "curve":
         from ser.experiment import run_curve
 

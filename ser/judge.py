@@ -71,6 +71,7 @@ class Verdicts:
     n: int
     mean_score_a: float
     mean_score_b: float
+    mean_diff_ci95: list  # 95% bootstrap CI of mean(score_a - score_b)
 
 
 def verdicts(r_a: np.ndarray, r_b: np.ndarray, tie_margin: float, n_resamples: int = 1000, seed: int = 0) -> Verdicts:
@@ -80,12 +81,14 @@ def verdicts(r_a: np.ndarray, r_b: np.ndarray, tie_margin: float, n_resamples: i
     outcome = np.where(d > tie_margin, 0, np.where(d < -tie_margin, 2, 1))  # 0 win, 1 tie, 2 lose
     counts = np.stack([outcome == k for k in range(3)], 1).astype(float)  # (n, 3)
     rng = np.random.default_rng(seed)
-    boots = counts[rng.integers(0, len(d), size=(n_resamples, len(d)))].mean(1)  # (R, 3)
+    resample = rng.integers(0, len(d), size=(n_resamples, len(d)))
+    boots = counts[resample].mean(1)  # (R, 3)
     lo, hi = np.quantile(boots, 0.025, 0), np.quantile(boots, 0.975, 0)
+    diff = np.quantile(d[resample].mean(1), [0.025, 0.975])
     rates = counts.mean(0)
     names = ("win", "tie", "lose")
     return Verdicts(*map(float, rates), {k: [float(lo[i]), float(hi[i])] for i, k in enumerate(names)}, len(d),
-                    float(np.mean(r_a)), float(np.mean(r_b)))
+                    float(np.mean(r_a)), float(np.mean(r_b)), [float(diff[0]), float(diff[1])])
 
 
 def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, limit: int | None = None,

@@ -87,6 +87,9 @@ def test_verdicts_hand_derived():
     # differences 1, -1, 0.05, 0: one win, one loss, two ties
     assert (v.win, v.tie, v.lose) == (0.25, 0.5, 0.25) and v.n == 4
     assert v.ci95["tie"][0] <= 0.5 <= v.ci95["tie"][1]
+    # mean difference 0.05 / 4 = 0.0125; resampled means of {1, -1, 0.05, 0} lie within [-1, 1]
+    assert v.mean_score_a - v.mean_score_b == pytest.approx(0.0125)
+    assert -1 <= v.mean_diff_ci95[0] <= 0.0125 <= v.mean_diff_ci95[1] <= 1
 
 
 def test_generate_pairs_feeds_evolve_and_judge_writes_verdicts(tiny_llama_dir, tiny_rm, shared_data, tmp_path):
