@@ -22,6 +22,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	touch $@
 
 demo: setup
+	rm -rf runs/demo  # the demo starts over each time (`ser evolve` refuses to overwrite a run)
 	$(BIN)/ser evolve --config configs/evolve-hh.yaml --out runs/demo
 
 test: setup
