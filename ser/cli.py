@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .jsonl with both answers, scores and verdicts")
     p.add_argument("--limit", type=int, help="first N unique prompts")
     p.add_argument("--tie-margin", type=float, default=0.0, help="|r_a - r_b| <= margin counts as a tie")
+    p.add_argument("--llm-url", help="also judge with an LLM behind an OpenAI-compatible endpoint (e.g. "
+                   "http://localhost:8000/v1); the API key is read from $OPENAI_API_KEY")
+    p.add_argument("--llm-model", help="model name for --llm-url")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
 
@@ -195,8 +198,12 @@ def run(argv: list[str]) -> int:
     elif args.command == "judge":
         from ser.judge import judge
 
+        if bool(args.llm_url) != bool(args.llm_model):
+            raise UserError("judge: --llm-url and --llm-model go together")
+        llm = {"url": args.llm_url, "model": args.llm_model, "api_key": os.environ.get("OPENAI_API_KEY")} \
+            if args.llm_url else None
         v = judge(args.a, args.b, args.prompts, args.judge, args.out, limit=args.limit, tie_margin=args.tie_margin,
-                  max_new_tokens=args.max_new_tokens, seed=args.seed)
+                  max_new_tokens=args.max_new_tokens, seed=args.seed, llm=llm)
         print(f"A vs B on {v.n} prompts (judge {args.judge}, tie margin {args.tie_margin}):")
         for k in ("win", "tie", "lose"):
             lo, hi = v.ci95[k]
@@ -204,6 +211,9 @@ def run(argv: list[str]) -> int:
         print(f"  mean judge score: A {v.mean_score_a:.4f}, B {v.mean_score_b:.4f}; A - B "
               f"{v.mean_score_a - v.mean_score_b:+.4f}, 95% CI [{v.mean_diff_ci95[0]:+.4f}, {v.mean_diff_ci95[1]:+.4f}]"
               f"\nwrote {args.out}")
+        if v.llm:
+            print(f"  LLM judge {v.llm['model']}: " + ", ".join(
+                f"{k} {v.llm[k]:.3f} [{v.llm['ci95'][k][0]:.3f}, {v.llm['ci95'][k][1]:.3f}]" for k in ("win", "tie", "lose")))
     elif args.command == "curve":
         from ser.experiment import run_curve
 

@@ -130,3 +130,43 @@ def test_saved_rm_is_a_reward_function_for_trl_grpo(tiny_llama_dir, tiny_rm, tmp
     assert trainer.state.global_step == 1
     assert any("reward" in k for k in trainer.state.log_history[0])
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+
+
+def test_llm_judge_asks_both_orders_over_the_openai_protocol():
+    """A local OpenAI-compatible endpoint (no LLM is reachable here) that prefers the response containing "good":
+    both orders agree -> a vote; an endpoint that always says "A" (pure position bias) -> only ties."""
+    import http.server
+    import threading
+
+    from ser.errors import UserError
+    from ser.judge import llm_votes
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        biased = False
+
+        def do_POST(self):
+            assert self.path == "/v1/chat/completions"
+            text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+            a, b = text.split("Response A:\n")[1].split("\n\nResponse B:\n")
+            reply = "A" if self.biased else ("tie" if ("good" in a) == ("good" in b) else "A" if "good" in a else "B.")
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    try:
+        votes = llm_votes(["q1", "q2", "q3"], ["a good one", "meh", "good"], ["meh", "good", "good too"], url, "m")
+        assert votes.tolist() == [1.0, -1.0, 0.0]
+        Endpoint.biased = True
+        assert llm_votes(["q1", "q2"], ["good", "x"], ["x", "good"], url, "m").tolist() == [0.0, 0.0]
+    finally:
+        server.shutdown()
+    with pytest.raises(UserError, match="LLM judge endpoint failed"):
+        llm_votes(["q"], ["a"], ["b"], f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=2)
