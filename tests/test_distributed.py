@@ -99,7 +99,7 @@ def test_evolve_two_processes_match_one(no_dropout_bert, shared_data, tmp_path):
 def test_sft_two_processes_match_one(tiny_llama_dir, shared_data, tmp_path):
     args = ["sft", "--config", "configs/sft-smollm2-hh.yaml", f"--policy.backbone={tiny_llama_dir}",
             "--data.limit=40", "--data.test_size=8", "--model.max_length=24", "--policy.max_prompt_length=32",
-            "--train.batch_size=6", "--train.lr=1e-3", "--train.mixed_precision=\"no\""]
+            "--train.batch_size=6", "--train.lr=1e-3", "--train.epochs=1", "--train.mixed_precision=\"no\""]
     ser(1, *args, "--out", tmp_path / "one")
     ser(2, *args, "--out", tmp_path / "two")
     one, two = rows(tmp_path / "one" / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
