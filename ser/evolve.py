@@ -9,7 +9,6 @@ at any moment resumes with `--resume RUN_DIR` after its last completed iteration
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -27,7 +26,7 @@ from ser.config import Config, load_config, to_dict
 from ser.data import Pair, UnlabelledPair, hide_labels, load_unlabelled
 from ser.errors import UserError
 from ser.models import check_backbone
-from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
+from ser.pipeline import data_hash, evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
 from ser.scoring import score_pairs
 from ser.selection import (STOP, fit_temperature, learning_status, orient, pair_status, probabilities,
                            resolve_min_pairs, select, ssrm_select)
@@ -200,13 +199,6 @@ def save_state(run: Path, state: State, accelerator) -> None:
     if accelerator.is_main_process:
         atomic_write_text(run / "state.json", json.dumps(dataclasses.asdict(state)))
     accelerator.wait_for_everyone()
-
-
-def data_hash(split, pool) -> str:
-    h = hashlib.sha1()
-    for part in (split.seed, pool, split.test):
-        h.update("|".join(p.id for p in part).encode() + b"#")
-    return h.hexdigest()[:16]
 
 
 def build_pool(cfg: Config, split):

@@ -43,6 +43,14 @@ def load_splits(dcfg: DataConfig) -> Split:
     return Split(seed=split.seed, pool=split.pool, test=test)
 
 
+def data_hash(split: Split, pool=()) -> str:
+    """A short hash of the ids of seed, pool and test pairs: resuming a run on different data is an error."""
+    h = hashlib.sha1()
+    for part in (split.seed, pool, split.test):
+        h.update("|".join(p.id for p in part).encode() + b"#")
+    return h.hexdigest()[:16]
+
+
 def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config, accelerator=None):
     """(r_chosen, r_rejected) arrays for labelled pairs; sharded across processes when `accelerator` is given
     (then every process must call it)."""
@@ -111,7 +119,7 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
         raise UserError("train-rm: give --out DIR (or --resume RUN_DIR)")
     split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
     check_backbone(cfg.model.backbone)
-    digest = hashlib.sha1("|".join(p.id for p in split.seed + split.test).encode()).hexdigest()[:16]
+    digest = data_hash(split)
     if resume and (out / "data_hash").exists() and (out / "data_hash").read_text() != digest:
         raise UserError(f"{out}: the data changed since this run started (different pairs); start a new run")
     log.info("pairs: %d train (seed), %d test", len(split.seed), len(split.test))
