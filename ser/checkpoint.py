@@ -136,10 +136,20 @@ def atomic_dir(target: str | Path):
         raise
 
 
+def check_whole(model) -> None:
+    """Refuse to save a DeepSpeed ZeRO-3 shard (its large parameters are empty tensors on each process) as if
+    it were the model: gather first with `ser.models.full_parameters`."""
+    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise RuntimeError(f"refusing to save a sharded model ({len(empty)} empty parameters, e.g. {empty[0]}); "
+                           f"save inside ser.models.full_parameters(model)")
+
+
 def save_reward_model(model, tokenizer, target: str | Path, ser_config: dict) -> Path:
     """Save an RM directory that `AutoModelForSequenceClassification.from_pretrained` loads unchanged:
     transformers config, safetensors weights, tokenizer (with chat template), and `ser_config.json`
     (the resolved config plus reward statistics on the training data)."""
+    check_whole(model)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

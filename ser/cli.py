@@ -134,7 +134,10 @@ def _print_eval(m: dict) -> None:
 def run(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    follower = int(os.environ.get("RANK", "0")) > 0  # under torchrun/accelerate launch: only rank 0 reports
+    if follower:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    logging.basicConfig(level=logging.WARNING if follower else logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "peft", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

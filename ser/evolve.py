@@ -25,12 +25,12 @@ from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_w
 from ser.config import Config, load_config, to_dict
 from ser.data import Pair, UnlabelledPair, hide_labels, load_unlabelled
 from ser.errors import UserError
-from ser.models import check_backbone
+from ser.models import check_backbone, full_parameters
 from ser.pipeline import data_hash, evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
 from ser.scoring import score_pairs
 from ser.selection import (STOP, fit_temperature, learning_status, orient, pair_status, probabilities,
                            resolve_min_pairs, select, ssrm_select)
-from ser.train import make_accelerator, resolve_precision
+from ser.train import make_accelerator, prepare_for_scoring, resolve_precision
 
 log = logging.getLogger(__name__)
 STATUS_NAMES = {0: "stop", 1: "1", 2: "2", 3: "1|2"}
@@ -102,11 +102,13 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         else:
             # 1. Score the unlabelled pool with the current RM (sharded across processes, gathered in order).
             rm, tok = load_iteration(run, it - 1)
+            rm = prepare_for_scoring(rm, accelerator)
             r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool],
                                    [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size,
                                    resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
             offset, temperature = calibrate(rm, tok, seed, cfg, accelerator)
             del rm
+            accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
             # 2-4. Status of each pair, the RM's learning status, the selected pairs and their pseudo-labels.
             status, learning, take, a_wins = select_pseudo_labels(r_a, r_b, offset, temperature, cfg, len(pool))
             hidden = np.array([truth[p.id] == 0 for p in pool]) if truth else None  # True: A is human-chosen
@@ -144,9 +146,10 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
                    "rm/mean_margin": m["mean_margin"], "train/pairs": len(train_pairs),
                    "train/loss": summary["final_loss"], "time/seconds": time.time() - t0}
         # 8. Checkpoint: the RM first, then the state (the commit point of this iteration).
-        if accelerator.is_main_process:
-            save_reward_model(rm, tok, run / "iterations" / str(it), ser_config_for(cfg, rm, tok, train_pairs,
-                                                                                  {"iteration": it, "test": m}))
+        ser_config = ser_config_for(cfg, rm, tok, train_pairs, {"iteration": it, "test": m}, accelerator)
+        with full_parameters(rm):
+            if accelerator.is_main_process:
+                save_reward_model(rm, tok, run / "iterations" / str(it), ser_config)
         emit(run, record, accelerator)
         state.completed = it
         save_state(run, state, accelerator)

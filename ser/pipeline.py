@@ -19,7 +19,7 @@ from ser.config import Config, DataConfig, TrainConfig, load_config, to_dict
 from ser.data import Pair, Split, load_pairs, load_unlabelled, split_pairs
 from ser.errors import UserError
 from ser.evaluate import pair_metrics
-from ser.models import check_backbone, load_reward_model, unwrap_for_saving
+from ser.models import check_backbone, full_parameters, load_reward_model, unwrap_for_saving
 from ser.scoring import score_pairs
 from ser.train import checkpoint_step, make_accelerator, resolve_precision, train_reward_model
 
@@ -64,10 +64,12 @@ def evaluate_rm(rm, tokenizer, pairs: list[Pair], cfg: Config, accelerator=None)
     return pair_metrics(r_c, r_r, [p.source for p in pairs])
 
 
-def ser_config_for(cfg: Config, rm, tokenizer, train_pairs: list[Pair], extra: dict | None = None) -> dict:
+def ser_config_for(cfg: Config, rm, tokenizer, train_pairs: list[Pair], extra: dict | None = None,
+                   accelerator=None) -> dict:
     """What goes into ser_config.json: the resolved config, and the reward mean/std on the training pairs
-    (PPO normalises rewards with them; the `center` calibration uses the mean)."""
-    r_c, r_r = rm_scores(rm, tokenizer, train_pairs, cfg)
+    (PPO normalises rewards with them; the `center` calibration uses the mean). With `accelerator`, every
+    process calls it."""
+    r_c, r_r = rm_scores(rm, tokenizer, train_pairs, cfg, accelerator)
     r = np.concatenate([r_c, r_r])
     return {"config": to_dict(cfg), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
             "train_pairs": len(train_pairs), **(extra or {})}
@@ -146,12 +148,14 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
     metrics = evaluate_rm(rm, tokenizer, split.test, cfg, accelerator)
     result = {"train_seconds": train_seconds, "train_pairs": len(s), **summary,
               **{f"test/{k}": v for k, v in metrics.items()}}
-    if accelerator.is_main_process:
-        append_jsonl(metrics_path, {"step": summary["steps"], **{f"rm/{k}": v for k, v in metrics.items()
-                                                                  if not isinstance(v, dict)}})
-        save_reward_model(rm, tokenizer, out / "rm", ser_config_for(cfg, rm, tokenizer, s, {"test": metrics}))
-        atomic_write_text(out / "result.json", json.dumps(result, indent=2, sort_keys=True))
-        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: rm/ and result.json
+    ser_config = ser_config_for(cfg, rm, tokenizer, s, {"test": metrics}, accelerator)
+    with full_parameters(rm):
+        if accelerator.is_main_process:
+            append_jsonl(metrics_path, {"step": summary["steps"], **{f"rm/{k}": v for k, v in metrics.items()
+                                                                      if not isinstance(v, dict)}})
+            save_reward_model(rm, tokenizer, out / "rm", ser_config)
+            atomic_write_text(out / "result.json", json.dumps(result, indent=2, sort_keys=True))
+            shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: rm/ and result.json
     accelerator.wait_for_everyone()
     return result
 

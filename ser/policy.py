@@ -3,7 +3,6 @@ answers of a preference dataset, loss on the answer tokens only)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -13,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ser.checkpoint import append_jsonl, atomic_dir, check_writable
+from ser.checkpoint import append_jsonl, atomic_dir, check_whole, check_writable
 from ser.config import Config, to_dict
 from ser.errors import UserError
-from ser.models import keep_eos_trainable, load_tokenizer, resolve_backbone
+from ser.models import full_parameters, keep_eos_trainable, load_tokenizer, resolve_backbone
 
 log = logging.getLogger(__name__)
 _TURN = re.compile(r"\n\n(Human|Assistant|System): ")
@@ -92,7 +91,9 @@ def generate(model, tokenizer, prompts: list[str], pcfg, *, do_sample: bool = Tr
     was_training = model.training
     model.eval()
     # top_k=0 and top_p=1.0 switch those filters off (None would fall back to the model's generation_config)
-    out = model.generate(**enc, do_sample=do_sample, temperature=pcfg.temperature if do_sample else None,
+    # ZeRO-3 gathers parameters inside every forward pass: all processes keep stepping until all have finished
+    synced = torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in model.parameters())
+    out = model.generate(**enc, do_sample=do_sample, synced_gpus=synced, temperature=pcfg.temperature if do_sample else None,
                          top_k=pcfg.top_k if do_sample else None, top_p=pcfg.top_p if do_sample else None,
                          max_new_tokens=pcfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
@@ -107,6 +108,7 @@ def save_policy(model, tokenizer, target: str | Path, cfg: Config, extra: dict |
     """An HF causal-LM directory (safetensors), written atomically with a manifest."""
     import json
 
+    check_whole(model)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.padding_side = "left"
@@ -121,7 +123,7 @@ def run_sft(cfg: Config, out: str) -> dict:
     from accelerate.utils import set_seed
 
     from ser.pipeline import load_splits
-    from ser.train import epoch_order, length_grouped_batches, make_accelerator, rank_share
+    from ser.train import epoch_order, length_grouped_batches, make_accelerator, micro_batch, rank_share
 
     root = check_writable(out)
     set_seed(cfg.train.seed)
@@ -170,7 +172,7 @@ def run_sft(cfg: Config, out: str) -> dict:
         labels = batch.pop("labels")
         sync = (i + 1) % accum == 0 or i + 1 == len(batches)
         n_micro = min(accum, len(batches) - i // accum * accum)
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with micro_batch(accelerator, model, sync):
             logits = model(**batch).logits[:, :-1].float()
             token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
                                                            ignore_index=-100, reduction="sum")
@@ -195,8 +197,9 @@ def run_sft(cfg: Config, out: str) -> dict:
     model = accelerator.unwrap_model(model)
     summary = {"steps": step, "pairs": len(rows), "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
                "seconds": time.time() - t0}
-    if accelerator.is_main_process:
-        save_policy(model, tok, root / "policy", cfg, {"sft": summary})
+    with full_parameters(model):  # whole weights under ZeRO-3; every process enters
+        if accelerator.is_main_process:
+            save_policy(model, tok, root / "policy", cfg, {"sft": summary})
     log.info("sft: %d steps on %d answers, final loss %.4f, %.0fs", step, len(rows), summary["final_loss"],
              summary["seconds"])
     return summary

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_writable, truncate_jsonl,
-                            verify_manifest)
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_whole, check_writable,
+                            truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.data import load_pairs, split_pairs
 from ser.errors import UserError
+from ser.models import full_parameters
 from ser.policy import generate, load_policy
 from ser.rl import (AdaptiveKLController, entropy_from_logits, gae, kl_estimates, masked_mean, policy_loss,
                     shape_score, token_rewards, value_loss, whiten)
@@ -29,19 +30,34 @@ from ser.scoring import score_texts
 log = logging.getLogger(__name__)
 
 
-def forward(model, value_head, prompt_ids, prompt_mask, responses, response_mask, temperature: float = 1.0):
+class PolicyWithValue(torch.nn.Module):
+    """The policy LM and its value head (a linear map of the last hidden state) as one module, so DDP and
+    DeepSpeed wrap, shard and save them together. value_head=None: the frozen reference policy."""
+
+    def __init__(self, policy, value_head: torch.nn.Linear | None):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=self.value_head is not None, use_cache=False)
+        if self.value_head is None:
+            return out.logits, None
+        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
+        return out.logits, self.value_head(hidden)[..., 0].float()
+
+
+def forward(model, prompt_ids, prompt_mask, responses, response_mask, temperature: float = 1.0):
     """Log-probabilities of the response tokens under the sampling distribution (logits / temperature), the
-    values before each of them and the entropy, all (B, T)."""
+    values before each of them (None for the reference) and the entropy, all (B, T). model: a PolicyWithValue."""
     ids = torch.cat([prompt_ids, responses], 1)
     attn = torch.cat([prompt_mask, response_mask.long()], 1)
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left-padded prompts keep positions from 0
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
-                output_hidden_states=value_head is not None, use_cache=False)
+    logits, values = model(ids, attn, position_ids)
     p = prompt_ids.shape[1]
-    logits = out.logits[:, p - 1 : -1].float() / temperature  # the position before each response token predicts it
+    logits = logits[:, p - 1 : -1].float() / temperature  # the position before each response token predicts it
     logp = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
-    values = None if value_head is None else value_head(out.hidden_states[-1][:, p - 1 : -1].float())[..., 0]
-    return logp, values, entropy_from_logits(logits)
+    return logp, None if values is None else values[:, p - 1 : -1], entropy_from_logits(logits)
 
 
 def ppo_prompts(cfg: Config) -> list[str]:
@@ -100,17 +116,23 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     if tok.eos_token_id is None:
         raise UserError(f"{gen.backbone}: the policy tokenizer has no eos token")
     reference = copy.deepcopy(load_policy(gen.backbone)[0] if state else policy).eval().requires_grad_(False)
+    reference = PolicyWithValue(reference, None)
     value_head = torch.nn.Linear(policy.config.hidden_size, 1)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
-    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value_head.parameters()), lr=pc.lr)
+    policy = PolicyWithValue(policy, value_head)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.lr)
     kl_ctl = AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
+    accelerator = make_accelerator(cfg.train)  # one optimizer step per mini-batch: nothing accumulates
+    deepspeed = accelerator.state.deepspeed_plugin is not None
     if state:
         extra = torch.load(root / "checkpoint" / "ppo_state.pt", weights_only=True)
         value_head.load_state_dict(extra["value_head"])
-        optimizer.load_state_dict(extra["optimizer"])
+        if extra.get("optimizer") is not None and not deepspeed:
+            optimizer.load_state_dict(extra["optimizer"])
+        else:  # DeepSpeed partitions the optimizer state across processes; the checkpoint holds none
+            log.warning("ppo: resuming without the optimizer's moments (DeepSpeed run)")
         kl_ctl.value = state["kl_coef"]
-    accelerator = make_accelerator(cfg.train)  # one optimizer step per mini-batch: nothing accumulates
-    policy, value_head, optimizer = accelerator.prepare(policy, value_head, optimizer)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     reference.to(device)
     rm.to(device)
@@ -122,7 +144,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         first = (step * world + rank) * pc.batch_size  # each process its own prompts
         batch = [prompts[order[(first + i) % len(prompts)]] for i in range(pc.batch_size)]
         # 1. Rollout: sample an answer per prompt from the current policy.
-        enc, responses, mask, ended, texts = generate(accelerator.unwrap_model(policy), tok, batch, gen,
+        enc, responses, mask, ended, texts = generate(accelerator.unwrap_model(policy).policy, tok, batch, gen,
                                                       seed=(pc.seed * 100003 + step) * 1009 + rank)
         # 2. Reward: the RM scores the decoded answer with its own tokenizer; shaped, unfinished answers penalised.
         score = torch.as_tensor(score_texts(rm, rm_tok, batch, texts, rm_max_len), dtype=torch.float32,
@@ -131,9 +153,9 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
                                  std=stats.get("reward_std", 1.0), ended=ended, no_eos_penalty=pc.no_eos_penalty)
         # 3. KL penalty against the frozen reference policy, per token (same precision as the policy).
         with torch.no_grad(), accelerator.autocast():
-            old_logp, old_values, _ = forward(policy, value_head, enc["input_ids"], enc["attention_mask"], responses,
-                                              mask, gen.temperature)
-            ref_logp, _, _ = forward(reference, None, enc["input_ids"], enc["attention_mask"], responses, mask,
+            old_logp, old_values, _ = forward(policy, enc["input_ids"], enc["attention_mask"], responses, mask,
+                                              gen.temperature)
+            ref_logp, _, _ = forward(reference, enc["input_ids"], enc["attention_mask"], responses, mask,
                                      gen.temperature)
         kl = kl_estimates(old_logp, ref_logp)["k1"] * mask
         rewards = token_rewards(seq_reward, kl, mask, kl_ctl.value)
@@ -148,7 +170,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         for _ in range(pc.ppo_epochs):
             for idx in torch.randperm(pc.batch_size, generator=shuffle).split(pc.mini_batch_size):
                 idx = idx.to(device)
-                logp, values, entropy = forward(policy, value_head, enc["input_ids"][idx], enc["attention_mask"][idx],
+                logp, values, entropy = forward(policy, enc["input_ids"][idx], enc["attention_mask"][idx],
                                                 responses[idx], mask[idx], gen.temperature)
                 pg, clip_frac = policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], pc.clip)
                 vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], pc.clip_value)
@@ -156,7 +178,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
                 if not torch.isfinite(loss):
                     raise UserError(f"ppo: non-finite loss at step {step}; the last checkpoint is intact")
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(list(policy.parameters()) + list(value_head.parameters()), 1.0)
+                accelerator.clip_grad_norm_(policy.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad()
                 records.append((pg.item(), vf.item(), clip_frac.item(), masked_mean(entropy, mask[idx]).item()))
@@ -176,19 +198,23 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
                  step + 1, record["ppo/score"], record["ppo/reward"], seq_kl, kl_ctl.value, r[3], r[2],
                  record["ppo/answer_tokens"])
         if (step + 1) % pc.save_every == 0 or step + 1 == pc.steps:
-            if accelerator.is_main_process:
-                _checkpoint(root, accelerator, policy, value_head, optimizer, tok, cfg, step + 1, kl_ctl.value)
+            model = accelerator.unwrap_model(policy)
+            with full_parameters(model):  # whole weights under ZeRO-3; every process enters
+                if accelerator.is_main_process:
+                    _checkpoint(root, model, None if deepspeed else optimizer.state_dict(), tok, cfg, step + 1,
+                                kl_ctl.value)
             accelerator.wait_for_everyone()
     return root
 
 
-def _checkpoint(root, accelerator, policy, value_head, optimizer, tok, cfg, step, kl_coef) -> None:
+def _checkpoint(root, model: PolicyWithValue, optimizer_state, tok, cfg, step, kl_coef) -> None:
     """Policy (HF directory), value head, optimizer and the loop state in one directory, renamed into place
     atomically: a run killed at any moment resumes from the last complete checkpoint."""
+    check_whole(model)
     with atomic_dir(root / "checkpoint") as tmp:
-        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
+        model.policy.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        torch.save({"value_head": accelerator.unwrap_model(value_head).state_dict(),
-                    "optimizer": optimizer.state_dict()}, tmp / "ppo_state.pt")
+        torch.save({"value_head": model.value_head.state_dict(), "optimizer": optimizer_state},
+                   tmp / "ppo_state.pt")
         (tmp / "ser_config.json").write_text(json.dumps({"config": to_dict(cfg),
                                                          "ppo_state": {"step": step, "kl_coef": kl_coef}}))

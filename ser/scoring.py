@@ -50,24 +50,35 @@ def fp32_head(rm, enabled: bool):
             m.forward = f
 
 
-@torch.inference_mode()
+def my_batches(n: int, batch_size: int, rank: int, world: int) -> list[tuple[int, bool]]:
+    """(start, keep) of this process's batches: batches are dealt round-robin, and every process runs the same
+    number of forward passes (under ZeRO-3 each one gathers the parameters with all processes), so a process
+    left short repeats batch 0 with keep=False."""
+    starts = list(range(0, n, batch_size))
+    rounds = -(-len(starts) // world)
+    mine = starts[rank::world]
+    return [(s, True) for s in mine] + [(0, False)] * (rounds - len(mine))
+
+
+@torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters through autograd functions
 def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str, rank: int = 0,
                    world: int = 1) -> np.ndarray:
     order = sorted(range(len(enc.input_ids)), key=lambda i: len(enc.input_ids[i]))
     device = next(rm.parameters()).device
     out = np.zeros(len(order), dtype=np.float64)  # this rank's batches; the others stay 0
-    for start in list(range(0, len(order), batch_size))[rank::world]:
+    for start, keep in my_batches(len(order), batch_size, rank, world):
         idx = order[start : start + batch_size]
         tt = [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None
         batch = collate([enc.input_ids[i] for i in idx], tt, pad_id)
         bf16 = precision == "bf16"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), fp32_head(rm, bf16):
             logits = rm(**{k: v.to(device) for k, v in batch.items()}).logits  # (B, 1)
-        out[idx] = logits[:, 0].double().cpu().numpy()
+        if keep:
+            out[idx] = logits[:, 0].double().cpu().numpy()
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters through autograd functions
 def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str, rank: int = 0,
                   world: int = 1) -> np.ndarray:
     n = len(enc.input_ids) // 2
@@ -75,7 +86,7 @@ def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str
     order = sorted(range(n), key=lambda i: size[i])
     device = next(rm.parameters()).device
     out = np.zeros(2 * n, dtype=np.float64)
-    for start in list(range(0, n, max(1, batch_size // 2)))[rank::world]:
+    for start, keep in my_batches(n, max(1, batch_size // 2), rank, world):
         idx = order[start : start + max(1, batch_size // 2)]
         batch = pack_pairs([enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx],
                            [enc.prompt_lengths[i] for i in idx], pad_id)
@@ -83,6 +94,8 @@ def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str
         bf16 = precision == "bf16"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), fp32_head(rm, bf16):
             r_a, r_b = packed_pair_rewards(rm, batch)
+        if not keep:
+            continue
         out[idx] = r_a.double().cpu().numpy()
         out[[i + n for i in idx]] = r_b.double().cpu().numpy()
     return out

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 from tqdm.auto import tqdm
 
 from ser.checkpoint import atomic_dir, verify_manifest
@@ -46,15 +47,44 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     """Device placement, DDP/DeepSpeed/FSDP wrapping and mixed precision. The loops below shard the data and
     accumulate gradients themselves (`rank_share`), so `train.batch_size` is the global batch and a run
     gives the same result on 1 or N processes."""
-    # cpu=True without a GPU: under `torchrun --nproc_per_node N` the processes then join through gloo.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = []
+    if not torch.accelerator.is_available():
+        # Without a GPU the processes join through gloo: plain runs (`torchrun`) as accelerate's MULTI_CPU;
+        # DeepSpeed (`accelerate launch --config_file configs/accelerate/deepspeed-*.yaml`) on its CPU backend.
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed else []
     accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision),
-                              cpu=not torch.accelerator.is_available())
-    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants the per-process batch (no loader given)
-        if tcfg.grad_accum > 1:  # its engine steps inside backward(); the loops below accumulate by hand
-            raise UserError("train.grad_accum > 1 is not supported under DeepSpeed; raise train.batch_size")
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
-            1, tcfg.batch_size // accelerator.num_processes)
+                              cpu=not torch.accelerator.is_available() and not deepspeed, kwargs_handlers=handlers)
+    if accelerator.state.deepspeed_plugin is not None:
+        # The engine's batch bookkeeping (no loader is given to it; `micro_batch` marks the accumulation
+        # boundaries, so its own count stays 1); clipping is the engine's job under DeepSpeed.
+        micro = max(1, tcfg.batch_size // accelerator.num_processes)
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=micro, train_batch_size=micro * accelerator.num_processes,
+            gradient_accumulation_steps=1, gradient_clipping=tcfg.max_grad_norm)
     return accelerator
+
+
+def prepare_for_scoring(model, accelerator: Accelerator):
+    """A model loaded for scoring on this process. Under DeepSpeed ZeRO-3, `from_pretrained` loads only this
+    process's shard of each parameter; an inference engine (no optimizer) then gathers them inside each forward
+    pass, so every process must score the same number of batches (`ser.scoring.my_batches` does)."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return accelerator.unwrap_model(accelerator.prepare(model))
+    return model.to(accelerator.device)
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator: Accelerator, model, sync: bool):
+    """Forward and backward of one micro-batch. Unless `sync` (the last micro-batch of an optimizer step) the
+    gradients only accumulate: DDP skips its all-reduce (`no_sync`) and the DeepSpeed engine, which steps
+    inside `accelerator.backward`, is told this is not an accumulation boundary."""
+    accelerator.gradient_state._set_sync_gradients(sync)  # what accelerate 1.15's DeepSpeed backward reads
+    try:
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
 
 
 def rank_share(batch: list[int], rank: int, world: int) -> tuple[list[int], float]:
@@ -198,7 +228,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         pseudo_mask = batch.pop("pseudo")
         sync = (i + 1) % tcfg.grad_accum == 0 or i + 1 == len(batches)
         n_micro = min(tcfg.grad_accum, len(batches) - i // tcfg.grad_accum * tcfg.grad_accum)
-        with contextlib.nullcontext() if sync else accelerator.no_sync(rm):
+        with micro_batch(accelerator, rm, sync):
             if packed:
                 r_chosen, r_rejected = packed_pair_rewards(rm, batch)
             else:

@@ -1,13 +1,17 @@
-"""Two CPU processes (`torchrun`, gloo) give the results of one process.
+"""Several processes give the results of one: `torchrun` (gloo) and DeepSpeed ZeRO-2/ZeRO-3 (the shipped presets,
+`accelerate launch`, on DeepSpeed's CPU backend over gloo).
 
 Scoring shards whole batches across the processes, so scores are bit-identical. Training splits every global
-batch between the processes (`ser.train.rank_share`) and DDP averages the gradients, so it is the same
-computation up to float rounding: with dropout off the per-step losses agree to 1e-4 and the test accuracy
-to one pair. Both runs use one thread per process, so the kernels are the same.
+batch between the processes (`ser.train.rank_share`) and DDP / DeepSpeed average the gradients, so it is the
+same computation up to float rounding: with dropout off the per-step losses agree to 1e-4 and the test accuracy
+to one pair. All runs use one thread per process, so the kernels are the same. Under ZeRO-3 every process holds
+a shard of each large parameter: these tests also show that training, scoring (which must run the same number
+of forward passes on every process) and saving (gathered, never a shard) give the one-process results.
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +21,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+ENGINES = ["torchrun", "deepspeed-zero2", "deepspeed-zero3"]
 
 
-def ser(procs: int, *args):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    cmd = [*(launcher if procs > 1 else [sys.executable]), "-m", "ser", *map(str, args)]
+def ser(procs: int | str, *args):
+    """Run `ser` on one process (procs=1), or on two under `torchrun` (2 or "torchrun") or `accelerate launch`
+    with a shipped DeepSpeed preset ("deepspeed-zero2", "deepspeed-zero3")."""
+    if procs in (2, "torchrun"):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    elif procs != 1:
+        with socket.socket() as sock:  # a free rendezvous port (accelerate's default is fixed)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                    f"configs/accelerate/{procs}.yaml", "--num_processes=2", "--mixed_precision=no",
+                    f"--main_process_port={port}"]
+    cmd = [*(launcher if procs != 1 else [sys.executable]), "-m", "ser", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -47,84 +62,142 @@ def no_dropout_bert(tmp_path_factory) -> Path:
     return out
 
 
-def test_train_rm_and_score_two_processes_match_one(no_dropout_bert, shared_data, tmp_path):
-    # batch 12 over 160 pairs: 14 batches, the last of 4 pairs (uneven split across processes); accumulating 3
-    # batches per step gives 5 steps, the last of 2 batches
-    args = ["train-rm", "--config", "configs/rm-tiny.yaml", f"--model.backbone={no_dropout_bert}",
-            "--train.batch_size=12", "--train.grad_accum=3", "--train.lr=1e-4", "--train.eval_every=2"]
-    ser(1, *args, "--out", tmp_path / "one")
-    ser(2, *args, "--out", tmp_path / "two")
-    one, two = rows(tmp_path / "one" / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
+def weights(path: Path, prefix: str = "") -> dict:
+    """A saved model's tensors by name. A model saved under ZeRO-3 keeps the checkpoint's legacy LayerNorm names
+    (gamma/beta: transformers loads either), mapped here to weight/bias."""
+    from safetensors.torch import load_file
+
+    legacy = lambda k: k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")  # noqa: E731
+    return {prefix + legacy(k): v for k, v in load_file(path / "model.safetensors").items()}
+
+
+def assert_same_weights(start: dict, one: dict, other: dict, at_least: int, min_move: float = 1e-5) -> None:
+    """Both runs trained (moved from `start`) and ended at the same weights up to 1% of that movement."""
+    shared = [k for k in start if k in one]
+    assert len(shared) >= at_least and all(one[k].shape == other[k].shape for k in shared)  # never a shard
+    moved = np.mean([(one[k] - start[k]).abs().mean().item() for k in shared])
+    apart = np.mean([(one[k] - other[k]).abs().mean().item() for k in shared])
+    assert moved > min_move and apart < 0.01 * moved, (len(shared), moved, apart)
+
+
+# batch 12 over 160 pairs: 14 batches, the last of 4 pairs (uneven split across processes); accumulating 3
+# batches per step gives 5 steps, the last of 2 batches
+TRAIN_RM = ["train-rm", "--config", "configs/rm-tiny.yaml", "--train.batch_size=12", "--train.grad_accum=3",
+            "--train.lr=1e-4", "--train.eval_every=2"]
+
+
+@pytest.fixture(scope="module")
+def train_rm_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-rm") / "one"
+    ser(1, *TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_train_rm_two_processes_match_one(engine, train_rm_one, no_dropout_bert, tmp_path):
+    ser(engine, *TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--out", tmp_path / "two")
+    one, two = rows(train_rm_one / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5, 5]  # 5 steps + final eval
     loss = lambda rs: np.array([r["train/loss"] for r in rs if "train/loss" in r])  # noqa: E731
     assert abs(loss(one)[0] - np.log(2)) < 0.05
     np.testing.assert_allclose(loss(two), loss(one), atol=1e-4)
     # the saved RMs: trained (far from the pretrained encoder) and the same up to rounding
-    from safetensors.torch import load_file
-
-    w0 = {f"bert.{k}": v for k, v in load_file(no_dropout_bert / "model.safetensors").items()}
-    w1, w2 = (load_file(tmp_path / r / "rm" / "model.safetensors") for r in ("one", "two"))
-    shared = [k for k in w0 if k in w1]
-    moved = np.mean([(w1[k] - w0[k]).abs().mean().item() for k in shared])
-    apart = np.mean([(w1[k] - w2[k]).abs().mean().item() for k in shared])
-    assert len(shared) > 50 and moved > 1e-5 and apart < 0.01 * moved, (len(shared), moved, apart)
-    res1, res2 = (json.loads((tmp_path / r / "result.json").read_text()) for r in ("one", "two"))
+    assert_same_weights(weights(no_dropout_bert, "bert."), weights(train_rm_one / "rm"),
+                        weights(tmp_path / "two" / "rm"), at_least=50)
+    res1, res2 = (json.loads((d / "result.json").read_text()) for d in (train_rm_one, tmp_path / "two"))
     assert abs(res1["test/accuracy"] - res2["test/accuracy"]) <= 1 / res1["test/n"] + 1e-9
-    # scoring a saved RM: sharded batches, gathered in input order, bit-identical
-    rm = tmp_path / "one" / "rm"
+    # the reward statistics saved with the RM are computed by all processes (sharded) under every engine
+    stats = [json.loads((d / "rm" / "ser_config.json").read_text()) for d in (train_rm_one, tmp_path / "two")]
+    assert abs(stats[0]["reward_mean"] - stats[1]["reward_mean"]) < 1e-3
+
+
+def test_score_two_processes_identical(train_rm_one, tmp_path):
+    """Scoring a saved RM: sharded batches, gathered in input order, bit-identical."""
     for procs in (1, 2):
-        ser(procs, "score", "--rm", rm, "--data", "hh-rlhf:helpful-online", "--limit", 50, "--batch-size", 8,
-            "--out", tmp_path / f"scores{procs}.jsonl")
+        ser(procs, "score", "--rm", train_rm_one / "rm", "--data", "hh-rlhf:helpful-online", "--limit", 50,
+            "--batch-size", 8, "--out", tmp_path / f"scores{procs}.jsonl")
     s1, s2 = rows(tmp_path / "scores1.jsonl"), rows(tmp_path / "scores2.jsonl")
     assert len(s1) == 50 and s1 == s2
 
 
-def test_evolve_two_processes_match_one(no_dropout_bert, shared_data, tmp_path):
-    """Pool scoring sharded and gathered, DDP retraining: the same pseudo-labels and the same accuracies."""
-    args = ["evolve", "--config", "configs/evolve-tiny.yaml", f"--model.backbone={no_dropout_bert}",
-            "--ser.max_iterations=1"]
-    ser(1, *args, "--out", tmp_path / "one")
-    ser(2, *args, "--out", tmp_path / "two")
-    it = lambda run: [r for r in rows(tmp_path / run / "metrics.jsonl") if "rm/acc" in r]  # noqa: E731
-    one, two = it("one"), it("two")
+def test_scoring_runs_equal_forward_passes_on_every_process():
+    """ZeRO-3 gathers the parameters inside every forward pass, with all processes: a process with fewer
+    batches repeats one and discards it. 5 batches over 2 processes: 3 passes each, every batch kept once."""
+    from ser.scoring import my_batches
+
+    a, b = my_batches(10, 2, 0, 2), my_batches(10, 2, 1, 2)
+    assert a == [(0, True), (4, True), (8, True)] and b == [(2, True), (6, True), (0, False)]
+    assert my_batches(3, 8, 1, 2) == [(0, False)]  # one batch, two processes
+
+
+EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iterations=1"]
+
+
+@pytest.fixture(scope="module")
+def evolve_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evolve") / "one"
+    ser(1, *EVOLVE, f"--model.backbone={no_dropout_bert}", "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3"])
+def test_evolve_two_processes_match_one(engine, evolve_one, no_dropout_bert, tmp_path):
+    """Pool scoring sharded and gathered, retraining on 2 processes: the same pseudo-labels and accuracies.
+    Under ZeRO-3 the iteration-0 RM is loaded sharded and scored through an inference engine."""
+    ser(engine, *EVOLVE, f"--model.backbone={no_dropout_bert}", "--out", tmp_path / "two")
+    it = lambda run: [r for r in rows(run / "metrics.jsonl") if "rm/acc" in r]  # noqa: E731
+    one, two = it(evolve_one), it(tmp_path / "two")
     assert [r["iteration"] for r in one] == [r["iteration"] for r in two] == [0, 1]
     assert one[1]["ser/added"] > 0 and one[1]["ser/added"] == two[1]["ser/added"]
     for a, b in zip(one, two):
         assert abs(a["rm/acc"] - b["rm/acc"]) <= 1 / 96 + 1e-9
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-3
-    s1, s2 = (json.loads((tmp_path / r / "state.json").read_text())["pseudo"] for r in ("one", "two"))
+    s1, s2 = (json.loads((d / "state.json").read_text())["pseudo"] for d in (evolve_one, tmp_path / "two"))
     assert s1 == s2
+    assert_same_weights(weights(no_dropout_bert, "bert."), weights(evolve_one / "final"),
+                        weights(tmp_path / "two" / "final"), at_least=50)
 
 
-def test_sft_two_processes_match_one(tiny_llama_dir, shared_data, tmp_path):
-    args = ["sft", "--config", "configs/sft-smollm2-hh.yaml", f"--policy.backbone={tiny_llama_dir}",
-            "--data.limit=40", "--data.test_size=8", "--model.max_length=24", "--policy.max_prompt_length=32",
-            "--train.batch_size=6", "--train.lr=1e-3", "--train.epochs=1", "--train.mixed_precision=\"no\""]
-    ser(1, *args, "--out", tmp_path / "one")
-    ser(2, *args, "--out", tmp_path / "two")
-    one, two = rows(tmp_path / "one" / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
+SFT = ["sft", "--config", "configs/sft-smollm2-hh.yaml", "--data.limit=40", "--data.test_size=8",
+       "--model.max_length=24", "--policy.max_prompt_length=32", "--train.batch_size=6", "--train.lr=1e-3",
+       "--train.epochs=1", "--train.mixed_precision=\"no\""]
+
+
+@pytest.fixture(scope="module")
+def sft_one(tiny_llama_dir, shared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sft") / "one"
+    ser(1, *SFT, f"--policy.backbone={tiny_llama_dir}", "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3"])
+def test_sft_two_processes_match_one(engine, sft_one, tiny_llama_dir, tmp_path):
+    ser(engine, *SFT, f"--policy.backbone={tiny_llama_dir}", "--out", tmp_path / "two")
+    one, two = rows(sft_one / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
     assert len(one) == len(two) == 6  # 32 answers in batches of 6
     np.testing.assert_allclose([r["sft/loss"] for r in two], [r["sft/loss"] for r in one], atol=1e-4)
     # the saved policies: trained (far from the initial weights) and the same up to rounding
-    from safetensors.torch import load_file
-
-    w0, w1, w2 = (load_file(d / "model.safetensors") for d in (tiny_llama_dir, tmp_path / "one" / "policy",
-                                                                tmp_path / "two" / "policy"))
-    moved = np.mean([(w1[k] - w0[k]).abs().mean().item() for k in w0])
-    apart = np.mean([(w1[k] - w2[k]).abs().mean().item() for k in w0])
-    assert moved > 1e-4 and apart < 0.01 * moved, (moved, apart)
+    assert_same_weights(weights(tiny_llama_dir), weights(sft_one / "policy"), weights(tmp_path / "two" / "policy"),
+                        at_least=20)
 
 
-def test_ppo_runs_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp_path):
-    """Each process rolls out its own prompts; gradients are averaged, statistics reduced, one writer."""
+def test_ppo_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp_path):
+    """Each process rolls out its own prompts; gradients are averaged, statistics reduced, one writer. DDP and
+    ZeRO-3 (sharded policy + value head, generation with all processes in step) reach the same checkpoint."""
     from ser.checkpoint import save_reward_model
     from ser.models import load_reward_model
 
     rm, tok = load_reward_model(str(tiny_bert_dir))
     save_reward_model(rm, tok, tmp_path / "rm", {"config": {"model": {"max_length": 64}}})
-    ser(2, "ppo", f"--policy.backbone={tiny_llama_dir}", f"--ppo.rm={tmp_path / 'rm'}", "--ppo.steps=2",
-        "--ppo.batch_size=2", "--ppo.mini_batch_size=2", "--policy.max_new_tokens=6",
-        "--policy.max_prompt_length=24", "--data.limit=40", "--data.test_size=8", "--out", tmp_path / "ppo")
-    records = rows(tmp_path / "ppo" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["ppo/kl"]) for r in records)
-    assert (tmp_path / "ppo" / "checkpoint" / "manifest.json").exists()
+    for engine in ("torchrun", "deepspeed-zero3"):
+        ser(engine, "ppo", f"--policy.backbone={tiny_llama_dir}", f"--ppo.rm={tmp_path / 'rm'}", "--ppo.steps=2",
+            "--ppo.batch_size=2", "--ppo.mini_batch_size=2", "--policy.max_new_tokens=6",
+            "--policy.max_prompt_length=24", "--data.limit=40", "--data.test_size=8", "--out", tmp_path / engine)
+    ddp, zero3 = rows(tmp_path / "torchrun" / "metrics.jsonl"), rows(tmp_path / "deepspeed-zero3" / "metrics.jsonl")
+    assert [r["step"] for r in ddp] == [r["step"] for r in zero3] == [1, 2]
+    assert all(np.isfinite(r["ppo/kl"]) for r in ddp)
+    for key in ("ppo/score", "ppo/policy_loss", "ppo/value_loss"):
+        np.testing.assert_allclose([r[key] for r in zero3], [r[key] for r in ddp], atol=1e-5)
+    assert (tmp_path / "torchrun" / "checkpoint" / "manifest.json").exists()
+    assert_same_weights(weights(tiny_llama_dir), weights(tmp_path / "torchrun" / "checkpoint"),
+                        weights(tmp_path / "deepspeed-zero3" / "checkpoint"), at_least=20, min_move=1e-6)
