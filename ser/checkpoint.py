@@ -137,12 +137,12 @@ def atomic_dir(target: str | Path):
 
 
 def check_whole(model) -> None:
-    """Refuse to save a DeepSpeed ZeRO-3 shard (its large parameters are empty tensors on each process) as if
-    it were the model: gather first with `ser.models.full_parameters`."""
-    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
-    if empty:
-        raise RuntimeError(f"refusing to save a sharded model ({len(empty)} empty parameters, e.g. {empty[0]}); "
-                           f"save inside ser.models.full_parameters(model)")
+    """Refuse to save a DeepSpeed ZeRO-3 shard (its large parameters are empty tensors on each process) or an
+    FSDP shard (DTensor parameters) as if it were the model: gather first with `ser.models.full_parameters`."""
+    sharded = [name for name, p in model.named_parameters() if p.numel() == 0 or type(p).__name__ == "DTensor"]
+    if sharded:
+        raise RuntimeError(f"refusing to save a sharded model ({len(sharded)} sharded parameters, e.g. "
+                           f"{sharded[0]}); save inside ser.models.full_parameters(model)")
 
 
 def save_reward_model(model, tokenizer, target: str | Path, ser_config: dict) -> Path:

@@ -162,27 +162,24 @@ def head_prefixes(model) -> tuple[str, ...]:
 
 
 def unwrap_for_saving(model):
-    """A plain transformers model: LoRA adapters are merged so the directory loads without peft. Every process
-    calls it (under DeepSpeed ZeRO-3 the merge gathers the sharded weights)."""
+    """A plain transformers model: LoRA adapters are merged so the directory loads without peft."""
     if hasattr(model, "merge_and_unload"):
-        with full_parameters(model, modify=True):
-            return model.merge_and_unload()
+        return model.merge_and_unload()
     return model
 
 
 @contextlib.contextmanager
-def full_parameters(model, modify: bool = False):
-    """Whole parameters on every process inside the block. DeepSpeed ZeRO-3 keeps only a shard of each large
-    parameter per process (and gathers it inside each forward pass); saving, or merging LoRA, needs them whole.
-    Every process must enter the block. modify=True keeps the main process's in-place changes. A no-op for
-    unsharded models."""
+def full_parameters(model):
+    """Whole parameters on every process inside the block, to save the model. DeepSpeed ZeRO-3 keeps only a
+    shard of each large parameter per process (and gathers it inside each forward pass); every process must
+    enter the block. A no-op for unsharded models."""
     sharded = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not sharded:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0 if modify else None):
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
         yield
 
 

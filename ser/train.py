@@ -55,6 +55,12 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
         handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed else []
     accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision),
                               cpu=not torch.accelerator.is_available() and not deepspeed, kwargs_handlers=handlers)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Its DTensor shards would need gathering for every save and its RAM-efficient loading leaves models
+        # loaded for scoring on the meta device: neither is built (no GPU to run FSDP on; accelerate enables it
+        # only on GPUs). ZeRO-3 shards the parameters too, and is tested.
+        raise UserError("FSDP is not supported by ser; launch with configs/accelerate/deepspeed-zero3.yaml "
+                        "(parameters sharded as well) instead")
     if accelerator.state.deepspeed_plugin is not None:
         # The engine's batch bookkeeping (no loader is given to it; `micro_batch` marks the accumulation
         # boundaries, so its own count stays 1); clipping is the engine's job under DeepSpeed.

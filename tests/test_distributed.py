@@ -111,6 +111,21 @@ def test_train_rm_two_processes_match_one(engine, train_rm_one, no_dropout_bert,
     assert abs(stats[0]["reward_mean"] - stats[1]["reward_mean"]) < 1e-3
 
 
+def test_lora_under_zero2_matches_one_process_and_zero3_is_refused(no_dropout_bert, shared_data, tmp_path):
+    """The paper-scale preset's setting (LoRA, ZeRO-2), LoRA dropout off: the losses of one process. ZeRO-3
+    cannot merge the adapters of sharded weights: refused with a one-line error before any training."""
+    args = ["train-rm", "--config", "configs/rm-tiny.yaml", f"--model.backbone={no_dropout_bert}",
+            "--model.mode=lora", "--model.lora_dropout=0", "--train.lr=1e-3"]
+    ser(1, *args, "--out", tmp_path / "one")
+    ser("deepspeed-zero2", *args, "--out", tmp_path / "two")
+    loss = lambda run: [r["train/loss"] for r in rows(tmp_path / run / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
+    assert len(loss("one")) == 10
+    np.testing.assert_allclose(loss("two"), loss("one"), atol=1e-4)
+    with pytest.raises(AssertionError, match="error: model.mode=lora is not supported under DeepSpeed ZeRO-3"):
+        ser("deepspeed-zero3", *args, "--out", tmp_path / "three")
+    assert not (tmp_path / "three" / "rm").exists()
+
+
 def test_score_two_processes_identical(train_rm_one, tmp_path):
     """Scoring a saved RM: sharded batches, gathered in input order, bit-identical."""
     for procs in (1, 2):

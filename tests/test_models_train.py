@@ -285,3 +285,13 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing_half_written(tiny_bert_di
     assert error.startswith("error: ") and "No space left on device" in error and "--resume" in error
     assert (run / "config.yaml").exists() and not (run / "checkpoint").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
+
+
+def test_a_sharded_model_is_never_saved_as_the_model(tiny_bert_dir, tmp_path):
+    """On each ZeRO-3 process a large parameter is an empty tensor (its shard lives elsewhere): saving that as
+    the model would write a broken checkpoint, so it is refused and nothing is written."""
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    rm.classifier.weight.data = torch.empty(0)
+    with pytest.raises(RuntimeError, match="sharded model .1 sharded parameters, e.g. classifier.weight"):
+        save_reward_model(rm, tok, tmp_path / "rm", {})
+    assert not (tmp_path / "rm").exists()
