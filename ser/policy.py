@@ -93,10 +93,10 @@ def generate(model, tokenizer, prompts: list[str], pcfg, *, do_sample: bool = Tr
     # top_k=0 and top_p=1.0 switch those filters off (None would fall back to the model's generation_config)
     # ZeRO-3 gathers parameters inside every forward pass: all processes keep stepping until all have finished
     synced = torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in model.parameters())
-    out = model.generate(**enc, do_sample=do_sample, synced_gpus=synced, temperature=pcfg.temperature if do_sample else None,
+    out = model.generate(**enc, do_sample=do_sample, temperature=pcfg.temperature if do_sample else None,
                          top_k=pcfg.top_k if do_sample else None, top_p=pcfg.top_p if do_sample else None,
                          max_new_tokens=pcfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
     model.train(was_training)
     responses = out[:, enc["input_ids"].shape[1] :]
     mask, ended = response_mask(responses, tokenizer.eos_token_id)

@@ -1,6 +1,6 @@
 """Reward-model training: a plain PyTorch loop on `accelerate` with the pairwise (Bradley–Terry) loss.
 
-The same loop runs on one CPU, under `accelerate launch` / `torchrun` with N processes (DDP) and under DeepSpeed/FSDP:
+The same loop runs on one CPU, under `torchrun` with N processes (DDP) and under DeepSpeed ZeRO (`accelerate launch`):
 device placement, model wrapping and mixed precision come from `Accelerator`; the loop itself deals each global
 batch out to the processes (`rank_share`) and accumulates gradients, so N processes compute what one does.
 """
@@ -44,17 +44,16 @@ def resolve_precision(name: str) -> str:
 
 
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
-    """Device placement, DDP/DeepSpeed/FSDP wrapping and mixed precision. The loops below shard the data and
+    """Device placement, DDP/DeepSpeed wrapping and mixed precision. The loops below shard the data and
     accumulate gradients themselves (`rank_share`), so `train.batch_size` is the global batch and a run
     gives the same result on 1 or N processes."""
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    handlers = []
-    if not torch.accelerator.is_available():
-        # Without a GPU the processes join through gloo: plain runs (`torchrun`) as accelerate's MULTI_CPU;
-        # DeepSpeed (`accelerate launch --config_file configs/accelerate/deepspeed-*.yaml`) on its CPU backend.
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed else []
-    accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision),
-                              cpu=not torch.accelerator.is_available() and not deepspeed, kwargs_handlers=handlers)
+    no_gpu = not torch.accelerator.is_available()
+    # Without a GPU the processes join through gloo: plain runs (`torchrun`) as accelerate's MULTI_CPU, DeepSpeed
+    # runs (`accelerate launch --config_file configs/accelerate/deepspeed-*.yaml`) on DeepSpeed's CPU backend
+    # (accelerate turns DeepSpeed off when cpu=True).
+    accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision), cpu=no_gpu and not deepspeed,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and deepspeed else [])
     if accelerator.distributed_type == DistributedType.FSDP:
         # Its DTensor shards would need gathering for every save and its RAM-efficient loading leaves models
         # loaded for scoring on the meta device: neither is built (no GPU to run FSDP on; accelerate enables it
@@ -221,10 +220,9 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         log.info("%s: resumed from %s at step %d of %d", desc, checkpoint, step, steps)
     rm, optimizer = accelerator.prepare(rm, optimizer)
     done = step * tcfg.grad_accum  # micro-batches already trained (before the checkpoint)
-    # Mid-training checkpoints gather full state dicts on the main process: plain or DDP runs. Sharded engines
-    # (DeepSpeed, FSDP) would need accelerator.save_state; not built (no GPU here to test it).
-    resumable = checkpoint is not None and accelerator.distributed_type not in (DistributedType.DEEPSPEED,
-                                                                                 DistributedType.FSDP)
+    # Mid-training checkpoints gather full state dicts on the main process: plain or DDP runs. DeepSpeed
+    # partitions the optimizer state (it would need accelerator.save_state; not built).
+    resumable = checkpoint is not None and accelerator.distributed_type != DistributedType.DEEPSPEED
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not sys.stderr.isatty() or not accelerator.is_main_process)
     for i, global_batch in enumerate(batches):
         if i < done:
