@@ -108,7 +108,16 @@ def _metrics(run: Path) -> list[dict]:
             if line.strip() and ("rm/acc" in line or "ser/stop" in line)]
 
 
+def one_process(command: str) -> None:
+    """`ser experiment` and `ser curve` drive many runs from one process (it writes their files); under
+    `torchrun`/`accelerate launch` that is an error before any work."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"ser {command} runs on one process; launch the runs it is made of (ser evolve, "
+                        f"ser train-rm) on several instead")
+
+
 def run_experiment(cfg: Config, out: str) -> Path:
+    one_process("experiment")
     root = check_writable(out)
     t0, commit = time.time(), _commit()  # the code that ran, even if the checkout moves during the run
     per_seed = {seed: run_seed(cfg, root, seed) for seed in cfg.experiment.seeds}
@@ -259,6 +268,7 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
     labelled pairs (seed + pool of that seed's split, a nested prefix in hash order) for `train.epochs` and
     scored on that split's test set. Sizes are counts, fractions of all pairs (like data.seed_size) or `all`.
     Finished points are kept on disk, so a killed run continues where it stopped."""
+    one_process("curve")
     try:
         sizes = [s if s == "all" else float(s) if "." in s else int(s) for s in sizes]
     except ValueError:

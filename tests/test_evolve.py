@@ -268,3 +268,17 @@ def test_learning_curve(tiny_bert_dir, shared_data, tmp_path):
     with pytest.raises(UserError, match="other settings"):
         run_curve(load_config(None, tiny_overrides(tiny_bert_dir, **{"train.lr": 1e-4, "train.epochs": 1})),
                   str(root), ["8"])
+
+
+def test_experiment_and_curve_refuse_several_processes(tiny_bert_dir, monkeypatch, tmp_path):
+    """They write their runs' files from one process: under torchrun (WORLD_SIZE=2) an error, nothing written."""
+    from ser.errors import UserError
+    from ser.experiment import run_curve, run_experiment
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir))
+    with pytest.raises(UserError, match="ser curve runs on one process"):
+        run_curve(cfg, str(tmp_path / "curve"), ["8"])
+    with pytest.raises(UserError, match="ser experiment runs on one process"):
+        run_experiment(cfg, str(tmp_path / "exp"))
+    assert not list(tmp_path.iterdir())
