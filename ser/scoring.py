@@ -24,13 +24,15 @@ from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs
 def fp32_head(rm, enabled: bool):
     """Run the reward head (the modules outside the backbone: score/classifier, pooler) in fp32 while the
     backbone runs under bf16 autocast, so rewards are not rounded to bf16's 8-bit mantissa (which would turn
-    close pairs into exact ties, counted as wrong)."""
+    close pairs into exact ties, counted as wrong). A head whose weights are stored in bf16 (DeepSpeed's bf16
+    mode holds the whole module in bf16) runs in bf16."""
     if not enabled:
         yield
         return
     model = getattr(rm, "module", rm)
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    heads = [m for name, m in model.named_modules() if name and f"{name}." in head_prefixes(model)]
+    heads = [m for name, m in model.named_modules() if name and f"{name}." in head_prefixes(model)
+             and all(p.dtype == torch.float32 for p in m.parameters())]
     originals = [m.forward for m in heads]
 
     def wrap(forward):

@@ -25,15 +25,17 @@ pytestmark = pytest.mark.slow
 
 def ser(procs: int | str, *args):
     """Run `ser` on one process (procs=1), or on two under `torchrun` (2 or "torchrun") or `accelerate launch`
-    with a shipped DeepSpeed preset ("deepspeed-zero2", "deepspeed-zero3")."""
+    with a shipped DeepSpeed preset ("deepspeed-zero2", "deepspeed-zero3"; in fp32 unless ":bf16" is added,
+    the presets' own setting)."""
     if procs in (2, "torchrun"):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     elif procs != 1:
         with socket.socket() as sock:  # a free rendezvous port (accelerate's default is fixed)
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
+        preset, _, precision = procs.partition(":")
         launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-                    f"configs/accelerate/{procs}.yaml", "--num_processes=2", "--mixed_precision=no",
+                    f"configs/accelerate/{preset}.yaml", "--num_processes=2", f"--mixed_precision={precision or 'no'}",
                     f"--main_process_port={port}"]
     cmd = [*(launcher if procs != 1 else [sys.executable]), "-m", "ser", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -108,6 +110,25 @@ def test_train_rm_two_processes_match_one(engine, train_rm_one, no_dropout_bert,
     # the reward statistics saved with the RM are computed by all processes (sharded) under every engine
     stats = [json.loads((d / "rm" / "ser_config.json").read_text()) for d in (train_rm_one, tmp_path / "two")]
     assert abs(stats[0]["reward_mean"] - stats[1]["reward_mean"]) < 1e-3
+
+
+def test_shipped_preset_in_bf16(no_dropout_bert, shared_data, tmp_path):
+    """The presets as shipped train in bf16. DeepSpeed then holds the whole module in bf16, the reward head too
+    (one process: fp32 weights under autocast, fp32 head): the losses of one process to bf16 rounding, the test
+    accuracy within 3 of 100 pairs, and a bf16 RM that transformers loads."""
+    args = [*TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--train.mixed_precision=bf16"]
+    ser(1, *args, "--out", tmp_path / "one")
+    ser("deepspeed-zero3:bf16", *args, "--out", tmp_path / "two")
+    loss = lambda run: [r["train/loss"] for r in rows(tmp_path / run / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
+    np.testing.assert_allclose(loss("two"), loss("one"), atol=2e-3)
+    acc = [json.loads((tmp_path / run / "result.json").read_text())["test/accuracy"] for run in ("one", "two")]
+    assert abs(acc[0] - acc[1]) <= 0.03 + 1e-9
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    assert {v.dtype for v in weights(tmp_path / "two" / "rm").values()} == {torch.bfloat16}
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "two" / "rm")
+    assert rm.config.num_labels == 1
 
 
 def test_lora_under_zero2_matches_one_process_and_zero3_is_refused(no_dropout_bert, shared_data, tmp_path):
