@@ -134,7 +134,8 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         kl_ctl.value = state["kl_coef"]
     policy, optimizer = accelerator.prepare(policy, optimizer)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    reference.to(device)
+    # the reference in the policy's precision (DeepSpeed's bf16 mode holds the policy in bf16): KL 0 at step 0
+    reference.to(device, dtype=next(accelerator.unwrap_model(policy).parameters()).dtype)
     rm.to(device)
     prompts = ppo_prompts(cfg)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(pc.seed)).tolist()
