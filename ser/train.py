@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from ser.checkpoint import atomic_dir, verify_manifest
@@ -128,24 +128,34 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
                      losses: list[float], totals: np.ndarray) -> None:
     """A resumable mid-training checkpoint, written atomically with a manifest: weights, optimizer, schedule,
     the step, the running statistics and every process's RNG states (dropout continues exactly; an fp16 loss
-    scaler's state is not kept)."""
+    scaler's state is not kept). Under DeepSpeed each process writes its own partition of the weights and
+    optimizer state (`accelerator.save_state`) into the main process's temporary directory."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
     rng = gather_object([[torch.get_rng_state(), cuda_rng]])  # one per process, in rank order
-    if accelerator.is_main_process:
-        with atomic_dir(directory) as tmp:
-            torch.save({"model": accelerator.unwrap_model(rm).state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step, "losses": losses,
-                        "totals": totals.tolist(), "rng": rng}, tmp / "train_state.pt")
+    sharded, main = accelerator.distributed_type == DistributedType.DEEPSPEED, accelerator.is_main_process
+    with atomic_dir(directory) if main else contextlib.nullcontext() as tmp:
+        if sharded:
+            tmp = broadcast_object_list([tmp])[0]
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()  # every partition is written before the manifest
+        if main:
+            state = {"scheduler": scheduler.state_dict(), "step": step, "losses": losses, "totals": totals.tolist(),
+                     "rng": rng}
+            if not sharded:
+                state |= {"model": accelerator.unwrap_model(rm).state_dict(), "optimizer": optimizer.state_dict()}
+            torch.save(state, tmp / "train_state.pt")
             (tmp / "step.json").write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
 
 
 def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int) -> dict:
-    """Restore what `save_train_state` wrote (before `accelerator.prepare`); a corrupt checkpoint is an error."""
+    """Restore what `save_train_state` wrote (before `accelerator.prepare`; a DeepSpeed checkpoint's weights
+    and optimizer state are loaded after it, by `accelerator.load_state`); a corrupt checkpoint is an error."""
     verify_manifest(directory)
     state = torch.load(directory / "train_state.pt", weights_only=True, map_location="cpu")
-    rm.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if "model" in state:
+        rm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     cpu_rng, cuda_rng = state["rng"][rank % len(state["rng"])]
     torch.set_rng_state(cpu_rng)
@@ -219,10 +229,9 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         step, losses, totals = state["step"], list(state["losses"]), np.array(state["totals"])
         log.info("%s: resumed from %s at step %d of %d", desc, checkpoint, step, steps)
     rm, optimizer = accelerator.prepare(rm, optimizer)
+    if step and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.load_state(str(checkpoint))  # each process's partition of the weights and optimizer state
     done = step * tcfg.grad_accum  # micro-batches already trained (before the checkpoint)
-    # Mid-training checkpoints gather full state dicts on the main process: plain or DDP runs. DeepSpeed
-    # partitions the optimizer state (it would need accelerator.save_state; not built).
-    resumable = checkpoint is not None and accelerator.distributed_type != DistributedType.DEEPSPEED
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not sys.stderr.isatty() or not accelerator.is_main_process)
     for i, global_batch in enumerate(batches):
         if i < done:
@@ -266,7 +275,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         losses.append(record["train/loss"])
         if on_step is not None:
             on_step(step, record, rm)
-        if resumable and tcfg.save_every and step % tcfg.save_every == 0 and step < steps:
+        if checkpoint is not None and tcfg.save_every and step % tcfg.save_every == 0 and step < steps:
             save_train_state(checkpoint, accelerator, rm, optimizer, scheduler, step, losses, totals)
     bar.close()
     rm = accelerator.unwrap_model(rm)

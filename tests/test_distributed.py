@@ -9,11 +9,14 @@ a shard of each large parameter: these tests also show that training, scoring (w
 of forward passes on every process) and saving (gathered, never a shard) give the one-process results.
 """
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def ser(procs: int | str, *args):
-    """Run `ser` on one process (procs=1), or on two under `torchrun` (2 or "torchrun") or `accelerate launch`
+def command(procs: int | str, *args) -> list[str]:
+    """`ser ARGS` on one process (procs=1), or on two under `torchrun` (2 or "torchrun") or `accelerate launch`
     with a shipped DeepSpeed preset ("deepspeed-zero2", "deepspeed-zero3"; in fp32 unless ":bf16" is added,
     the presets' own setting)."""
+    if procs == 1:
+        return [sys.executable, "-m", "ser", *map(str, args)]
     if procs in (2, "torchrun"):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    elif procs != 1:
+    else:
         with socket.socket() as sock:  # a free rendezvous port (accelerate's default is fixed)
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -37,9 +42,14 @@ def ser(procs: int | str, *args):
         launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                     f"configs/accelerate/{preset}.yaml", "--num_processes=2", f"--mixed_precision={precision or 'no'}",
                     f"--main_process_port={port}"]
-    cmd = [*(launcher if procs != 1 else [sys.executable]), "-m", "ser", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    return [*launcher, "-m", "ser", *map(str, args)]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def ser(procs: int | str, *args) -> str:
+    p = subprocess.run(command(procs, *args), cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
@@ -144,6 +154,39 @@ def test_lora_under_zero2_matches_one_process_and_zero3_is_refused(no_dropout_be
     with pytest.raises(AssertionError, match="error: model.mode=lora is not supported under DeepSpeed ZeRO-3"):
         ser("deepspeed-zero3", *args, "--out", tmp_path / "three")
     assert not (tmp_path / "three" / "rm").exists()
+
+
+def test_deepspeed_train_rm_resume_after_sigkill(train_rm_one, no_dropout_bert, tmp_path):
+    """ZeRO-3 mid-training checkpoints: every process writes its partition of the weights and optimizer state
+    into the main process's atomic directory. The whole launch killed with SIGKILL after the step-2 checkpoint,
+    then resumed, ends where one uninterrupted process does (as the ZeRO-3 run above)."""
+    args = [*TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--train.save_every=2"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command("deepspeed-zero3", *args, "--out", run), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while '"step": 3,' not in ((run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""):
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before the kill point"
+        time.sleep(0.01)
+    import psutil
+
+    launcher = psutil.Process(proc.pid)
+    everyone = [*launcher.children(recursive=True), launcher]  # the workers are in sessions of their own
+    for p in everyone:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(everyone, timeout=30)
+    assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 2
+    assert not (run / "result.json").exists()
+    ser("deepspeed-zero3", "train-rm", "--resume", run)
+    one, two = rows(train_rm_one / "metrics.jsonl"), rows(run / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 5]  # the lines after the checkpoint were redone once
+    loss = lambda rs: np.array([r["train/loss"] for r in rs if "train/loss" in r])  # noqa: E731
+    np.testing.assert_allclose(loss(two), loss(one), atol=1e-4)
+    assert_same_weights(weights(no_dropout_bert, "bert."), weights(train_rm_one / "rm"), weights(run / "rm"),
+                        at_least=50)
+    assert not (run / "checkpoint").exists()
 
 
 def test_score_two_processes_identical(train_rm_one, tmp_path):
