@@ -140,7 +140,7 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
             accelerator.wait_for_everyone()  # every partition is written before the manifest
         if main:
             state = {"scheduler": scheduler.state_dict(), "step": step, "losses": losses, "totals": totals.tolist(),
-                     "rng": rng}
+                     "rng": rng, "deepspeed_world": accelerator.num_processes if sharded else 0}
             if not sharded:
                 state |= {"model": accelerator.unwrap_model(rm).state_dict(), "optimizer": optimizer.state_dict()}
             torch.save(state, tmp / "train_state.pt")
@@ -148,11 +148,16 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
     accelerator.wait_for_everyone()
 
 
-def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int) -> dict:
+def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int, deepspeed_world: int = 0) -> dict:
     """Restore what `save_train_state` wrote (before `accelerator.prepare`; a DeepSpeed checkpoint's weights
-    and optimizer state are loaded after it, by `accelerator.load_state`); a corrupt checkpoint is an error."""
+    and optimizer state are loaded after it, by `accelerator.load_state`). A corrupt checkpoint, or one written
+    by another launch (DeepSpeed partitions depend on the number of processes), is an error."""
     verify_manifest(directory)
     state = torch.load(directory / "train_state.pt", weights_only=True, map_location="cpu")
+    launch = lambda n: f"DeepSpeed on {n} processes" if n else "a run without DeepSpeed"  # noqa: E731
+    if state.get("deepspeed_world", 0) != deepspeed_world:
+        raise UserError(f"{directory}: written by {launch(state.get('deepspeed_world', 0))}; resume it the same "
+                        f"way (this is {launch(deepspeed_world)})")
     if "model" in state:
         rm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -225,7 +230,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     rm.train()
     step, window, totals = 0, [], np.zeros(3)  # totals: summed loss, pairs, correct pairs
     if checkpoint is not None and checkpoint.exists():
-        state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index)
+        deepspeed_world = accelerator.num_processes if accelerator.distributed_type == DistributedType.DEEPSPEED else 0
+        state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index, deepspeed_world)
         step, losses, totals = state["step"], list(state["losses"]), np.array(state["totals"])
         log.info("%s: resumed from %s at step %d of %d", desc, checkpoint, step, steps)
     rm, optimizer = accelerator.prepare(rm, optimizer)

@@ -179,6 +179,9 @@ def test_deepspeed_train_rm_resume_after_sigkill(train_rm_one, no_dropout_bert, 
     psutil.wait_procs(everyone, timeout=30)
     assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 2
     assert not (run / "result.json").exists()
+    # the partitions belong to 2 DeepSpeed processes: resuming on 1 plain process is refused, not run from scratch
+    with pytest.raises(AssertionError, match="written by DeepSpeed on 2 processes; resume it the same way"):
+        ser(1, "train-rm", "--resume", run)
     ser("deepspeed-zero3", "train-rm", "--resume", run)
     one, two = rows(train_rm_one / "metrics.jsonl"), rows(run / "metrics.jsonl")
     assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 5]  # the lines after the checkpoint were redone once
