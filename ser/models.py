@@ -168,12 +168,17 @@ def unwrap_for_saving(model):
     return model
 
 
+def zero3_parameters(model) -> list:
+    """The parameters DeepSpeed ZeRO-3 partitions across the processes (none: an unsharded model)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 @contextlib.contextmanager
 def full_parameters(model):
     """Whole parameters on every process inside the block, to save the model. DeepSpeed ZeRO-3 keeps only a
     shard of each large parameter per process (and gathers it inside each forward pass); every process must
     enter the block. A no-op for unsharded models."""
-    sharded = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    sharded = zero3_parameters(model)
     if not sharded:
         yield
         return

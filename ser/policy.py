@@ -15,7 +15,7 @@ import torch
 from ser.checkpoint import append_jsonl, atomic_dir, check_whole, check_writable
 from ser.config import Config, to_dict
 from ser.errors import UserError
-from ser.models import full_parameters, keep_eos_trainable, load_tokenizer, resolve_backbone
+from ser.models import full_parameters, keep_eos_trainable, load_tokenizer, resolve_backbone, zero3_parameters
 
 log = logging.getLogger(__name__)
 _TURN = re.compile(r"\n\n(Human|Assistant|System): ")
@@ -92,7 +92,7 @@ def generate(model, tokenizer, prompts: list[str], pcfg, *, do_sample: bool = Tr
     model.eval()
     # top_k=0 and top_p=1.0 switch those filters off (None would fall back to the model's generation_config)
     # ZeRO-3 gathers parameters inside every forward pass: all processes keep stepping until all have finished
-    synced = torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in model.parameters())
+    synced = torch.distributed.is_initialized() and bool(zero3_parameters(model))
     out = model.generate(**enc, do_sample=do_sample, temperature=pcfg.temperature if do_sample else None,
                          top_k=pcfg.top_k if do_sample else None, top_p=pcfg.top_p if do_sample else None,
                          max_new_tokens=pcfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,

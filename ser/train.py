@@ -26,7 +26,8 @@ from ser.checkpoint import atomic_dir, verify_manifest
 from ser.config import TrainConfig
 from ser.errors import UserError
 from ser.losses import pairwise_losses
-from ser.models import can_share_prompt, collate, encode_pairs, pack_pairs, packed_pair_rewards
+from ser.models import (can_share_prompt, collate, encode_pairs, pack_pairs, packed_pair_rewards,
+                        zero3_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def prepare_for_scoring(model, accelerator: Accelerator):
     """A model loaded for scoring on this process. Under DeepSpeed ZeRO-3, `from_pretrained` loads only this
     process's shard of each parameter; an inference engine (no optimizer) then gathers them inside each forward
     pass, so every process must score the same number of batches (`ser.scoring.my_batches` does)."""
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
+    if zero3_parameters(model):
         return accelerator.unwrap_model(accelerator.prepare(model))
     return model.to(accelerator.device)
 
