@@ -97,11 +97,16 @@ TRAIN_RM = ["train-rm", "--config", "configs/rm-tiny.yaml", "--train.batch_size=
             "--train.lr=1e-4", "--train.eval_every=2"]
 
 
+def one_process_run(tmp_path_factory, name: str, *args) -> Path:
+    """A one-process reference run, made once per module and compared with by several tests."""
+    out = tmp_path_factory.mktemp(name) / "one"
+    ser(1, *args, "--out", out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def train_rm_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train-rm") / "one"
-    ser(1, *TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--out", out)
-    return out
+    return one_process_run(tmp_path_factory, "train-rm", *TRAIN_RM, f"--model.backbone={no_dropout_bert}")
 
 
 @pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3"])  # ZeRO-2: the LoRA test below
@@ -216,9 +221,7 @@ EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iteration
 
 @pytest.fixture(scope="module")
 def evolve_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("evolve") / "one"
-    ser(1, *EVOLVE, f"--model.backbone={no_dropout_bert}", "--out", out)
-    return out
+    return one_process_run(tmp_path_factory, "evolve", *EVOLVE, f"--model.backbone={no_dropout_bert}")
 
 
 @pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3"])
@@ -246,9 +249,7 @@ SFT = ["sft", "--config", "configs/sft-smollm2-hh.yaml", "--data.limit=40", "--d
 
 @pytest.fixture(scope="module")
 def sft_one(tiny_llama_dir, shared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sft") / "one"
-    ser(1, *SFT, f"--policy.backbone={tiny_llama_dir}", "--out", out)
-    return out
+    return one_process_run(tmp_path_factory, "sft", *SFT, f"--policy.backbone={tiny_llama_dir}")
 
 
 @pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3"])
