@@ -173,19 +173,52 @@ def zero3_parameters(model) -> list:
     return [p for p in model.parameters() if hasattr(p, "ds_id")]
 
 
+def fsdp_sharded(model) -> bool:
+    """Whether FSDP2 (`fully_shard`) has split the parameters across the processes (DTensor shards)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def sharded(model) -> bool:
+    """Whether each process holds only a shard of the weights (ZeRO-3 or FSDP): every process must then run
+    every forward pass (each one gathers the parameters from all processes)."""
+    return bool(zero3_parameters(model)) or fsdp_sharded(model)
+
+
 @contextlib.contextmanager
 def full_parameters(model):
-    """Whole parameters on every process inside the block, to save the model. DeepSpeed ZeRO-3 keeps only a
-    shard of each large parameter per process (and gathers it inside each forward pass); every process must
-    enter the block. A no-op for unsharded models."""
-    sharded = zero3_parameters(model)
-    if not sharded:
+    """Whole parameters inside the block, to save the model; every process must enter it. DeepSpeed ZeRO-3
+    keeps only a shard of each large parameter per process: gathered on every process. FSDP2 keeps DTensor
+    shards: the full (fp32, unsharded) state is gathered to the main process's CPU memory and put in place of
+    the shards there for the block, the other processes keep their shards. A no-op for unsharded models."""
+    if zero3_parameters(model):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3_parameters(model), modifier_rank=None):
+            yield
+        return
+    if not fsdp_sharded(model):
         yield
         return
-    import deepspeed
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    swapped, by_id = [], {}  # (module, name, shard); tied parameters stay tied
+    if dist.get_rank() == 0:
+        for prefix, module in model.named_modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                key = f"{prefix}.{name}" if prefix else name
+                if id(p) not in by_id:
+                    by_id[id(p)] = torch.nn.Parameter(full[key], requires_grad=p.requires_grad)
+                swapped.append((module, name, p))
+                module._parameters[name] = by_id[id(p)]
+    try:
         yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
 
 
 # ---------------------------------------------------------------- tokenization

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from ser.checkpoint import (append_jsonl, atomic_write_text, check_writable, read_ser_config, save_reward_model,
                             truncate_jsonl, verify_manifest)
@@ -83,10 +83,11 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
     Periodic evaluation on `eval_pairs` every `train.eval_every` steps; metrics go to `metrics_path`;
     resumable training state in `checkpoint` (see `train_reward_model`)."""
     plugin = accelerator.state.deepspeed_plugin
-    if cfg.model.mode == "lora" and plugin is not None and plugin.zero_stage == 3:
-        # merging the adapters needs whole weights, and a merged ZeRO-3 submodule no longer gathers its own
-        raise UserError("model.mode=lora is not supported under DeepSpeed ZeRO-3; use ZeRO-2 "
-                        "(configs/accelerate/deepspeed-zero2.yaml: LoRA trains few parameters)")
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    if cfg.model.mode == "lora" and (zero3 or accelerator.distributed_type == DistributedType.FSDP):
+        # merging the adapters needs whole weights, and a merged sharded model no longer gathers its own
+        raise UserError(f"model.mode=lora is not supported under {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'}; use "
+                        "ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml: LoRA trains few parameters)")
     set_seed(cfg.train.seed)  # the score head's initialisation and the shuffling are seeded
     lora = {"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "dropout": cfg.model.lora_dropout,
             "targets": cfg.model.lora_targets}

@@ -15,7 +15,7 @@ import torch
 from ser.checkpoint import append_jsonl, atomic_dir, check_whole, check_writable
 from ser.config import Config, to_dict
 from ser.errors import UserError
-from ser.models import full_parameters, keep_eos_trainable, load_tokenizer, resolve_backbone, zero3_parameters
+from ser.models import full_parameters, keep_eos_trainable, load_tokenizer, resolve_backbone, sharded
 
 log = logging.getLogger(__name__)
 _TURN = re.compile(r"\n\n(Human|Assistant|System): ")
@@ -91,8 +91,8 @@ def generate(model, tokenizer, prompts: list[str], pcfg, *, do_sample: bool = Tr
     was_training = model.training
     model.eval()
     # top_k=0 and top_p=1.0 switch those filters off (None would fall back to the model's generation_config)
-    # ZeRO-3 gathers parameters inside every forward pass: all processes keep stepping until all have finished
-    synced = torch.distributed.is_initialized() and bool(zero3_parameters(model))
+    # ZeRO-3 and FSDP gather parameters inside every forward pass: all processes keep stepping until all are done
+    synced = torch.distributed.is_initialized() and sharded(model)
     out = model.generate(**enc, do_sample=do_sample, temperature=pcfg.temperature if do_sample else None,
                          top_k=pcfg.top_k if do_sample else None, top_p=pcfg.top_p if do_sample else None,
                          max_new_tokens=pcfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -123,7 +123,8 @@ def run_sft(cfg: Config, out: str) -> dict:
     from accelerate.utils import set_seed
 
     from ser.pipeline import load_splits
-    from ser.train import epoch_order, length_grouped_batches, make_accelerator, micro_batch, rank_share
+    from ser.train import (epoch_order, length_grouped_batches, make_accelerator, micro_batch, prepare_for_training,
+                           rank_share)
 
     root = check_writable(out)
     set_seed(cfg.train.seed)
@@ -161,7 +162,7 @@ def run_sft(cfg: Config, out: str) -> dict:
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * steps),
                               num_training_steps=steps)
     model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_for_training(accelerator, model, optimizer)
     t0, step, losses, window = time.time(), 0, [], np.zeros(2)  # window: summed token loss, answer tokens
     for i, global_batch in enumerate(batches):
         # This process's rows; the loss is a sum over answer tokens divided by the global batch's count, so the
@@ -197,7 +198,7 @@ def run_sft(cfg: Config, out: str) -> dict:
     model = accelerator.unwrap_model(model)
     summary = {"steps": step, "pairs": len(rows), "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
                "seconds": time.time() - t0}
-    with full_parameters(model):  # whole weights under ZeRO-3; every process enters
+    with full_parameters(model):  # whole weights under ZeRO-3 / FSDP; every process enters
         if accelerator.is_main_process:
             save_policy(model, tok, root / "policy", cfg, {"sft": summary})
     log.info("sft: %d steps on %d answers, final loss %.4f, %.0fs", step, len(rows), summary["final_loss"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.distributed.fsdp import register_fsdp_forward_method
 
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_whole, check_writable,
                             truncate_jsonl, verify_manifest)
@@ -31,12 +32,25 @@ log = logging.getLogger(__name__)
 
 
 class PolicyWithValue(torch.nn.Module):
-    """The policy LM and its value head (a linear map of the last hidden state) as one module, so DDP and
-    DeepSpeed wrap, shard and save them together. value_head=None: the frozen reference policy."""
+    """The policy LM and its value head (a linear map of the last hidden state) as one module, so DDP,
+    DeepSpeed and FSDP wrap, shard and save them together. value_head=None: the frozen reference policy."""
 
     def __init__(self, policy, value_head: torch.nn.Linear | None):
         super().__init__()
         self.policy, self.value_head = policy, value_head
+
+    @property
+    def _no_split_modules(self) -> list[str]:  # FSDP's units: the policy's transformer blocks
+        return self.policy._no_split_modules
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def generate(self, **kwargs):
+        """Rollouts. Under FSDP this is registered as a forward method of the sharded module (its pre-forward
+        gathers the weights outside the transformer blocks), so sample through here, not `self.policy`."""
+        return self.policy.generate(**kwargs)
 
     def forward(self, input_ids, attention_mask, position_ids):
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -79,7 +93,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     from accelerate.utils import set_seed
 
     from ser.pipeline import load_saved_rm
-    from ser.train import make_accelerator
+    from ser.train import make_accelerator, prepare_for_training, sharded_engine
 
     if resume:
         root = Path(resume)
@@ -123,16 +137,17 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.lr)
     kl_ctl = AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
     accelerator = make_accelerator(cfg.train)  # one optimizer step per mini-batch: nothing accumulates
-    deepspeed = accelerator.state.deepspeed_plugin is not None
+    engine = sharded_engine(accelerator)  # DeepSpeed / FSDP split the optimizer state across processes
     if state:
         extra = torch.load(root / "checkpoint" / "ppo_state.pt", weights_only=True)
         value_head.load_state_dict(extra["value_head"])
-        if extra.get("optimizer") is not None and not deepspeed:
+        if extra.get("optimizer") is not None and not engine:
             optimizer.load_state_dict(extra["optimizer"])
-        else:  # DeepSpeed partitions the optimizer state across processes; the checkpoint holds none
-            log.warning("ppo: resuming without the optimizer's moments (DeepSpeed run)")
+        else:  # the checkpoint of a DeepSpeed / FSDP run holds no optimizer state
+            log.warning("ppo: resuming without the optimizer's moments (%s run)", engine or "DeepSpeed/FSDP")
         kl_ctl.value = state["kl_coef"]
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = prepare_for_training(accelerator, policy, optimizer)
+    register_fsdp_forward_method(accelerator.unwrap_model(policy), "generate")  # a no-op unless FSDP
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     # the reference in the policy's precision (DeepSpeed's bf16 mode holds the policy in bf16): KL 0 at step 0
     reference.to(device, dtype=next(accelerator.unwrap_model(policy).parameters()).dtype)
@@ -145,7 +160,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         first = (step * world + rank) * pc.batch_size  # each process its own prompts
         batch = [prompts[order[(first + i) % len(prompts)]] for i in range(pc.batch_size)]
         # 1. Rollout: sample an answer per prompt from the current policy.
-        enc, responses, mask, ended, texts = generate(accelerator.unwrap_model(policy).policy, tok, batch, gen,
+        enc, responses, mask, ended, texts = generate(accelerator.unwrap_model(policy), tok, batch, gen,
                                                       seed=(pc.seed * 100003 + step) * 1009 + rank)
         # 2. Reward: the RM scores the decoded answer with its own tokenizer; shaped, unfinished answers penalised.
         score = torch.as_tensor(score_texts(rm, rm_tok, batch, texts, rm_max_len), dtype=torch.float32,
@@ -200,9 +215,9 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
                  record["ppo/answer_tokens"])
         if (step + 1) % pc.save_every == 0 or step + 1 == pc.steps:
             model = accelerator.unwrap_model(policy)
-            with full_parameters(model):  # whole weights under ZeRO-3; every process enters
+            with full_parameters(model):  # whole weights under ZeRO-3 / FSDP; every process enters
                 if accelerator.is_main_process:
-                    _checkpoint(root, model, None if deepspeed else optimizer.state_dict(), tok, cfg, step + 1,
+                    _checkpoint(root, model, None if engine else optimizer.state_dict(), tok, cfg, step + 1,
                                 kl_ctl.value)
             accelerator.wait_for_everyone()
     return root

@@ -16,8 +16,8 @@ import contextlib
 import numpy as np
 import torch
 
-from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs, head_prefixes, pack_pairs,
-                        packed_pair_rewards)
+from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs, fsdp_sharded, head_prefixes,
+                        pack_pairs, packed_pair_rewards)
 
 
 @contextlib.contextmanager
@@ -25,8 +25,8 @@ def fp32_head(rm, enabled: bool):
     """Run the reward head (the modules outside the backbone: score/classifier, pooler) in fp32 while the
     backbone runs under bf16 autocast, so rewards are not rounded to bf16's 8-bit mantissa (which would turn
     close pairs into exact ties, counted as wrong). A head whose weights are stored in bf16 (DeepSpeed's bf16
-    mode holds the whole module in bf16) runs in bf16."""
-    if not enabled:
+    mode holds the whole module in bf16), or gathered in bf16 (FSDP's mixed precision), runs in bf16."""
+    if not enabled or fsdp_sharded(rm):
         yield
         return
     model = getattr(rm, "module", rm)

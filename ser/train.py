@@ -1,8 +1,9 @@
 """Reward-model training: a plain PyTorch loop on `accelerate` with the pairwise (Bradley–Terry) loss.
 
-The same loop runs on one CPU, under `torchrun` with N processes (DDP) and under DeepSpeed ZeRO (`accelerate launch`):
-device placement, model wrapping and mixed precision come from `Accelerator`; the loop itself deals each global
-batch out to the processes (`rank_share`) and accumulates gradients, so N processes compute what one does.
+The same loop runs on one CPU, under `torchrun` with N processes (DDP) and under DeepSpeed ZeRO or FSDP2
+(`accelerate launch`): device placement, model wrapping and mixed precision come from `Accelerator`; the loop
+itself deals each global batch out to the processes (`rank_share`) and accumulates gradients, so N processes
+compute what one does.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs,
+                               broadcast_object_list, gather_object)
 from tqdm.auto import tqdm
 
 from ser.checkpoint import atomic_dir, verify_manifest
@@ -45,22 +47,33 @@ def resolve_precision(name: str) -> str:
 
 
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
-    """Device placement, DDP/DeepSpeed wrapping and mixed precision. The loops below shard the data and
+    """Device placement, DDP/DeepSpeed/FSDP wrapping and mixed precision. The loops below shard the data and
     accumulate gradients themselves (`rank_share`), so `train.batch_size` is the global batch and a run
     gives the same result on 1 or N processes."""
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     no_gpu = not torch.accelerator.is_available()
+    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("FSDP1 is not supported by ser; set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+    if fsdp and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        # transformers then loads every model on the meta device outside the first process, also the ones ser
+        # only scores with (evolve's pool scoring, PPO's reference and reward models), which FSDP never fills
+        raise UserError("fsdp_cpu_ram_efficient_loading: true is not supported by ser (models loaded only for "
+                        "scoring would be empty outside the first process); set it to false")
     # Without a GPU the processes join through gloo: plain runs (`torchrun`) as accelerate's MULTI_CPU, DeepSpeed
     # runs (`accelerate launch --config_file configs/accelerate/deepspeed-*.yaml`) on DeepSpeed's CPU backend
     # (accelerate turns DeepSpeed off when cpu=True).
     accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision), cpu=no_gpu and not deepspeed,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and deepspeed else [])
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # Its DTensor shards would need gathering for every save and its RAM-efficient loading leaves models
-        # loaded for scoring on the meta device: neither is built (no GPU to run FSDP on; accelerate enables it
-        # only on GPUs). ZeRO-3 shards the parameters too, and is tested.
-        raise UserError("FSDP is not supported by ser; launch with configs/accelerate/deepspeed-zero3.yaml "
-                        "(parameters sharded as well) instead")
+    if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate enables FSDP only on GPUs; FSDP2 itself shards over gloo on CPUs, so a CPU launch of
+        # configs/accelerate/fsdp.yaml runs the same wrapping, sharding and saving code as on GPUs.
+        plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables
+        if accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     if accelerator.state.deepspeed_plugin is not None:
         # The engine's batch bookkeeping (no loader is given to it; `micro_batch` marks the accumulation
         # boundaries, so its own count stays 1); clipping is the engine's job under DeepSpeed.
@@ -71,10 +84,37 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
+def sharded_engine(accelerator: Accelerator) -> str:
+    """The engine that splits weights or optimizer state across processes ("" for DDP or one process): its
+    checkpoints are written per process (`accelerator.save_state`) and resume only on the same launch."""
+    engines = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
+    return engines.get(accelerator.distributed_type, "")
+
+
+def fsdp_units(model) -> list[str]:
+    """The module classes FSDP shards as one unit each: the model's `_no_split_modules` (its transformer blocks),
+    except a block that holds the input embedding. accelerate 1.15 shards that embedding as a unit of its own
+    after the blocks, and fails when it is already inside one (BERT's BertEmbeddings)."""
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    holds = {type(m).__name__ for m in model.modules() if embedding is not None
+             and any(c is embedding for c in m.modules())}
+    return [c for c in getattr(model, "_no_split_modules", None) or [] if c not in holds]
+
+
+def prepare_for_training(accelerator: Accelerator, model, optimizer):
+    """`accelerator.prepare(model, optimizer)`; under FSDP, sharded in `fsdp_units` unless the launch names its
+    own (`fsdp_transformer_layer_cls_to_wrap`)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)  # set under FSDP only
+    if accelerator.distributed_type == DistributedType.FSDP and plugin.transformer_cls_names_to_wrap is None:
+        plugin.transformer_cls_names_to_wrap = fsdp_units(model)
+    return accelerator.prepare(model, optimizer)
+
+
 def prepare_for_scoring(model, accelerator: Accelerator):
     """A model loaded for scoring on this process. Under DeepSpeed ZeRO-3, `from_pretrained` loads only this
     process's shard of each parameter; an inference engine (no optimizer) then gathers them inside each forward
-    pass, so every process must score the same number of batches (`ser.scoring.my_batches` does)."""
+    pass, so every process must score the same number of batches (`ser.scoring.my_batches` does). Under FSDP
+    and DDP every process holds the whole model."""
     if zero3_parameters(model):
         return accelerator.unwrap_model(accelerator.prepare(model))
     return model.to(accelerator.device)
@@ -130,10 +170,10 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
     """A resumable mid-training checkpoint, written atomically with a manifest: weights, optimizer, schedule,
     the step, the running statistics and every process's RNG states (dropout continues exactly; an fp16 loss
     scaler's state is not kept). Under DeepSpeed each process writes its own partition of the weights and
-    optimizer state (`accelerator.save_state`) into the main process's temporary directory."""
+    optimizer state (`accelerator.save_state`) into the main process's temporary directory; so does FSDP."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
     rng = gather_object([[torch.get_rng_state(), cuda_rng]])  # one per process, in rank order
-    sharded, main = accelerator.distributed_type == DistributedType.DEEPSPEED, accelerator.is_main_process
+    sharded, main = sharded_engine(accelerator), accelerator.is_main_process
     with atomic_dir(directory) if main else contextlib.nullcontext() as tmp:
         if sharded:
             tmp = broadcast_object_list([tmp])[0]
@@ -141,7 +181,7 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
             accelerator.wait_for_everyone()  # every partition is written before the manifest
         if main:
             state = {"scheduler": scheduler.state_dict(), "step": step, "losses": losses, "totals": totals.tolist(),
-                     "rng": rng, "deepspeed_world": accelerator.num_processes if sharded else 0}
+                     "rng": rng, "launch": launch(accelerator)}
             if not sharded:
                 state |= {"model": accelerator.unwrap_model(rm).state_dict(), "optimizer": optimizer.state_dict()}
             torch.save(state, tmp / "train_state.pt")
@@ -149,16 +189,22 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
     accelerator.wait_for_everyone()
 
 
-def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int, deepspeed_world: int = 0) -> dict:
-    """Restore what `save_train_state` wrote (before `accelerator.prepare`; a DeepSpeed checkpoint's weights
-    and optimizer state are loaded after it, by `accelerator.load_state`). A corrupt checkpoint, or one written
-    by another launch (DeepSpeed partitions depend on the number of processes), is an error."""
+def launch(accelerator: Accelerator) -> str:
+    """How the processes hold a checkpoint's weights and optimizer state (sharded ones depend on the count)."""
+    engine = sharded_engine(accelerator)
+    return f"{engine} on {accelerator.num_processes} processes" if engine else "a run without DeepSpeed or FSDP"
+
+
+def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int, launched: str) -> dict:
+    """Restore what `save_train_state` wrote (before `accelerator.prepare`; a DeepSpeed or FSDP checkpoint's
+    weights and optimizer state are loaded after it, by `accelerator.load_state`). A corrupt checkpoint, or one
+    written by another launch (`launch`: partitions depend on the engine and the number of processes), is an
+    error."""
     verify_manifest(directory)
     state = torch.load(directory / "train_state.pt", weights_only=True, map_location="cpu")
-    launch = lambda n: f"DeepSpeed on {n} processes" if n else "a run without DeepSpeed"  # noqa: E731
-    if state.get("deepspeed_world", 0) != deepspeed_world:
-        raise UserError(f"{directory}: written by {launch(state.get('deepspeed_world', 0))}; resume it the same "
-                        f"way (this is {launch(deepspeed_world)})")
+    written = state.get("launch", "an earlier version of ser")
+    if written != launched:
+        raise UserError(f"{directory}: written by {written}; resume it the same way (this is {launched})")
     if "model" in state:
         rm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -231,12 +277,12 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     rm.train()
     step, window, totals = 0, [], np.zeros(3)  # totals: summed loss, pairs, correct pairs
     if checkpoint is not None and checkpoint.exists():
-        deepspeed_world = accelerator.num_processes if accelerator.distributed_type == DistributedType.DEEPSPEED else 0
-        state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index, deepspeed_world)
+        state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index, launch(accelerator))
         step, losses, totals = state["step"], list(state["losses"]), np.array(state["totals"])
         log.info("%s: resumed from %s at step %d of %d", desc, checkpoint, step, steps)
-    rm, optimizer = accelerator.prepare(rm, optimizer)
-    if step and accelerator.distributed_type == DistributedType.DEEPSPEED:
+    rm, optimizer = prepare_for_training(accelerator, rm, optimizer)
+    params = [p for p in rm.parameters() if p.requires_grad]  # FSDP replaces them with its shards
+    if step and sharded_engine(accelerator):
         accelerator.load_state(str(checkpoint))  # each process's partition of the weights and optimizer state
     done = step * tcfg.grad_accum  # micro-batches already trained (before the checkpoint)
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not sys.stderr.isatty() or not accelerator.is_main_process)

@@ -1,11 +1,11 @@
-"""Several processes give the results of one: `torchrun` (gloo) and DeepSpeed ZeRO-2/ZeRO-3 (the shipped presets,
-`accelerate launch`, on DeepSpeed's CPU backend over gloo).
+"""Several processes give the results of one: `torchrun` (gloo), DeepSpeed ZeRO-2/ZeRO-3 and FSDP2 (the shipped presets,
+`accelerate launch`, over gloo: DeepSpeed's CPU backend, torch's `fully_shard` on CPU).
 
 Scoring shards whole batches across the processes, so scores are bit-identical. Training splits every global
 batch between the processes (`ser.train.rank_share`) and DDP / DeepSpeed average the gradients, so it is the
 same computation up to float rounding: with dropout off the per-step losses agree to 1e-4 and the test accuracy
-to one pair. All runs use one thread per process, so the kernels are the same. Under ZeRO-3 every process holds
-a shard of each large parameter: these tests also show that training, scoring (which must run the same number
+to one pair. All runs use one thread per process, so the kernels are the same. Under ZeRO-3 and FSDP every process
+holds a shard of each parameter: these tests also show that training, scoring (which must run the same number
 of forward passes on every process) and saving (gathered, never a shard) give the one-process results.
 """
 
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 def command(procs: int | str, *args) -> list[str]:
     """`ser ARGS` on one process (procs=1), or on two under `torchrun` (2 or "torchrun") or `accelerate launch`
-    with a shipped DeepSpeed preset ("deepspeed-zero2", "deepspeed-zero3"; in fp32 unless ":bf16" is added,
-    the presets' own setting)."""
+    with a shipped preset ("deepspeed-zero2", "deepspeed-zero3", "fsdp"; in fp32 unless ":bf16" is added, the
+    presets' own setting)."""
     if procs == 1:
         return [sys.executable, "-m", "ser", *map(str, args)]
     if procs in (2, "torchrun"):
@@ -83,8 +83,10 @@ def weights(path: Path, prefix: str = "") -> dict:
 
 
 def assert_same_weights(start: dict, one: dict, other: dict, at_least: int, min_move: float = 1e-5) -> None:
-    """Both runs trained (moved from `start`) and ended at the same weights up to 1% of that movement."""
-    shared = [k for k in start if k in one]
+    """Both runs trained (moved from `start`) and ended at the same weights up to 1% of that movement. Scalar
+    parameters are left out: a reward head's bias gets no gradient from a pairwise loss (it cancels), only
+    rounding residue, which Adam scales up to steps of the learning rate."""
+    shared = [k for k in start if k in one and one[k].numel() > 1]
     assert len(shared) >= at_least and all(one[k].shape == other[k].shape for k in shared)  # never a shard
     moved = np.mean([(one[k] - start[k]).abs().mean().item() for k in shared])
     apart = np.mean([(one[k] - other[k]).abs().mean().item() for k in shared])
@@ -109,46 +111,62 @@ def train_rm_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
     return one_process_run(tmp_path_factory, "train-rm", *TRAIN_RM, f"--model.backbone={no_dropout_bert}")
 
 
-@pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3"])  # ZeRO-2: the LoRA test below
-def test_train_rm_two_processes_match_one(engine, train_rm_one, no_dropout_bert, tmp_path):
-    ser(engine, *TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--out", tmp_path / "two")
-    one, two = rows(train_rm_one / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5, 5]  # 5 steps + final eval
+def assert_train_rm_matches_one(run: Path, one: Path, backbone: Path) -> None:
+    """`run` (TRAIN_RM on 2 processes) ends where one process does: the same steps, per-step losses within 1e-4,
+    saved weights within 1% of their change, test accuracy within one pair, reward statistics within 1e-3."""
+    a, b = rows(one / "metrics.jsonl"), rows(run / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 5]  # 5 steps + final eval
     loss = lambda rs: np.array([r["train/loss"] for r in rs if "train/loss" in r])  # noqa: E731
-    assert abs(loss(one)[0] - np.log(2)) < 0.05
-    np.testing.assert_allclose(loss(two), loss(one), atol=1e-4)
+    assert abs(loss(a)[0] - np.log(2)) < 0.05
+    np.testing.assert_allclose(loss(b), loss(a), atol=1e-4)
     # the saved RMs: trained (far from the pretrained encoder) and the same up to rounding
-    assert_same_weights(weights(no_dropout_bert, "bert."), weights(train_rm_one / "rm"),
-                        weights(tmp_path / "two" / "rm"), at_least=50)
-    res1, res2 = (json.loads((d / "result.json").read_text()) for d in (train_rm_one, tmp_path / "two"))
+    assert_same_weights(weights(backbone, "bert."), weights(one / "rm"), weights(run / "rm"), at_least=50)
+    res1, res2 = (json.loads((d / "result.json").read_text()) for d in (one, run))
     assert abs(res1["test/accuracy"] - res2["test/accuracy"]) <= 1 / res1["test/n"] + 1e-9
     # the reward statistics saved with the RM are computed by all processes (sharded) under every engine
-    stats = [json.loads((d / "rm" / "ser_config.json").read_text()) for d in (train_rm_one, tmp_path / "two")]
+    stats = [json.loads((d / "rm" / "ser_config.json").read_text()) for d in (one, run)]
     assert abs(stats[0]["reward_mean"] - stats[1]["reward_mean"]) < 1e-3
 
 
-def test_shipped_preset_in_bf16(no_dropout_bert, shared_data, tmp_path):
-    """The presets as shipped train in bf16. DeepSpeed then holds the whole module in bf16, the reward head too
-    (one process: fp32 weights under autocast, fp32 head): the losses of one process to bf16 rounding, the test
-    accuracy within 3 of 100 pairs, and a bf16 RM that transformers loads."""
+def test_train_rm_two_processes_match_one(train_rm_one, no_dropout_bert, tmp_path):
+    """DDP under `torchrun`. ZeRO-3 and FSDP: the resume test below (the same comparison, through a SIGKILL);
+    ZeRO-2: the LoRA test."""
+    ser("torchrun", *TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--out", tmp_path / "two")
+    assert_train_rm_matches_one(tmp_path / "two", train_rm_one, no_dropout_bert)
+
+
+@pytest.fixture(scope="module")
+def train_rm_one_bf16(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
+    return one_process_run(tmp_path_factory, "train-rm-bf16", *TRAIN_RM, f"--model.backbone={no_dropout_bert}",
+                           "--train.mixed_precision=bf16")
+
+
+@pytest.mark.parametrize("engine", ["deepspeed-zero3", "fsdp"])
+def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, no_dropout_bert, tmp_path):
+    """The presets as shipped train in bf16. DeepSpeed then holds the whole module in bf16, FSDP computes in bf16
+    from fp32 shards, the reward head too (one process: fp32 weights under autocast, fp32 head): the losses of
+    one process to bf16 rounding, the test accuracy within 3 of 100 pairs, and an RM that transformers loads
+    (DeepSpeed's in bf16, FSDP's in fp32: its gathered shards)."""
     args = [*TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--train.mixed_precision=bf16"]
-    ser(1, *args, "--out", tmp_path / "one")
-    ser("deepspeed-zero3:bf16", *args, "--out", tmp_path / "two")
-    loss = lambda run: [r["train/loss"] for r in rows(tmp_path / run / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
-    np.testing.assert_allclose(loss("two"), loss("one"), atol=2e-3)
-    acc = [json.loads((tmp_path / run / "result.json").read_text())["test/accuracy"] for run in ("one", "two")]
+    ser(f"{engine}:bf16", *args, "--out", tmp_path / "two")
+    one, two = train_rm_one_bf16, tmp_path / "two"
+    loss = lambda run: [r["train/loss"] for r in rows(run / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
+    np.testing.assert_allclose(loss(two), loss(one), atol=2e-3)
+    acc = [json.loads((run / "result.json").read_text())["test/accuracy"] for run in (one, two)]
     assert abs(acc[0] - acc[1]) <= 0.03 + 1e-9
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    assert {v.dtype for v in weights(tmp_path / "two" / "rm").values()} == {torch.bfloat16}
+    dtype = torch.bfloat16 if engine.startswith("deepspeed") else torch.float32
+    assert {v.dtype for v in weights(tmp_path / "two" / "rm").values()} == {dtype}
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "two" / "rm")
     assert rm.config.num_labels == 1
 
 
-def test_lora_under_zero2_matches_one_process_and_zero3_is_refused(no_dropout_bert, shared_data, tmp_path):
-    """The paper-scale preset's setting (LoRA, ZeRO-2), LoRA dropout off: the losses of one process. ZeRO-3
-    cannot merge the adapters of sharded weights: refused with a one-line error before any training."""
+def test_lora_under_zero2_matches_one_process_and_sharded_weights_are_refused(no_dropout_bert, shared_data,
+                                                                               tmp_path):
+    """The paper-scale preset's setting (LoRA, ZeRO-2), LoRA dropout off: the losses of one process. ZeRO-3 and
+    FSDP cannot merge the adapters of sharded weights: refused with a one-line error before any training."""
     args = ["train-rm", "--config", "configs/rm-tiny.yaml", f"--model.backbone={no_dropout_bert}",
             "--model.mode=lora", "--model.lora_dropout=0", "--train.lr=1e-3"]
     ser(1, *args, "--out", tmp_path / "one")
@@ -159,15 +177,20 @@ def test_lora_under_zero2_matches_one_process_and_zero3_is_refused(no_dropout_be
     with pytest.raises(AssertionError, match="error: model.mode=lora is not supported under DeepSpeed ZeRO-3"):
         ser("deepspeed-zero3", *args, "--out", tmp_path / "three")
     assert not (tmp_path / "three" / "rm").exists()
+    with pytest.raises(AssertionError, match="error: model.mode=lora is not supported under FSDP"):
+        ser("fsdp", *args, "--out", tmp_path / "four")
+    assert not (tmp_path / "four" / "rm").exists()
 
 
-def test_deepspeed_train_rm_resume_after_sigkill(train_rm_one, no_dropout_bert, tmp_path):
-    """ZeRO-3 mid-training checkpoints: every process writes its partition of the weights and optimizer state
-    into the main process's atomic directory. The whole launch killed with SIGKILL after the step-2 checkpoint,
-    then resumed, ends where one uninterrupted process does (as the ZeRO-3 run above)."""
+@pytest.mark.parametrize("engine", ["deepspeed-zero3", "fsdp"])
+def test_sharded_train_rm_matches_one_process_through_sigkill_and_resume(engine, train_rm_one, no_dropout_bert,
+                                                                         tmp_path):
+    """ZeRO-3 / FSDP, the shipped presets in fp32. Mid-training checkpoints: every process writes its partition
+    of the weights and optimizer state into the main process's atomic directory. The whole launch killed with
+    SIGKILL after the step-2 checkpoint, then resumed, ends where one uninterrupted process does."""
     args = [*TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--train.save_every=2"]
     run = tmp_path / "run"
-    proc = subprocess.Popen(command("deepspeed-zero3", *args, "--out", run), cwd=ROOT, env=ENV,
+    proc = subprocess.Popen(command(engine, *args, "--out", run), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while '"step": 3,' not in ((run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""):
@@ -184,16 +207,12 @@ def test_deepspeed_train_rm_resume_after_sigkill(train_rm_one, no_dropout_bert, 
     psutil.wait_procs(everyone, timeout=30)
     assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 2
     assert not (run / "result.json").exists()
-    # the partitions belong to 2 DeepSpeed processes: resuming on 1 plain process is refused, not run from scratch
-    with pytest.raises(AssertionError, match="written by DeepSpeed on 2 processes; resume it the same way"):
+    # the partitions belong to 2 processes: resuming on 1 plain process is refused, not run from scratch
+    name = "DeepSpeed" if engine.startswith("deepspeed") else "FSDP"
+    with pytest.raises(AssertionError, match=f"written by {name} on 2 processes; resume it the same way"):
         ser(1, "train-rm", "--resume", run)
-    ser("deepspeed-zero3", "train-rm", "--resume", run)
-    one, two = rows(train_rm_one / "metrics.jsonl"), rows(run / "metrics.jsonl")
-    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 5]  # the lines after the checkpoint were redone once
-    loss = lambda rs: np.array([r["train/loss"] for r in rs if "train/loss" in r])  # noqa: E731
-    np.testing.assert_allclose(loss(two), loss(one), atol=1e-4)
-    assert_same_weights(weights(no_dropout_bert, "bert."), weights(train_rm_one / "rm"), weights(run / "rm"),
-                        at_least=50)
+    ser(engine, "train-rm", "--resume", run)
+    assert_train_rm_matches_one(run, train_rm_one, no_dropout_bert)  # the lines after the checkpoint redone once
     assert not (run / "checkpoint").exists()
 
 
@@ -252,7 +271,7 @@ def sft_one(tiny_llama_dir, shared_data, tmp_path_factory) -> Path:
     return one_process_run(tmp_path_factory, "sft", *SFT, f"--policy.backbone={tiny_llama_dir}")
 
 
-@pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3"])
+@pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3", "fsdp"])
 def test_sft_two_processes_match_one(engine, sft_one, tiny_llama_dir, tmp_path):
     ser(engine, *SFT, f"--policy.backbone={tiny_llama_dir}", "--out", tmp_path / "two")
     one, two = rows(sft_one / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
@@ -264,22 +283,24 @@ def test_sft_two_processes_match_one(engine, sft_one, tiny_llama_dir, tmp_path):
 
 
 def test_ppo_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp_path):
-    """Each process rolls out its own prompts; gradients are averaged, statistics reduced, one writer. DDP and
-    ZeRO-3 (sharded policy + value head, generation with all processes in step) reach the same checkpoint."""
+    """Each process rolls out its own prompts; gradients are averaged, statistics reduced, one writer. DDP, ZeRO-3
+    and FSDP (sharded policy + value head, generation with all processes in step) reach the same checkpoint."""
     from ser.checkpoint import save_reward_model
     from ser.models import load_reward_model
 
     rm, tok = load_reward_model(str(tiny_bert_dir))
     save_reward_model(rm, tok, tmp_path / "rm", {"config": {"model": {"max_length": 64}}})
-    for engine in ("torchrun", "deepspeed-zero3"):
+    engines = ("torchrun", "deepspeed-zero3", "fsdp")
+    for engine in engines:
         ser(engine, "ppo", f"--policy.backbone={tiny_llama_dir}", f"--ppo.rm={tmp_path / 'rm'}", "--ppo.steps=2",
             "--ppo.batch_size=2", "--ppo.mini_batch_size=2", "--policy.max_new_tokens=6",
             "--policy.max_prompt_length=24", "--data.limit=40", "--data.test_size=8", "--out", tmp_path / engine)
-    ddp, zero3 = rows(tmp_path / "torchrun" / "metrics.jsonl"), rows(tmp_path / "deepspeed-zero3" / "metrics.jsonl")
-    assert [r["step"] for r in ddp] == [r["step"] for r in zero3] == [1, 2]
+    ddp, *sharded = (rows(tmp_path / engine / "metrics.jsonl") for engine in engines)
     assert all(np.isfinite(r["ppo/kl"]) for r in ddp)
-    for key in ("ppo/score", "ppo/policy_loss", "ppo/value_loss"):
-        np.testing.assert_allclose([r[key] for r in zero3], [r[key] for r in ddp], atol=1e-5)
+    for engine, run in zip(engines[1:], sharded):
+        assert [r["step"] for r in ddp] == [r["step"] for r in run] == [1, 2]
+        for key in ("ppo/score", "ppo/policy_loss", "ppo/value_loss"):
+            np.testing.assert_allclose([r[key] for r in run], [r[key] for r in ddp], atol=1e-5)
+        assert_same_weights(weights(tiny_llama_dir), weights(tmp_path / "torchrun" / "checkpoint"),
+                            weights(tmp_path / engine / "checkpoint"), at_least=20, min_move=1e-6)
     assert (tmp_path / "torchrun" / "checkpoint" / "manifest.json").exists()
-    assert_same_weights(weights(tiny_llama_dir), weights(tmp_path / "torchrun" / "checkpoint"),
-                        weights(tmp_path / "deepspeed-zero3" / "checkpoint"), at_least=20, min_move=1e-6)

@@ -75,4 +75,5 @@ def test_paper_scale_and_accelerate_presets_are_complete():
         a = yaml.safe_load(f.read_text())
         assert {"distributed_type", "num_processes", "mixed_precision"} <= set(a), f.name
         kinds[f.stem] = a["distributed_type"]
-    assert kinds == {"cpu-2proc": "MULTI_CPU", "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED"}
+    assert kinds == {"cpu-2proc": "MULTI_CPU", "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED",
+                     "fsdp": "FSDP"}

@@ -295,3 +295,27 @@ def test_a_sharded_model_is_never_saved_as_the_model(tiny_bert_dir, tmp_path):
     with pytest.raises(RuntimeError, match="sharded model .1 sharded parameters, e.g. classifier.weight"):
         save_reward_model(rm, tok, tmp_path / "rm", {})
     assert not (tmp_path / "rm").exists()
+
+
+def test_fsdp_units_are_the_transformer_blocks(tiny_bert_dir, tiny_llama_dir):
+    """BERT lists BertEmbeddings among its blocks, but it holds the input embedding, which accelerate shards on its
+    own: left out. A causal RM and the PPO policy + value head shard in decoder layers."""
+    from ser.policy import load_policy
+    from ser.ppo import PolicyWithValue
+    from ser.train import fsdp_units
+
+    assert fsdp_units(load_reward_model(str(tiny_bert_dir))[0]) == ["BertLayer"]
+    assert fsdp_units(load_reward_model(str(tiny_llama_dir))[0]) == ["LlamaDecoderLayer"]
+    policy = load_policy(str(tiny_llama_dir))[0]
+    assert fsdp_units(PolicyWithValue(policy, torch.nn.Linear(32, 1))) == ["LlamaDecoderLayer"]
+
+
+@pytest.mark.parametrize("env, message", [({"FSDP_VERSION": "1"}, "FSDP1 is not supported by ser"),
+                                          ({"FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
+                                           "fsdp_cpu_ram_efficient_loading: true is not supported")])
+def test_fsdp_settings_ser_cannot_run_are_refused(monkeypatch, env, message):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match=message):
+        make_accelerator(TrainConfig())
