@@ -149,8 +149,13 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     policy, optimizer = prepare_for_training(accelerator, policy, optimizer)
     register_fsdp_forward_method(accelerator.unwrap_model(policy), "generate")  # a no-op unless FSDP
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    # the reference in the policy's precision (DeepSpeed's bf16 mode holds the policy in bf16): KL 0 at step 0
-    reference.to(device, dtype=next(accelerator.unwrap_model(policy).parameters()).dtype)
+    # the reference's weights in the precision the policy computes with (DeepSpeed's bf16 mode holds the policy in
+    # bf16, FSDP's mixed precision gathers it in bf16; buffers such as rotary frequencies stay fp32): KL 0 at step 0
+    fsdp_mp = getattr(getattr(accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+    dtype = getattr(fsdp_mp, "param_dtype", None) or next(accelerator.unwrap_model(policy).parameters()).dtype
+    reference.to(device)
+    for p in reference.parameters():
+        p.data = p.data.to(dtype)
     rm.to(device)
     prompts = ppo_prompts(cfg)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(pc.seed)).tolist()

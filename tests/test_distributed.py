@@ -243,10 +243,11 @@ def evolve_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
     return one_process_run(tmp_path_factory, "evolve", *EVOLVE, f"--model.backbone={no_dropout_bert}")
 
 
-@pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3"])
+@pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3", "fsdp"])
 def test_evolve_two_processes_match_one(engine, evolve_one, no_dropout_bert, tmp_path):
     """Pool scoring sharded and gathered, retraining on 2 processes: the same pseudo-labels and accuracies.
-    Under ZeRO-3 the iteration-0 RM is loaded sharded and scored through an inference engine."""
+    Under ZeRO-3 the iteration-0 RM is loaded sharded and scored through an inference engine; under FSDP it is
+    loaded whole by every process, and the RM retrained from it is sharded."""
     ser(engine, *EVOLVE, f"--model.backbone={no_dropout_bert}", "--out", tmp_path / "two")
     it = lambda run: [r for r in rows(run / "metrics.jsonl") if "rm/acc" in r]  # noqa: E731
     one, two = it(evolve_one), it(tmp_path / "two")
@@ -304,3 +305,9 @@ def test_ppo_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp
         assert_same_weights(weights(tiny_llama_dir), weights(tmp_path / "torchrun" / "checkpoint"),
                             weights(tmp_path / engine / "checkpoint"), at_least=20, min_move=1e-6)
     assert (tmp_path / "torchrun" / "checkpoint" / "manifest.json").exists()
+    # bf16 as the presets ship: the policy computes with bf16 weights, and so does the reference, so the KL at the
+    # first rollout (policy == reference) is exactly 0 (it was 1e-3 under FSDP with an fp32 reference)
+    ser("fsdp:bf16", "ppo", f"--policy.backbone={tiny_llama_dir}", f"--ppo.rm={tmp_path / 'rm'}", "--ppo.steps=1",
+        "--ppo.batch_size=2", "--ppo.mini_batch_size=2", "--policy.max_new_tokens=6", "--policy.max_prompt_length=24",
+        "--data.limit=40", "--data.test_size=8", "--train.mixed_precision=bf16", "--out", tmp_path / "bf16")
+    assert rows(tmp_path / "bf16" / "metrics.jsonl")[0]["ppo/kl"] == 0.0
