@@ -190,10 +190,11 @@ def full_parameters(model):
     keeps only a shard of each large parameter per process: gathered on every process. FSDP2 keeps DTensor
     shards: the full (fp32, unsharded) state is gathered to the main process's CPU memory and put in place of
     the shards there for the block, the other processes keep their shards. A no-op for unsharded models."""
-    if zero3_parameters(model):
+    partitioned = zero3_parameters(model)
+    if partitioned:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(zero3_parameters(model), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
             yield
         return
     if not fsdp_sharded(model):

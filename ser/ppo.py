@@ -93,7 +93,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     from accelerate.utils import set_seed
 
     from ser.pipeline import load_saved_rm
-    from ser.train import make_accelerator, prepare_for_training, sharded_engine
+    from ser.train import compute_dtype, make_accelerator, prepare_for_training, sharded_engine
 
     if resume:
         root = Path(resume)
@@ -149,10 +149,9 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     policy, optimizer = prepare_for_training(accelerator, policy, optimizer)
     register_fsdp_forward_method(accelerator.unwrap_model(policy), "generate")  # a no-op unless FSDP
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    # the reference's weights in the precision the policy computes with (DeepSpeed's bf16 mode holds the policy in
-    # bf16, FSDP's mixed precision gathers it in bf16; buffers such as rotary frequencies stay fp32): KL 0 at step 0
-    fsdp_mp = getattr(getattr(accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
-    dtype = getattr(fsdp_mp, "param_dtype", None) or next(accelerator.unwrap_model(policy).parameters()).dtype
+    # the reference's weights in the dtype the policy's compute in (bf16 under DeepSpeed's or FSDP's bf16), its
+    # buffers (rotary frequencies) left in fp32 as the policy's are: KL 0 at the first rollout
+    dtype = compute_dtype(accelerator, accelerator.unwrap_model(policy))
     reference.to(device)
     for p in reference.parameters():
         p.data = p.data.to(dtype)

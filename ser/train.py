@@ -110,6 +110,13 @@ def prepare_for_training(accelerator: Accelerator, model, optimizer):
     return accelerator.prepare(model, optimizer)
 
 
+def compute_dtype(accelerator: Accelerator, model) -> torch.dtype:
+    """The dtype a prepared model's weights compute in: FSDP's mixed precision gathers its fp32 shards in its
+    param_dtype (bf16); otherwise the dtype they are stored in (DeepSpeed's bf16 mode stores them in bf16)."""
+    policy = getattr(getattr(accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+    return getattr(policy, "param_dtype", None) or next(model.parameters()).dtype
+
+
 def prepare_for_scoring(model, accelerator: Accelerator):
     """A model loaded for scoring on this process. Under DeepSpeed ZeRO-3, `from_pretrained` loads only this
     process's shard of each parameter; an inference engine (no optimizer) then gathers them inside each forward
