@@ -30,7 +30,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after as many warm-up steps)")
     p.add_argument("--max-length", type=int, default=192)
-    p.add_argument("--precision", default="bf16", choices=["no", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
+                   help="auto: bf16 where the hardware is fast at it, else fp32")
     args = p.parse_args()
     pairs = load_pairs("hh-rlhf:helpful-base", limit=args.batch_size * args.steps)
     data = [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]

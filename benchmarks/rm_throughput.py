@@ -45,7 +45,7 @@ from ser.config import TrainConfig
 from ser.data import load_pairs, split_pairs
 from ser.models import can_share_prompt, encode_pairs, load_reward_model
 from ser.scoring import score_pairs
-from ser.train import train_reward_model
+from ser.train import resolve_precision, train_reward_model
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
@@ -236,10 +236,13 @@ def main() -> None:
     p.add_argument("--test-pairs", type=int, default=None)
     p.add_argument("--rounds", type=int, default=2, help="interleaved A B rounds")
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--precision", default="bf16", choices=["no", "bf16"], help="both sides use this")
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
+                   help="both sides use this; auto: bf16 where the hardware is fast at it, else fp32")
     p.add_argument("--smoke", action="store_true", help="a few pairs: checks the code path, not the speed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
+    fast_bf16 = resolve_precision("auto") == "bf16"
+    args.precision = resolve_precision(args.precision)
     if args.smoke:
         args.steps = args.steps or 2
         args.batch_size, args.max_length, args.test_pairs, args.rounds = 4, 64, args.test_pairs or 8, 1
@@ -250,7 +253,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     out = {"settings": {**{k: v for k, v in vars(args).items() if k != "json"}, "data": "hh-rlhf:helpful-base",
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "cpu": _cpu_name(), "cuda": torch.cuda.is_available()},
+                        "cpu": _cpu_name(), "cuda": torch.cuda.is_available(), "fast_bf16": fast_bf16},
            "matmul_peak_gflops": matmul_peak_gflops(torch.float32, seconds=0.5 if args.smoke else 3.0),
            "matmul_peak_gflops_bf16": matmul_peak_gflops(torch.bfloat16, seconds=0.5 if args.smoke else 3.0),
            "backbones": {}}

@@ -19,6 +19,25 @@ try:  # CI draws the same hypothesis examples on every run (a failure there is r
 except ImportError:
     pass
 
+# What the bf16 checks ran on, printed at the end of the run (bf16 is emulated, tens of times slower than fp32,
+# on CPUs without AVX512-BF16/AMX: there they run on a tiny model, never skipped).
+BF16_CHECKS: list[str] = []
+
+
+def fast_bf16() -> bool:
+    """Whether this machine runs bf16 fast (`train.mixed_precision: auto` picks bf16)."""
+    from ser.train import resolve_precision
+
+    return resolve_precision("auto") == "bf16"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if BF16_CHECKS:
+        kind = ("fast bf16 (AVX512-BF16/AMX or a bf16 GPU)" if fast_bf16()
+                else "no fast bf16 (emulated: the checks used tiny models)")
+        terminalreporter.write_line(f"bf16 checks on this machine, {kind}: " + "; ".join(sorted(set(BF16_CHECKS))))
+
+
 SHARED_DATA = next((d for d in data_dirs() if (d / "hh-rlhf").exists()), data_dirs()[0])
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +64,18 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-bert")
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout_dir(tiny_bert_dir, tmp_path_factory) -> Path:
+    """`tiny_bert_dir` with dropout off (several processes must draw no different masks)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(tiny_bert_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    out = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(out)
     return out
 
 

@@ -93,10 +93,10 @@ def assert_same_weights(start: dict, one: dict, other: dict, at_least: int, min_
     assert moved > min_move and apart < 0.01 * moved, (len(shared), moved, apart)
 
 
-# batch 12 over 160 pairs: 14 batches, the last of 4 pairs (uneven split across processes); accumulating 3
-# batches per step gives 5 steps, the last of 2 batches
-TRAIN_RM = ["train-rm", "--config", "configs/rm-tiny.yaml", "--train.batch_size=12", "--train.grad_accum=3",
-            "--train.lr=1e-4", "--train.eval_every=2"]
+# batch 6 over 81 pairs: 14 batches, the last of 3 pairs (uneven split across processes); accumulating 3
+# batches per step gives 5 steps, the last of 2 batches. 64 tokens: the rm-tiny preset's data at a third of its cost.
+TRAIN_RM = ["train-rm", "--config", "configs/rm-tiny.yaml", "--data.seed_size=81", "--model.max_length=64",
+            "--train.batch_size=6", "--train.grad_accum=3", "--train.lr=1e-4", "--train.eval_every=2"]
 
 
 def one_process_run(tmp_path_factory, name: str, *args) -> Path:
@@ -136,18 +136,29 @@ def test_train_rm_two_processes_match_one(train_rm_one, no_dropout_bert, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def train_rm_one_bf16(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
-    return one_process_run(tmp_path_factory, "train-rm-bf16", *TRAIN_RM, f"--model.backbone={no_dropout_bert}",
+def bf16_backbone(request) -> Path:
+    """The backbone of the bf16 checks: the real MiniLM where bf16 is fast; where it is emulated (tens of times
+    slower than fp32), the tiny BERT on MiniLM's tokenizer: the same code paths, a cheap check."""
+    from conftest import BF16_CHECKS, fast_bf16
+
+    fast = fast_bf16()
+    BF16_CHECKS.append("DeepSpeed/FSDP train-rm on " + ("the real MiniLM" if fast else "a tiny 2-layer BERT"))
+    return request.getfixturevalue("no_dropout_bert" if fast else "tiny_bert_no_dropout_dir")
+
+
+@pytest.fixture(scope="module")
+def train_rm_one_bf16(bf16_backbone, shared_data, tmp_path_factory) -> Path:
+    return one_process_run(tmp_path_factory, "train-rm-bf16", *TRAIN_RM, f"--model.backbone={bf16_backbone}",
                            "--train.mixed_precision=bf16")
 
 
 @pytest.mark.parametrize("engine", ["deepspeed-zero3", "fsdp"])
-def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, no_dropout_bert, tmp_path):
+def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_path):
     """The presets as shipped train in bf16. DeepSpeed then holds the whole module in bf16, FSDP computes in bf16
     from fp32 shards, the reward head too (one process: fp32 weights under autocast, fp32 head): the losses of
     one process to bf16 rounding, the test accuracy within 3 of 100 pairs, and an RM that transformers loads
     (DeepSpeed's in bf16, FSDP's in fp32: its gathered shards)."""
-    args = [*TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--train.mixed_precision=bf16"]
+    args = [*TRAIN_RM, f"--model.backbone={bf16_backbone}", "--train.mixed_precision=bf16"]
     ser(f"{engine}:bf16", *args, "--out", tmp_path / "two")
     one, two = train_rm_one_bf16, tmp_path / "two"
     loss = lambda run: [r["train/loss"] for r in rows(run / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
@@ -235,7 +246,8 @@ def test_scoring_runs_equal_forward_passes_on_every_process():
     assert my_batches(3, 8, 1, 2) == [(0, False)]  # one batch, two processes
 
 
-EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iterations=1"]
+EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iterations=1", "--data.pool_size=128",
+          "--model.max_length=64"]
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +317,9 @@ def test_ppo_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp
         assert_same_weights(weights(tiny_llama_dir), weights(tmp_path / "torchrun" / "checkpoint"),
                             weights(tmp_path / engine / "checkpoint"), at_least=20, min_move=1e-6)
     assert (tmp_path / "torchrun" / "checkpoint" / "manifest.json").exists()
+    from conftest import BF16_CHECKS
+
+    BF16_CHECKS.append("FSDP PPO on a tiny Llama")
     # bf16 as the presets ship: the policy computes with bf16 weights, and so does the reference, so the KL at the
     # first rollout (policy == reference) is exactly 0 (it was 1e-3 under FSDP with an fp32 reference)
     ser("fsdp:bf16", "ppo", f"--policy.backbone={tiny_llama_dir}", f"--ppo.rm={tmp_path / 'rm'}", "--ppo.steps=1",
