@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import zlib
@@ -37,6 +38,9 @@ DEFAULT_SPLIT = {"ultrafeedback": "train"}  # the local HH files are the test sp
 # A jsonl line (or a CSV field, in characters) longer than this is an error, not a record: real records are a few
 # KB, and more text than any model's context means a corrupt or wrong file. Checked while reading: bounded memory.
 MAX_RECORD_BYTES = 16 << 20
+# A record's own id, carried into `ser score` output as `input_id` so it joins back: the first of these columns
+# present (with a string or integer value).
+ID_COLUMNS = ("id", "sample_id", "example_id", "uid", "prompt_id")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,19 @@ class UnlabelledPair:
     answer_a: str
     answer_b: str
     source: str
+
+
+@dataclass
+class Loaded:
+    """A data file as loaded: the usable pairs (deduplicated, in input order), where each came from, and the
+    records left out. Record numbers are those of the error messages: the line of a .jsonl/.csv, the index in a
+    .json/.parquet file or Hub dataset."""
+
+    path: str
+    pairs: list  # Pair | UnlabelledPair
+    records: list[int]  # the record number of each pair
+    input_ids: list  # each pair's own id (`ID_COLUMNS`), None where the record has none
+    skipped: list[dict]  # one per record left out: {"record", "input_id" (if any), "reason"[, "duplicate_of"]}
 
 
 @dataclass
@@ -251,7 +268,48 @@ def _majority(rec, loc) -> int:
     return label if count >= 2 else 0
 
 
-def _parse(rec, loc, columns, chat_template):
+def _conversational(rec, c: list, r: list, loc, chat_template) -> tuple[str, str, str]:
+    """TRL conversational format: chosen and rejected are message lists ending with the assistant's answer. The
+    prompt is the optional `prompt` (a message list, or a string taken as one user turn) followed by the turns
+    before the answer, which chosen and rejected must share: a pair answers one conversation."""
+    if not all(isinstance(m, dict) for m in c + r):
+        raise UserError(f"{loc}: conversational chosen/rejected must be lists of message objects")
+    if not c or not r or c[-1].get("role") != "assistant" or r[-1].get("role") != "assistant":
+        raise UserError(f"{loc}: conversational chosen/rejected must end with an assistant message")
+    _render(c + r, loc, None)  # validates roles and content types
+    if [(m["role"], m["content"]) for m in c[:-1]] != [(m["role"], m["content"]) for m in r[:-1]]:
+        raise UserError(f"{loc}: conversational chosen and rejected differ before the last assistant turn (a pair "
+                        f"must answer one shared conversation)")
+    prompt = rec.get("prompt")
+    if prompt is None or prompt == "":
+        prompt = []
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, list):
+        raise UserError(f"{loc}: field 'prompt' is {type(prompt).__name__}, expected a string or a list of messages")
+    return _render(prompt + c[:-1], loc, chat_template), c[-1]["content"], r[-1]["content"]
+
+
+def _scores_tie(rec, loc) -> bool:
+    """Whether the record's own ratings of the two answers are equal (UltraFeedback: `score_chosen`,
+    `score_rejected`, at the top level as on the Hub or under `metadata`): no preference. False without ratings."""
+    scores = rec if "score_chosen" in rec else rec.get("metadata")
+    if not isinstance(scores, dict) or scores.get("score_chosen") is None or scores.get("score_rejected") is None:
+        return False
+    values = []
+    for k in ("score_chosen", "score_rejected"):
+        v = scores[k]
+        try:
+            x = float(v) if not isinstance(v, bool) else math.nan  # CSV values are strings
+        except (TypeError, ValueError):
+            x = math.nan
+        if not math.isfinite(x):
+            raise UserError(f"{loc}: '{k}' must be a finite number, got {v!r}")
+        values.append(x)
+    return values[0] == values[1]
+
+
+def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
     """One record -> ('pair', prompt, chosen, rejected) | ('unlabelled', prompt, a, b) | ('drop', reason)."""
     if not isinstance(rec, dict):
         raise UserError(f"{loc}: expected a JSON object, got {type(rec).__name__}")
@@ -289,50 +347,58 @@ def _parse(rec, loc, columns, chat_template):
     if {"chosen", "rejected"} <= keys:
         c, r = rec["chosen"], rec["rejected"]
         if isinstance(c, list) and isinstance(r, list):  # TRL conversational format
-            if not all(isinstance(m, dict) for m in c + r):
-                raise UserError(f"{loc}: conversational chosen/rejected must be lists of message objects")
-            if not c or not r or c[-1].get("role") != "assistant" or r[-1].get("role") != "assistant":
-                raise UserError(f"{loc}: conversational chosen/rejected must end with an assistant message")
-            if isinstance(rec.get("prompt"), list):
-                prompt_msgs = rec["prompt"]
-                c_ans, r_ans = c[-1], r[-1]
+            pair = ("pair", *_conversational(rec, c, r, loc, chat_template))
+        else:
+            c, r = _text(rec, "chosen", loc), _text(rec, "rejected", loc)
+            if isinstance(rec.get("prompt"), list):  # a conversation as the prompt, plain-text answers
+                pair = ("pair", _render(rec["prompt"], loc, chat_template), c, r)
+            elif "prompt" in rec:  # TRL standard format
+                pair = ("pair", _text(rec, "prompt", loc), c, r)
+            elif ASSISTANT in c:  # HH-RLHF raw dialogues
+                pair = ("pair", *_split_hh(c, r, loc))
             else:
-                prompt_msgs = c[:-1]
-                c_ans, r_ans = c[-1], r[-1]
-            prompt = _render(prompt_msgs, loc, chat_template)
-            _render([c_ans, r_ans], loc, None)  # validates roles and content types
-            return ("pair", prompt, c_ans["content"], r_ans["content"])
-        c, r = _text(rec, "chosen", loc), _text(rec, "rejected", loc)
-        if "prompt" in rec:  # TRL standard format
-            return ("pair", _text(rec, "prompt", loc), c, r)
-        if ASSISTANT in c:  # HH-RLHF raw dialogues
-            return ("pair", *_split_hh(c, r, loc))
-        raise UserError(f"{loc}: 'chosen'/'rejected' without a 'prompt' field and not HH-RLHF dialogues")
+                raise UserError(f"{loc}: 'chosen'/'rejected' without a 'prompt' field and not HH-RLHF dialogues")
+        if drop_ties and _scores_tie(rec, loc):
+            return ("drop", "tie: score_chosen == score_rejected")
+        return pair
     raise UserError(f"{loc}: unrecognised record format (fields: {', '.join(map(str, rec))}); supported: HH-RLHF "
                     f"(chosen, rejected), TRL (prompt, chosen, rejected; strings or messages), PandaLM, "
                     f"unlabelled (prompt, answer_a, answer_b), or a column mapping (data.columns)")
 
 
-def _load(spec, columns, limit, chat_template, want):
+def _input_id(rec):
+    """The record's own id: the value of the first of `ID_COLUMNS` it has (a string or an integer), else None."""
+    return next((rec[k] for k in ID_COLUMNS if isinstance(rec.get(k), (str, int)) and not isinstance(rec[k], bool)),
+                None)
+
+
+def _load(spec, columns, limit, chat_template, want, drop_ties=True) -> Loaded:
     path = resolve_data_spec(spec)
     records = _hub_records(path[4:]) if path.startswith("hub:") else _read_records(path)
     source = spec if (spec in KNOWN or ":" in spec and not Path(spec).exists()) else Path(path).name.split(".")[0]
     out, drops, total = [], Counter(), 0
+    numbers, input_ids, skipped = [], [], []
+
+    def skip(n, rec, reason, **extra):
+        drops[reason] += 1
+        key = _input_id(rec)
+        skipped.append({"record": n, **({"input_id": key} if key is not None else {}), "reason": reason, **extra})
+
     for n, rec in records:
         total += 1
-        kind, *fields = _parse(rec, where(path, n), columns, chat_template)
+        kind, *fields = _parse(rec, where(path, n), columns, chat_template, drop_ties)
         if kind == "drop":
-            drops[fields[0]] += 1
+            skip(n, rec, fields[0])
             continue
         if kind == "unlabelled" and want == "pair":
             raise UserError(f"{where(path, n)}: the file has no labels (prompt, answer_a, answer_b); use it as "
                             f"an unlabelled pool (data.pool)")
         prompt, a, b = fields
         if a == b:
-            drops["identical answers"] += 1
+            skip(n, rec, "identical answers")
             continue
         if not a.strip() or not b.strip():
-            drops["empty answer"] += 1
+            skip(n, rec, "empty answer")
             continue
         try:
             pid = pair_id(prompt, a, b)
@@ -343,6 +409,8 @@ def _load(spec, columns, limit, chat_template, want):
         else:
             out.append(UnlabelledPair(pid, prompt, a, b, source) if kind == "unlabelled" else
                        _unlabelled(Pair(pid, prompt, a, b, source)))
+        numbers.append(n)
+        input_ids.append(_input_id(rec))
         if limit is not None and len(out) >= limit:
             break
     if total == 0:
@@ -351,16 +419,50 @@ def _load(spec, columns, limit, chat_template, want):
         log.info("%s: dropped %d of %d records (%s)", source, count, total, reason)
     if not out:
         raise UserError(f"{path}: no usable pairs (all {total} records dropped: {dict(drops)})")
-    return dedupe(out)
+    first, keep = {}, []
+    for i, p in enumerate(out):
+        if p.id in first:
+            skipped.append({"record": numbers[i], **({"input_id": input_ids[i]} if input_ids[i] is not None else {}),
+                            "reason": "duplicate", "duplicate_of": numbers[first[p.id]]})
+        else:
+            first[p.id] = i
+            keep.append(i)
+    skipped.sort(key=lambda x: x["record"])
+    return Loaded(str(path), dedupe(out), [numbers[i] for i in keep], [input_ids[i] for i in keep], skipped)
 
 
-def load_pairs(spec: str, *, columns: dict | None = None, limit: int | None = None, chat_template=None) -> list[Pair]:
-    return _load(spec, columns, limit, chat_template, "pair")
+def load_pairs(spec: str, *, columns: dict | None = None, limit: int | None = None, chat_template=None,
+               drop_ties: bool = True) -> list[Pair]:
+    """Human-labelled pairs from a data spec, deduplicated. Unusable records (identical or empty answers, ties)
+    are dropped with a count in the log; bad records raise `UserError("FILE:RECORD: problem")`. drop_ties: drop
+    records whose own ratings of the answers are equal (UltraFeedback's score_chosen == score_rejected)."""
+    return _load(spec, columns, limit, chat_template, "pair", drop_ties).pairs
 
 
 def load_unlabelled(spec: str, *, columns=None, limit=None, chat_template=None) -> list[UnlabelledPair]:
     """A pool: a file of (prompt, answer_a, answer_b), or any labelled file with its labels discarded."""
-    return _load(spec, columns, limit, chat_template, "unlabelled")
+    return _load(spec, columns, limit, chat_template, "unlabelled").pairs
+
+
+def load_records(spec: str, *, labelled: bool = True, columns=None, limit=None, chat_template=None,
+                 drop_ties: bool = True) -> Loaded:
+    """`load_pairs` (labelled) or `load_unlabelled`, with the record number and own id of each pair and the
+    records left out with the reason (for output that joins back to the input: `ser score`)."""
+    return _load(spec, columns, limit, chat_template, "pair" if labelled else "unlabelled", drop_ties)
+
+
+def drop_test_pairs(pairs: list, test: list[Pair], what: str) -> list:
+    """`pairs` without the ones that are also test pairs (the same prompt and answers in either order: ids do not
+    depend on the answer order), so that no pair is both trained on and evaluated on. The count is logged; none
+    left is a UserError naming `what`."""
+    test_ids = {p.id for p in test}
+    kept = [p for p in pairs if p.id not in test_ids]
+    if len(kept) < len(pairs):
+        log.warning("removed %d of %d %s pairs that also appear in the test set", len(pairs) - len(kept), len(pairs),
+                    what)
+    if pairs and not kept:
+        raise UserError(f"{what}: all {len(pairs)} pairs also appear in the test set; nothing left to train on")
+    return kept
 
 
 def dedupe(pairs: list) -> list:

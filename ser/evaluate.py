@@ -28,15 +28,22 @@ def pair_metrics(r_chosen, r_rejected, sources=None) -> dict:
 
     accuracy counts a pair as correct only if r_chosen > r_rejected strictly (ties are wrong, as in TRL and
     RewardBench; the SER release counted them as right). Calibration is of P(chosen) = σ(r_chosen - r_rejected):
-    ECE over the predicted side's confidence max(P, 1-P), and Brier = mean (1 - P)^2.
+    ECE over the predicted side's confidence max(P, 1-P), and Brier = mean (1 - P)^2. A pair with a non-finite
+    reward (NaN, ±inf: a broken model or overflow) is left out of every metric and counted in `non_finite`;
+    `n` counts the pairs the metrics are over.
     """
     r_c, r_r = np.asarray(r_chosen, dtype=np.float64), np.asarray(r_rejected, dtype=np.float64)
+    finite = np.isfinite(r_c) & np.isfinite(r_r)
+    r_c, r_r = r_c[finite], r_r[finite]
+    if sources is not None:
+        sources = [s for s, keep in zip(sources, finite) if keep]
     margin = r_c - r_r
     correct = margin > 0
     p = sigmoid(margin)
     out = {
         "accuracy": float(correct.mean()) if correct.size else float("nan"),
         "n": int(correct.size),
+        "non_finite": int((~finite).sum()),
         "ties": int((margin == 0).sum()),
         "mean_margin": float(margin.mean()) if margin.size else float("nan"),
         "ece": expected_calibration_error(np.maximum(p, 1 - p), correct.astype(np.float64)),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ser.checkpoint import atomic_write_text
+from ser.checkpoint import atomic_write_text, json_text
 from ser.config import PolicyConfig
 from ser.data import load_pairs
 from ser.errors import UserError
@@ -58,7 +58,7 @@ def generate_pairs(policy_a: str, policy_b: str | None, spec: str, out: str, *, 
     same = sum(r["answer_a"] == r["answer_b"] for r in rows)
     if same:
         log.info("%d of %d pairs have identical answers (ser evolve drops them with a count)", same, len(rows))
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out, "".join(json_text(r) + "\n" for r in rows))
     return len(rows)
 
 
@@ -161,6 +161,6 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
         summary["llm"] = {"url": llm["url"], "model": llm["model"], "win": lv.win, "tie": lv.tie, "lose": lv.lose,
                           "ci95": lv.ci95}
         v.llm = summary["llm"]
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_text(Path(out).with_suffix(".summary.json"), json.dumps(summary, indent=2))
+    atomic_write_text(out, "".join(json_text(r) + "\n" for r in rows))
+    atomic_write_text(Path(out).with_suffix(".summary.json"), json_text(summary, indent=2))
     return v

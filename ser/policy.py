@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ser.checkpoint import append_jsonl, atomic_dir, check_whole, check_writable
+from ser.checkpoint import append_jsonl, atomic_dir, check_whole, check_writable, json_text
 from ser.config import Config, to_dict
 from ser.errors import UserError
 from ser.models import full_parameters, keep_eos_trainable, load_tokenizer, resolve_backbone, sharded
@@ -106,14 +106,12 @@ def generate(model, tokenizer, prompts: list[str], pcfg, *, do_sample: bool = Tr
 
 def save_policy(model, tokenizer, target: str | Path, cfg: Config, extra: dict | None = None) -> Path:
     """An HF causal-LM directory (safetensors), written atomically with a manifest."""
-    import json
-
     check_whole(model)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(tmp)
-        (tmp / "ser_config.json").write_text(json.dumps({"config": to_dict(cfg), **(extra or {})}, indent=2))
+        (tmp / "ser_config.json").write_text(json_text({"config": to_dict(cfg), **(extra or {})}, indent=2))
     return Path(target)
 
 

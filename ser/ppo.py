@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch.distributed.fsdp import register_fsdp_forward_method
 
-from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_whole, check_writable,
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_whole, check_writable, json_text,
                             truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.data import load_pairs, split_pairs
@@ -76,7 +76,8 @@ def forward(model, prompt_ids, prompt_mask, responses, response_mask, temperatur
 
 def ppo_prompts(cfg: Config) -> list[str]:
     """Training prompts: the prompts of `data.train`'s seed + pool split, without the test pairs' prompts."""
-    split = split_pairs(load_pairs(cfg.data.train, limit=cfg.data.limit), seed_size=cfg.data.seed_size,
+    split = split_pairs(load_pairs(cfg.data.train, limit=cfg.data.limit, drop_ties=cfg.data.drop_ties),
+                        seed_size=cfg.data.seed_size,
                         test_size=cfg.data.test_size, seed=cfg.data.split_seed)
     test = {p.prompt for p in split.test}
     seen, prompts = set(), []
@@ -236,5 +237,5 @@ def _checkpoint(root, model: PolicyWithValue, optimizer_state, tok, cfg, step, k
         tok.save_pretrained(tmp)
         torch.save({"value_head": model.value_head.state_dict(), "optimizer": optimizer_state},
                    tmp / "ppo_state.pt")
-        (tmp / "ser_config.json").write_text(json.dumps({"config": to_dict(cfg),
-                                                         "ppo_state": {"step": step, "kl_coef": kl_coef}}))
+        (tmp / "ser_config.json").write_text(json_text({"config": to_dict(cfg),
+                                                        "ppo_state": {"step": step, "kl_coef": kl_coef}}))

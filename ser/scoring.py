@@ -12,12 +12,15 @@ the same batch as on one process, so the gathered result is the single-process r
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 import torch
 
 from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs, fsdp_sharded, head_prefixes,
                         pack_pairs, packed_pair_rewards)
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -118,10 +121,12 @@ def score_texts(rm, tokenizer, prompts: list[str], answers: list[str], max_lengt
 
 
 def score_pairs(rm, tokenizer, prompts, answers_a, answers_b, max_length: int, batch_size: int = 64,
-                precision: str = "no", share_prompt: bool = True, accelerator=None):
-    """(r_a, r_b) for a list of pairs. Both answers of a pair see the same prompt tokens (`encode_pairs`);
-    `batch_size` counts sequences (a packed pair counts as two). With `accelerator`, every process must call
-    this with the same pairs: the batches are sharded across processes and the rewards gathered."""
+                precision: str = "no", share_prompt: bool = True, accelerator=None, names: list[str] | None = None):
+    """(r_a, r_b), float64 arrays of shape (N,), for a list of N pairs. Both answers of a pair see the same prompt
+    tokens (`encode_pairs`); `batch_size` counts sequences (a packed pair counts as two). With `accelerator`, every
+    process must call this with the same pairs: the batches are sharded across processes and the rewards gathered.
+    Pairs with a non-finite reward (NaN, ±inf) are returned as they are and warned about with a count, named by
+    `names` (e.g. FILE:RECORD per pair) when given; the callers leave them out (`pair_metrics`, `ser score`)."""
     n = len(prompts)
     if n == 0:
         return np.zeros(0), np.zeros(0)
@@ -137,4 +142,9 @@ def score_pairs(rm, tokenizer, prompts, answers_a, answers_b, max_length: int, b
         rm.train(was_training)
     if world > 1:  # every reward was computed by exactly one rank: the sum is that reward, bit for bit
         r = accelerator.reduce(torch.from_numpy(r).to(accelerator.device), reduction="sum").cpu().numpy()
+    bad = np.flatnonzero(~(np.isfinite(r[:n]) & np.isfinite(r[n:])))
+    if bad.size and rank == 0:
+        shown = ", ".join(names[i] for i in bad[:10]) + (", ..." if bad.size > 10 else "") if names else ""
+        log.warning("%d of %d pairs have a non-finite reward (NaN or inf) from the reward model%s", bad.size, n,
+                    f": {shown}" if shown else "")
     return r[:n], r[n:]

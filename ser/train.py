@@ -272,7 +272,16 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         pair_len = [len(enc.input_ids[i]) + len(enc.input_ids[i + n]) - enc.prompt_lengths[i] for i in range(n)]
     else:
         pair_len = [max(len(enc.input_ids[i]), len(enc.input_ids[i + n])) for i in range(n)]
-    batches = length_grouped_batches(epoch_order(n, epochs, tcfg.seed), pair_len, tcfg.batch_size, tcfg.seed)
+    # Pairs whose two sequences are identical (warned by encode_pairs) carry no preference: left out, counted.
+    skip = set(enc.no_preference)
+    if len(skip) == n:
+        raise UserError(f"{desc}: all {n} training pairs have identical answers after tokenization or truncation "
+                        f"to max_length={max_length}; nothing to learn")
+    if skip:
+        log.warning("%s: left %d of %d pairs with no preference (identical token ids) out of training", desc,
+                    len(skip), n)
+    order = [i for i in epoch_order(n, epochs, tcfg.seed) if i not in skip] or [min(set(range(n)) - skip)]
+    batches = length_grouped_batches(order, pair_len, tcfg.batch_size, tcfg.seed)
     steps = math.ceil(len(batches) / tcfg.grad_accum)
     params = [p for p in rm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -340,7 +349,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     bar.close()
     rm = accelerator.unwrap_model(rm)
     accelerator.free_memory()
-    summary = {"steps": step, "pairs": n, "epochs": epochs, "final_loss": float(np.mean(losses[-10:])),
+    summary = {"steps": step, "pairs": n - len(skip), "no_preference": len(skip), "epochs": epochs,
+               "final_loss": float(np.mean(losses[-10:])),
                "train_acc": float(totals[2] / max(totals[1], 1)), "seconds": time.time() - t0,
                "truncated_answers": enc.truncated_answers, "truncated_prompts": enc.truncated_prompts}
     return rm, summary

@@ -31,7 +31,10 @@ def test_hh_rlhf_real_files_and_prompt_split(shared_data, caplog):
 
 def test_ultrafeedback_and_pandalm(shared_data, caplog):
     caplog.set_level("INFO")
-    assert len(load_pairs("ultrafeedback")) == 994 and len(load_pairs("ultrafeedback:eval")) == 199
+    # 994 usable pairs, of which 110 (and 24 of the 199 eval pairs) are ties (score_chosen == score_rejected): dropped
+    assert len(load_pairs("ultrafeedback")) == 884 and len(load_pairs("ultrafeedback:eval")) == 175
+    assert "dropped 111 of 1000 records (tie: score_chosen == score_rejected)" in caplog.text
+    assert len(load_pairs("ultrafeedback", drop_ties=False)) == 994
     pandalm = load_pairs("pandalm")
     assert "tie or no majority among annotators" in caplog.text
     assert len(pandalm) == 762
