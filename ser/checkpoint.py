@@ -10,6 +10,8 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -45,10 +47,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_json(obj):
+    """`obj` made strictly JSON-serialisable: non-finite numbers (NaN, ±inf), which `json.dumps` would write as
+    bare `NaN`/`Infinity` that strict parsers reject, become None (null); numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, numbers.Integral) and not isinstance(obj, bool):
+        return int(obj)
+    if isinstance(obj, numbers.Real) and not isinstance(obj, bool):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def json_text(obj, **kwargs) -> str:
+    """`json.dumps` that always writes valid (strict) JSON: non-finite numbers as null (`finite_json`)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON line and fsync it (metrics survive a crash right after the call)."""
+    """Append one JSON line (strict JSON: non-finite numbers as null) and fsync it (metrics survive a crash right
+    after the call)."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(json_text(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -145,15 +167,31 @@ def check_whole(model) -> None:
                            f"{sharded[0]}); save inside ser.models.full_parameters(model)")
 
 
+def check_pad_token(model, tokenizer) -> None:
+    """Refuse to save an RM whose config and tokenizer disagree on the pad token, or whose pad token is also its
+    bos/eos/unk token: transformers and TRL read the reward at the last token that is not `config.pad_token_id`,
+    so such a directory scores answers that end with eos differently from ser (`ser.models.set_reward_pad_token`,
+    called by `load_reward_model`, gives the RM a pad token of its own)."""
+    pad = model.config.get_text_config().pad_token_id
+    if pad is None or pad != tokenizer.pad_token_id:
+        raise RuntimeError(f"refusing to save a reward model whose config pad_token_id ({pad}) differs from its "
+                           f"tokenizer's ({tokenizer.pad_token_id}); load it with ser.models.load_reward_model")
+    if pad in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        raise RuntimeError(f"refusing to save a reward model whose pad token {tokenizer.pad_token!r} is also its "
+                           f"bos/eos/unk token; load it with ser.models.load_reward_model")
+
+
 def save_reward_model(model, tokenizer, target: str | Path, ser_config: dict) -> Path:
     """Save an RM directory that `AutoModelForSequenceClassification.from_pretrained` loads unchanged:
-    transformers config, safetensors weights, tokenizer (with chat template), and `ser_config.json`
-    (the resolved config plus reward statistics on the training data)."""
+    transformers config (with the tokenizer's `pad_token_id`), safetensors weights, tokenizer (with chat template),
+    and `ser_config.json` (the resolved config plus reward statistics on the training data). Raises RuntimeError
+    for a sharded model (`check_whole`) or inconsistent pad tokens (`check_pad_token`): programming errors."""
     check_whole(model)
+    check_pad_token(model, tokenizer)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / SER_CONFIG).write_text(json.dumps(ser_config, indent=2, sort_keys=True, default=str))
+        (tmp / SER_CONFIG).write_text(json_text(ser_config, indent=2, sort_keys=True, default=str))
     return Path(target)
 
 

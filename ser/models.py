@@ -2,7 +2,9 @@
 
 A reward model is `AutoModelForSequenceClassification` with `num_labels=1`, so a saved one loads unchanged in
 `transformers`, TRL and RewardBench. Encoders read the reward from their pooled [CLS]; causal LMs from the last
-real token (transformers finds it from `pad_token_id`, which we always set; we pad on the right).
+real token (transformers finds it from `pad_token_id`, which we always set; we pad on the right). A causal RM gets a
+pad token of its own (`set_reward_pad_token`): an answer that ends with eos then reads its reward at the eos
+everywhere, instead of at the token before it wherever eos is also the pad token.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -126,8 +128,8 @@ def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = Non
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
-    model.config.pad_token_id = tokenizer.pad_token_id
     keep_eos_trainable(model, tokenizer)
+    set_reward_pad_token(model, tokenizer)
     model.config.problem_type = "regression"
     head = head_prefixes(model)
     if mode == "head":
@@ -151,6 +153,43 @@ def keep_eos_trainable(model, tokenizer) -> None:
     emb = model.get_input_embeddings()
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id and emb is not None:
         emb.padding_idx = None
+
+
+# A pad token the vocabulary already reserves (Llama 3's first; the rest as BERT, T5, GPT-NeoX, ... spell it), else
+# PAD_TOKEN is added. Only added (special) tokens count: a plain vocabulary entry such as "<pad>" is produced by text.
+RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>")
+PAD_TOKEN = "<|pad|>"
+
+
+def set_reward_pad_token(model, tokenizer) -> None:
+    """Give the RM a pad token that text does not end with, and the same `pad_token_id` in the model config.
+
+    transformers' `*ForSequenceClassification` (`GenericForSequenceClassification.forward`, also Llama's) reads a
+    causal RM's reward at the rightmost token whose id is not `config.pad_token_id`, so with eos as the pad token
+    (SmolLM2 ships so; `load_tokenizer`, TRL and many users fall back to it) an answer that ends with eos is read
+    at the token before the eos, while ser's packed pairs read it at the eos. A pad equal to the bos, eos or unk
+    token is replaced by a reserved pad token of the vocabulary (`RESERVED_PADS`), else by `PAD_TOKEN`, added as a
+    special token; the embedding grows only if the new id does not fit (one zero row, never read: pad positions are
+    masked and never scored). Encoders ([PAD] of their own) are unchanged. A text that ends with the literal pad
+    token (e.g. "<|pad|>") is still read before it by transformers; ser never writes that text.
+
+    Mutates `model` (embedding size, `config.pad_token_id`) and `tokenizer` (`pad_token`) in place; raises nothing.
+    Source: transformers `PreTrainedTokenizerBase.add_special_tokens`, `PreTrainedModel.resize_token_embeddings`.
+    """
+    taken = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id} - {None}
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in taken:
+        added = tokenizer.added_tokens_encoder  # {token: id}
+        pad = next((t for t in RESERVED_PADS if added.get(t) is not None and added[t] not in taken), PAD_TOKEN)
+        tokenizer.add_special_tokens({"pad_token": pad})
+        emb = model.get_input_embeddings()
+        rows = emb.num_embeddings
+        if tokenizer.pad_token_id >= rows:
+            log.info("added the pad token %s (id %d) to the reward model's vocabulary", pad, tokenizer.pad_token_id)
+            emb = model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                emb.weight[rows:] = 0
+        emb.padding_idx = tokenizer.pad_token_id  # as `from_pretrained` builds it from the saved config
+    model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def head_prefixes(model) -> tuple[str, ...]:
@@ -234,15 +273,17 @@ class Encoded:
     truncated_answers: int  # answers that alone exceeded the budget and were cut (logged, never silent)
     truncated_prompts: int
     prompt_lengths: list[int]  # prompt tokens kept in each sequence (after the leading special tokens)
+    no_preference: list[int] = field(default_factory=list)  # `encode_pairs`: pairs whose two sequences are identical
 
 
 def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -> Encoded:
     """Tokenize (prompt, answer) as the tokenizer's text pair, keeping the answer and cutting the prompt
     from the left: what the RM must judge is the answer, and the latest turns of the prompt matter most."""
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
-    # Tokenizers without a pair template (GPT-2/Llama style) simply concatenate: join with a space.
+    # Tokenizers without a pair template (GPT-2/Llama style) simply concatenate: join with a space, unless the join
+    # has whitespace already (a chat-templated prompt ends with a newline), so a chat template's text is unchanged.
     if n_special == 0:
-        answers = [" " + a for a in answers]
+        answers = [a if p[-1:].isspace() or a[:1].isspace() else " " + a for p, a in zip(prompts, answers)]
     budget = max_length - n_special - 1  # keep at least one prompt token
     ans = tokenizer(answers, add_special_tokens=False, return_offsets_mapping=True)
     cut_answers = 0
@@ -296,10 +337,25 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
                 plen[s] = common
     full = [len(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     cut_prompts = sum(plen[s] < full[s % n] for s in range(2 * n))  # by max_length or to match the other side
-    same = sum(ids[i] == ids[i + n] for i in range(n))
-    if same:  # answers that differ only after the cut: equal rewards, no training signal, a tie in evaluation
-        log.warning("%d of %d pairs have identical answers after truncation to max_length=%d", same, n, max_length)
-    return Encoded(ids, tt, enc.truncated_answers, cut_prompts, plen)
+    # Different answer texts, identical token ids: equal rewards, no preference to learn, a tie in evaluation. Two
+    # causes, told apart by the untruncated answers: a tokenizer that maps both texts to the same tokens (an
+    # uncased one folds case and accents; same tokens, or neither answer long enough to be cut), or answers that
+    # differ only past the cut to max_length.
+    same = [i for i in range(n) if ids[i] == ids[i + n]]
+    if same:
+        full = tokenizer([answers_a[i] for i in same] + [answers_b[i] for i in same],
+                         add_special_tokens=False)["input_ids"]
+        budget = max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1  # as in `encode`
+        by_tokenizer = sum(full[k] == full[k + len(same)] or max(len(full[k]), len(full[k + len(same)])) < budget
+                           for k in range(len(same)))
+        if by_tokenizer:
+            log.warning("%d of %d pairs have identical answers after tokenization (different texts, the same tokens: "
+                        "e.g. an uncased tokenizer folds case and accents): no preference, equal rewards",
+                        by_tokenizer, n)
+        if len(same) > by_tokenizer:
+            log.warning("%d of %d pairs have identical answers after truncation to max_length=%d (they differ only "
+                        "past the cut): no preference, equal rewards", len(same) - by_tokenizer, n, max_length)
+    return Encoded(ids, tt, enc.truncated_answers, cut_prompts, plen, same)
 
 
 def can_share_prompt(model, tokenizer) -> bool:
