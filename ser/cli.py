@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import sys
@@ -17,7 +16,19 @@ from ser.errors import UserError
 
 log = logging.getLogger("ser")
 
-OVERRIDES_HELP = "dotted overrides, e.g. --train.lr=1e-5 --data.seed_size=200 (see configs/*.yaml for keys)"
+OVERRIDES_HELP = "dotted overrides, e.g. --train.lr=1e-5 --data.seed_size=200 (`ser COMMAND --help` lists the keys)"
+# The settings each command reads: whole sections, or single keys of a section it reads only in part.
+READS = {
+    "train-rm": ("data", "model", "train"),
+    "evolve": ("data", "model", "train", "ser"),
+    "experiment": ("data", "model", "train", "ser", "experiment"),
+    "curve": ("data", "model", "train", "experiment.seeds", "experiment.bootstrap"),
+    "sft": ("data", "model.max_length", "policy.backbone", "policy.max_prompt_length", "train.epochs",
+            "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay", "train.warmup_ratio",
+            "train.max_grad_norm", "train.seed", "train.mixed_precision"),
+    "ppo": ("data.train", "data.limit", "data.seed_size", "data.test_size", "data.split_seed", "policy", "ppo",
+            "train.mixed_precision"),
+}
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -47,6 +58,43 @@ def _config_unless_resume(args, extra: list[str]):
     return None if args.resume else load_config(args.config, _split_overrides(extra))
 
 
+def _yaml_value(value) -> str:
+    """A default as it is written in a YAML preset or an override (quoted where YAML would read another type:
+    `no` is false in YAML, `'no'` the string)."""
+    import yaml
+
+    if isinstance(value, str) and value and yaml.safe_load(value) == value:
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+
+
+def settings_help(command: str) -> str:
+    """The settings `command` reads, by section: key, type, default and the comment beside it in ser/config.py."""
+    import dataclasses
+
+    from ser.config import Config, field_help
+
+    reads, defaults, docs = READS[command], Config(), field_help()
+    lines = ["settings, set in the --config YAML or as --section.field=VALUE (e.g. --train.lr=1e-5); the default "
+             "after '=':"]
+    for section in dict.fromkeys(r.partition(".")[0] for r in reads):
+        doc, comments = docs[section]
+        fields = {f.name: f.type for f in dataclasses.fields(getattr(defaults, section))}
+        names = list(fields) if section in reads else [r.partition(".")[2] for r in reads
+                                                       if r.startswith(f"{section}.")]
+        lines += ["", f"{section}{'' if section in reads else ' (only these keys)'}: {doc}"]
+        for name in names:
+            lines += [f"  {section}.{name}: {fields[name]} = {_yaml_value(getattr(getattr(defaults, section), name))}",
+                      f"      {comments[name]}"]
+    return "\n".join(lines)
+
+
+def _config_parser(sub, command: str, help: str) -> argparse.ArgumentParser:
+    """The subparser of a command that takes a config; its --help lists every setting it reads."""
+    return sub.add_parser(command, help=help, epilog=settings_help(command),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _add_config_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--config", help="YAML preset (configs/*.yaml); overrides follow as --section.field=value")
     p.add_argument("--out", required=out_required, help="output directory (printed at the end)")
@@ -55,10 +103,11 @@ def _add_config_args(p: argparse.ArgumentParser, out_required: bool = True) -> N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ser", description="Self-Evolved Reward Learning: reward models from "
                                      "few human labels (Huang et al., ICLR 2025).", epilog=OVERRIDES_HELP)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the libraries' own warnings and progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train-rm", help="train a reward model on human-labelled pairs", epilog=OVERRIDES_HELP)
+    p = _config_parser(sub, "train-rm", "train a reward model on human-labelled pairs")
     _add_config_args(p, out_required=False)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
@@ -76,18 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("evolve", help="the SER loop: seed RM, then self-labelling iterations", epilog=OVERRIDES_HELP)
+    p = _config_parser(sub, "evolve", "the SER loop: seed RM, then self-labelling iterations")
     _add_config_args(p, out_required=False)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed iteration")
 
-    p = sub.add_parser("experiment", help="SER vs baselines over several seeds, with a report",
-                       epilog=OVERRIDES_HELP)
+    p = _config_parser(sub, "experiment", "SER vs baselines over several seeds, with a report")
     _add_config_args(p)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning of a policy LM on the chosen answers", epilog=OVERRIDES_HELP)
+    p = _config_parser(sub, "sft", "supervised fine-tuning of a policy LM on the chosen answers")
     _add_config_args(p)
 
-    p = sub.add_parser("ppo", help="PPO of a policy LM against a saved reward model", epilog=OVERRIDES_HELP)
+    p = _config_parser(sub, "ppo", "PPO of a policy LM against a saved reward model")
     _add_config_args(p, out_required=False)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
@@ -114,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("curve", help="learning curve: RM test accuracy vs number of human labels, with CIs",
-                       epilog=OVERRIDES_HELP)
+    p = _config_parser(sub, "curve", "learning curve: RM test accuracy vs number of human labels, with CIs")
     _add_config_args(p)
     p.add_argument("--sizes", required=True,
                    help="comma-separated label counts, fractions of all pairs, or 'all', e.g. 100,0.15,all")
@@ -127,8 +174,48 @@ def _print_eval(m: dict) -> None:
     print(f"accuracy: {m['accuracy']:.4f}  (a pair counts as correct only if r_chosen > r_rejected strictly; "
           f"ties: {m['ties']})")
     print(f"mean margin: {m['mean_margin']:.4f}   ECE: {m['ece']:.4f}   Brier: {m['brier']:.4f}")
+    if m.get("non_finite"):
+        print(f"left out: {m['non_finite']} pairs with a non-finite reward (NaN or inf), records "
+              f"{', '.join(map(str, m['non_finite_records']))}")
     for source, acc in m.get("accuracy_by_source", {}).items():
         print(f"  {source}: {acc:.4f}")
+
+
+class _LevelFloor(logging.Filter):
+    """Passes records at `level` and above: a floor that holds when a library resets its logger's level."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def setup_logging(verbose: bool, follower: bool = False) -> None:
+    """ser's own log (INFO; DEBUG with -v) on stderr, and the libraries' routine notices only with -v.
+
+    Hidden by default, shown with -v: transformers' load report (the reward head is new by design, so its
+    weights are always MISSING from a backbone), its per-load "Loading weights" / "Writing model shards" bars,
+    and DeepSpeed's "Setting accelerator to CPU" (accelerate imports DeepSpeed to unwrap a model, also in runs
+    that do not use it). Errors always show; ser's own progress bars show on a terminal only."""
+    import transformers.utils.logging as hf_logging
+
+    logging.basicConfig(level=logging.WARNING if follower else logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("accelerate", "peft", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    hf_logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)  # its own handler, not the root's
+    hf_logging.enable_progress_bar() if verbose else hf_logging.disable_progress_bar()  # and huggingface_hub's
+    # "sequence longer than the maximum" is expected: ser tokenizes first, then truncates the prompt itself.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    # DeepSpeed sets its logger's level when it is imported (later, inside accelerate): a filter outlives that.
+    # In a DeepSpeed launch its warnings are about the run, and stay.
+    deepspeed = logging.getLogger("DeepSpeed")
+    for f in [f for f in deepspeed.filters if isinstance(f, _LevelFloor)]:
+        deepspeed.removeFilter(f)
+    if not verbose and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        deepspeed.addFilter(_LevelFloor(logging.ERROR))
 
 
 def run(argv: list[str]) -> int:
@@ -137,12 +224,7 @@ def run(argv: list[str]) -> int:
     follower = int(os.environ.get("RANK", "0")) > 0  # under torchrun/accelerate launch: only rank 0 reports
     if follower:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-    logging.basicConfig(level=logging.WARNING if follower else logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "accelerate", "peft", "urllib3", "filelock", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # "sequence longer than the maximum" is expected: ser tokenizes first, then truncates the prompt itself.
-    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    setup_logging(args.verbose, follower)
     from ser.config import load_config
 
     if args.command in ("score", "eval", "generate-pairs", "judge") and extra:
@@ -159,13 +241,17 @@ def run(argv: list[str]) -> int:
     elif args.command == "score":
         from ser.pipeline import run_score
 
-        n = run_score(args.rm, args.data, args.out, args.limit, args.batch_size)
-        print(f"scored {n} pairs\nwrote {args.out}")
+        r = run_score(args.rm, args.data, args.out, args.limit, args.batch_size)
+        skipped = sum(r["skipped"].values())
+        print(f"scored {r['scored']} pairs; skipped {skipped} records"
+              + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(r['skipped'].items()))})" if skipped else ""))
+        print(f"wrote {args.out} and {r['skipped_file']} (the records skipped, with the reason)")
     elif args.command == "eval":
+        from ser.checkpoint import json_text
         from ser.pipeline import run_eval
 
         m = run_eval(args.rm, args.data, args.limit, args.batch_size)
-        print(json.dumps(m, sort_keys=True)) if args.json else _print_eval(m)
+        print(json_text(m, sort_keys=True)) if args.json else _print_eval(m)
     elif args.command == "evolve":
         from ser.evolve import run_evolve, summary_table
 

@@ -1,13 +1,18 @@
 """Configuration: dataclasses with documented defaults, YAML presets and `--section.field=value` overrides.
 
-Every field is documented once, next to its default. Defaults describe a run that finishes on a laptop CPU.
+Every field is documented once, next to its default (the comment beside it is its `ser <command> --help` line).
+Defaults describe a run that finishes on a laptop CPU.
 An unknown key or a value of the wrong type is a `UserError` naming the key (and the file it came from).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import io
 import math
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,36 +25,43 @@ from ser.errors import UserError
 
 @dataclass
 class DataConfig:
+    """Where the preference pairs come from and how they are split into seed, pool and test."""
+
     train: str = "hh-rlhf:helpful-base"  # data spec: known name, local file or Hub dataset id
     test: str | None = None  # separate test spec; None = split the test set off `train`
     seed_size: float | int = 0.15  # human-labelled fraction (float) or count (int); SER paper: 15%
     test_size: float | int = 500  # held-out test pairs (fraction or count) when `test` is None
     pool_size: float | int | None = None  # unlabelled pool (fraction/count); None = all remaining pairs
-    pool: str | None = None  # a file of unlabelled (prompt, answer_a, answer_b) to use as the pool instead
+    pool: str | None = None  # SER runs: a file of unlabelled (prompt, answer_a, answer_b) to use as the pool instead
     limit: int | None = None  # read at most this many usable pairs of each spec (None = all)
     columns: dict | None = None  # column mapping for other files, e.g. {prompt: input, chosen: good, ...}
     split_seed: int = 0  # the seed of the hash-based split (stable under re-ordering of the input)
+    drop_ties: bool = True  # drop pairs whose recorded ratings tie (UltraFeedback score_chosen == score_rejected)
 
 
 @dataclass
 class ModelConfig:
+    """The reward model: a backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1)."""
+
     backbone: str = "minilm"  # short name (minilm, smollm2-135m, gemma3-270m), local directory or Hub id
     mode: str = "full"  # full | lora | head  (what is trained)
-    max_length: int = 256  # tokens per (prompt, answer); the prompt is truncated from the left
+    max_length: int = 256  # tokens per (prompt, answer), the prompt cut from the left; `ser sft`: answer tokens
     share_prompt: bool = True  # causal RMs: one packed [prompt, a, b] sequence per pair (same rewards, fewer tokens)
-    lora_r: int = 8  # SER paper: LoRA r=8, alpha=32, dropout 0.1
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
+    lora_r: int = 8  # LoRA rank (model.mode=lora); SER paper: r=8, alpha=32, dropout 0.1
+    lora_alpha: int = 32  # LoRA scaling: the adapter's update is multiplied by alpha / r
+    lora_dropout: float = 0.1  # dropout on the LoRA adapters' input
     lora_targets: list | None = None  # module names for LoRA; None = peft's default for the architecture
 
 
 @dataclass
 class TrainConfig:
+    """The optimizer loop (reward model; `ser sft` uses it for the policy), device precision and seeds."""
+
     epochs: float = 1.0  # passes over the training pairs (fractional allowed)
     batch_size: int = 16  # pairs per micro-batch over all processes (each pair = 2 sequences)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-5  # AdamW learning rate (SER paper used 2e-5 for 7B LoRA RMs)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_ratio: float = 0.05  # fraction of steps with linear warm-up
     schedule: str = "linear"  # linear | cosine | constant (after warm-up)
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
@@ -67,14 +79,15 @@ class SERConfig:
     """Settings of the self-evolution loop (`ser evolve`); see SER_METHOD.md."""
 
     max_iterations: int = 3  # SER iterations after the seed RM (the paper's runs stopped after 3)
-    tau_high: float = 0.55  # SER paper §3: status-1 needs one answer with σ(r) > tau_high ...
-    tau_low: float = 0.45  # ... and the other with σ(r) < tau_low
+    tau_high: float = 0.55  # SER paper §3: status-1 needs one answer with σ(r) > tau_high (and the other < tau_low)
+    tau_low: float = 0.45  # SER paper §3: status-1 needs the other answer with σ(r) < tau_low
     tau_delta: float = 0.30  # SER paper §3: status-2 needs |σ(r1) - σ(r2)| >= tau_delta
     min_pairs: float | int = 0.05  # SER paper's N_min (600 of 160k pairs); int = count, float = fraction of the pool
     rule: str = "paper"  # paper: status 1 else 2 by count, else stop | code: released one-pass OR rule | ssrm: baseline
     calibration: str = "temperature"  # none (paper) | center: minus the seed mean | temperature: center + fit T
     pseudo_loss: str = "sigmoid"  # loss on pseudo-labelled pairs: sigmoid (released code) | hinge (paper)
     pseudo_margin: float = 1.0  # margin of the hinge loss on pseudo-labelled pairs
+    length_guard: bool = False  # accept pseudo-labels so their longer-answer-chosen share is at most the human seed's
     restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone
     keep_seed: bool = True  # keep the human seed pairs in every iteration's training data
     iteration_epochs: float = 1.0  # epochs of each retraining on seed + pseudo-labelled pairs
@@ -89,8 +102,8 @@ class PolicyConfig:
     max_prompt_length: int = 256  # prompt tokens (cut from the left, keeping the latest turns)
     max_new_tokens: int = 64  # answer length limit; answers that hit it without EOS are "unfinished"
     temperature: float = 0.7  # sampling during PPO rollouts
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
+    top_k: int = 0  # sample from the k most likely tokens only; 0 = off
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much probability; 1.0 = off
 
 
 @dataclass
@@ -102,27 +115,30 @@ class PPOConfig:
     batch_size: int = 8  # prompts per rollout
     mini_batch_size: int = 4  # sequences per gradient step
     ppo_epochs: int = 2  # passes over each rollout batch
-    lr: float = 1e-5
+    lr: float = 1e-5  # AdamW learning rate of the policy and its value head
     kl_coef: float = 0.2  # initial KL coefficient (SER paper)
     kl_target: float | None = 6.0  # adaptive control towards this KL (nats per answer); null = fixed coefficient
     kl_horizon: int = 10000  # Ziegler et al.'s horizon of the adaptive controller
-    gamma: float = 1.0
-    lam: float = 0.95
+    gamma: float = 1.0  # discount of the GAE advantages (1.0: none within an answer)
+    lam: float = 0.95  # GAE lambda: bias (0) vs variance (1) of the advantage estimates
     clip: float = 0.2  # policy ratio clip
     clip_value: float = 0.2  # value clip
-    vf_coef: float = 0.1
+    vf_coef: float = 0.1  # weight of the value loss beside the policy loss
     reward: str = "sigmoid"  # sigmoid: sigmoid(score) - baseline (paper) | normalize: (score - mean) / std of the RM
-    reward_baseline: float = 0.5
+    reward_baseline: float = 0.5  # subtracted from sigmoid(score) with reward=sigmoid
     no_eos_penalty: float = 1.0  # subtracted from the reward of answers that hit max_new_tokens without ending
-    whiten_rewards: bool = False
+    whiten_rewards: bool = False  # scale the per-token rewards of each rollout batch to unit variance (mean kept)
     save_every: int = 5  # checkpoint every N steps (and at the end)
-    seed: int = 0
+    seed: int = 0  # torch / prompt-order / sampling seed
 
 
 @dataclass
 class ExperimentConfig:
-    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one full set of runs per seed
-    methods: list = field(default_factory=lambda: ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm"])
+    """`ser experiment` and `ser curve`: seeds, compared methods and confidence intervals."""
+
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one set of runs per seed (own split and train seed)
+    methods: list = field(  # compared by `ser experiment` (see ser/experiment.py); seed_only always runs
+        default_factory=lambda: ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm"])
     bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
 
 
@@ -138,7 +154,10 @@ class Config:
 
 
 def _coerce(value, tp, key: str, origin: str):
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected. YAML 1.1 reads an
+    unquoted `no` as false: for `train.mixed_precision` (whose choices include "no") false means "no"."""
+    if key == "train.mixed_precision" and value is False:
+        value = "no"
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -273,3 +292,24 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+@functools.cache
+def field_help() -> dict[str, tuple[str, dict[str, str]]]:
+    """{section: (its class docstring, {field: the comment beside its default})}, read from this file's source,
+    so `--help` shows the documentation written above and the two cannot drift apart. A field without a
+    comment maps to "" (tests/test_cli_help_report.py fails on it)."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    out = {}
+    for section in dataclasses.fields(Config):
+        node = classes[section.default_factory.__name__]
+        fields = {}
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign):  # a comment on any line of a field that spans several
+                fields[stmt.target.id] = next((comments[i] for i in range(stmt.lineno, stmt.end_lineno + 1)
+                                               if i in comments), "")
+        out[section.name] = (ast.get_docstring(node) or "", fields)
+    return out

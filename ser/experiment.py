@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser.checkpoint import atomic_write_text, check_writable
+from ser.checkpoint import atomic_write_text, check_writable, json_text
 from ser.config import Config
 from ser.data import resolve_count
 from ser.errors import UserError
@@ -70,7 +70,7 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
             rm, tok, _ = fit_rm(cfg, [p.prompt for p in pairs], [p.chosen for p in pairs],
                                 [p.rejected for p in pairs], accelerator=accelerator, desc=f"seed {seed} full-label")
             m = evaluate_rm(rm, tok, split.test, cfg)
-            atomic_write_text(path, json.dumps({"correct": _correct(rm, tok, split.test, cfg).tolist(),
+            atomic_write_text(path, json_text({"correct": _correct(rm, tok, split.test, cfg).tolist(),
                                                 "accuracy": m["accuracy"], "seconds": time.time() - t0}))
         results["full_label"] = {"correct": np.array(json.loads(path.read_text())["correct"]), "metrics": []}
     for method, rule in SELF_LABELLING.items():
@@ -124,7 +124,7 @@ def run_experiment(cfg: Config, out: str) -> Path:
     summary = summarise(per_seed, cfg)
     summary["wall_seconds"] = time.time() - t0
     summary["commit"] = commit
-    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2, default=float))
+    atomic_write_text(root / "summary.json", json_text(summary, indent=2, default=float))
     write_report(root, summary, per_seed, cfg)
     return root
 
@@ -155,52 +155,93 @@ def summarise(per_seed: dict, cfg: Config) -> dict:
 
 
 def write_report(root: Path, summary: dict, per_seed: dict, cfg: Config) -> None:
+    """report.md (the plots beside it as PNG files) and report.html: one self-contained page, the same text with
+    its tables rendered and each plot embedded under the heading of its section."""
+    plt = _pyplot()
+    methods = [m for m in SELF_LABELLING if m in cfg.experiment.methods]
+    plots = {"accuracy.png": _accuracy_plot(root / "accuracy.png", summary, per_seed, methods, plt)}
+    if methods:
+        plots["precision.png"] = _iteration_plot(root / "precision.png", per_seed, methods, "ser/pseudo_precision",
+                                                 "Pseudo-label precision per iteration", "precision", plt)
+        plots["selected.png"] = _iteration_plot(root / "selected.png", per_seed, methods, "ser/added",
+                                                "Pairs selected per iteration", "pairs added", plt)
+        plots["status_counts.png"] = _count_plot(root, per_seed, methods, plt)
+    if "ser_paper" in methods:
+        plots["pool_rewards.png"] = _reward_plot(root, per_seed, plt)
+    atomic_write_text(root / "report.md", _markdown(summary, per_seed, cfg, plots))
+    atomic_write_text(root / "report.html", _html("SER experiment", _markdown(summary, per_seed, cfg, plots,
+                                                                              src=_embedded(root))))
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots = {}
-    methods = [m for m in SELF_LABELLING if m in cfg.experiment.methods]
-
-    def curve(key, title, ylabel, name, hline=None):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for m in methods:
-            for s in per_seed:
-                rows = [r for r in per_seed[s][m]["metrics"] if key in r]
-                ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker="o", alpha=0.7,
-                        color=f"C{methods.index(m)}", label=m if s == next(iter(per_seed)) else None)
-        if hline is not None:
-            ax.axhline(hline, color="k", ls="--", label="full_label (mean)")
-        ax.set(title=title, xlabel="iteration", ylabel=ylabel)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(root / name, dpi=110)
-        plt.close(fig)
-        plots[name] = title
-
-    full = summary["methods"].get("full_label", {}).get("accuracy")
-    curve("rm/acc", "Test accuracy per iteration", "accuracy", "accuracy.png", full)
-    curve("ser/pseudo_precision", "Pseudo-label precision per iteration", "precision", "precision.png")
-    curve("ser/added", "Pairs selected per iteration", "pairs added", "selected.png")
-    _count_plot(root, per_seed, methods, plt)
-    plots["status_counts.png"] = "Status-1 / status-2 candidates per iteration"
-    _reward_plot(root, per_seed, plt)
-    plots["pool_rewards.png"] = "Pool reward distribution per iteration (first seed, ser_paper)"
-
-    md = _markdown(summary, per_seed, cfg, list(plots))
-    atomic_write_text(root / "report.md", md)
-    imgs = "".join(f"<h3>{t}</h3><img src='data:image/png;base64,"
-                   f"{base64.b64encode((root / n).read_bytes()).decode()}'/>" for n, t in plots.items())
-    import html
-
-    atomic_write_text(root / "report.html", "<html><head><meta charset='utf-8'><title>SER experiment</title>"
-                      "</head><body><pre>" + html.escape(md) + "</pre>" + imgs + "</body></html>")
+    return plt
 
 
-def _count_plot(root, per_seed, methods, plt):
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+def _save(fig, ax, path: Path, plt, fontsize: int = 8) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ci95_half_width(accuracies, n_test: int) -> float:
+    """Half-width of the 95% CI of a mean accuracy over seeds and test pairs: the normal approximation of the
+    tables' hierarchical bootstrap (seeds resampled, then test pairs within each seed)."""
+    a = np.asarray(accuracies, dtype=np.float64)
+    return float(1.96 * np.sqrt(a.var() / a.size + np.mean(a * (1 - a)) / (a.size * n_test)))
+
+
+def _accuracy_plot(path: Path, summary: dict, per_seed: dict, methods: list, plt) -> str:
+    """Test accuracy per iteration: each method's mean over seeds with its 95% CI band, and the full-label RM.
+    A seed whose run stopped early keeps its last RM (as in the table), so the last point is the table's."""
+    title = "Test accuracy per iteration (mean over seeds, 95% CI)"
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    n_test = len(next(iter(per_seed.values()))["seed_only"]["correct"])
+    for i, m in enumerate(methods):
+        runs = [{r["iteration"]: r["rm/acc"] for r in per_seed[s][m]["metrics"] if "rm/acc" in r} for s in per_seed]
+        last = max((max(run) for run in runs if run), default=None)
+        if last is None:
+            continue
+        its = np.arange(last + 1)
+        accs = np.array([[run[max(j for j in run if j <= k)] for k in its] for run in runs if run])  # (seeds, its)
+        mean = accs.mean(axis=0)
+        half = np.array([_ci95_half_width(accs[:, k], n_test) for k in its])
+        ax.plot(its, mean, marker="o", color=f"C{i}", label=m)
+        ax.fill_between(its, mean - half, mean + half, color=f"C{i}", alpha=0.15, lw=0)
+    full = summary["methods"].get("full_label")
+    if full is not None:
+        ax.axhline(full["accuracy"], color="k", ls="--", lw=1,
+                   label=f"full_label (all human labels): {full['accuracy']:.3f}")
+        ax.axhspan(*full["ci95"], color="k", alpha=0.07, lw=0)
+    ax.set(title=title, xlabel="iteration", ylabel="test accuracy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, ax, path, plt)
+    return title
+
+
+def _iteration_plot(path: Path, per_seed: dict, methods: list, key: str, title: str, ylabel: str, plt) -> str:
+    """One line per method and seed."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, m in enumerate(methods):
+        for j, s in enumerate(per_seed):
+            rows = [r for r in per_seed[s][m]["metrics"] if key in r]
+            ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker="o", alpha=0.7, color=f"C{i}",
+                    label=m if j == 0 else None)
+    ax.set(title=title, xlabel="iteration", ylabel=ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, ax, path, plt)
+    return title
+
+
+def _count_plot(root, per_seed, methods, plt) -> str:
+    title = "Status-1 / status-2 candidates per iteration (first seed)"
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     s = next(iter(per_seed))
     for i, m in enumerate(methods):
         rows = [r for r in per_seed[s][m]["metrics"] if "ser/n_status1" in r]
@@ -208,57 +249,106 @@ def _count_plot(root, per_seed, methods, plt):
                 label=f"{m} status-1")
         ax.plot([r["iteration"] for r in rows], [r["ser/n_status2"] for r in rows], marker="x", ls=":",
                 color=f"C{i}", label=f"{m} status-2")
-    ax.set(title="Status-1 / status-2 candidates per iteration", xlabel="iteration", ylabel="pairs")
+    ax.set(title=title, xlabel="iteration", ylabel="pairs")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(root / "status_counts.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, root / "status_counts.png", plt, fontsize=7)
+    return title
 
 
-def _reward_plot(root, per_seed, plt):
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+def _reward_plot(root, per_seed, plt) -> str:
+    title = "Pool rewards seen at each iteration (ser_paper, first seed)"
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     s = next(iter(per_seed))
     run = root / f"seed{s}" / "ser_paper"
     for f in sorted((run / "scores").glob("*.npz"), key=lambda p: int(p.stem)) if run.exists() else []:
         z = np.load(f)
         ax.hist(np.concatenate([z["r_a"], z["r_b"]]), bins=40, histtype="step", label=f"iteration {f.stem}")
-    ax.set(title="Pool rewards seen at each iteration (ser_paper, first seed)", xlabel="reward", ylabel="answers")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "pool_rewards.png", dpi=110)
-    plt.close(fig)
+    ax.set(title=title, xlabel="reward", ylabel="answers")
+    _save(fig, ax, root / "pool_rewards.png", plt)
+    return title
 
 
-def _markdown(summary, per_seed, cfg, plots) -> str:
+def _embedded(root: Path):
+    """A plot's file name -> its PNG as a data: URI (the HTML page needs no files beside it)."""
+    return lambda name: f"data:image/png;base64,{base64.b64encode((root / name).read_bytes()).decode()}"
+
+
+def _html(title: str, markdown: str) -> str:
+    """A self-contained page (well-formed XHTML): the Markdown rendered by markdown-it-py, CommonMark plus tables.
+    Raw HTML in the Markdown is escaped, not passed through."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8" />\n'
+            f"<title>{html.escape(title)}</title>\n<style>{REPORT_CSS}</style>\n</head>\n"
+            f"<body>\n{body}</body>\n</html>\n")
+
+
+REPORT_CSS = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+h1, h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
+table { border-collapse: collapse; margin: 1rem 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ddd; padding: .25rem .6rem; }
+th { background: #f4f4f4; white-space: nowrap; }
+tbody tr:nth-child(even) { background: #fafafa; }
+img { max-width: 100%; }
+code { background: #f4f4f4; padding: 0 .2rem; }
+"""
+
+
+def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str:
+    """report.md; `plots` {file name: title} go under the heading of their section, as `src(name)`."""
+    def images(*names):
+        return [line for n in names if n in plots for line in (f"![{plots[n]}]({src(n)})", "")]
+
     lines = ["# SER experiment", "",
              f"Data: `{cfg.data.train}` · backbone `{cfg.model.backbone}` · seed size {cfg.data.seed_size} · "
              f"max_length {cfg.model.max_length} · seeds {summary['seeds']} · commit {summary.get('commit')} · "
              f"wall time {summary.get('wall_seconds', 0) / 60:.1f} min", "",
+             "## Test accuracy", "",
              "Accuracy is strict (r_chosen > r_rejected); 95% CI: bootstrap over seeds and test pairs.", "",
-             "| method | test accuracy | 95% CI | per seed | gap closed |", "|---|---|---|---|---|"]
+             "| method | test accuracy | 95% CI | per seed | gap closed |", "|---|---:|---:|---:|---:|"]
     for m, r in summary["methods"].items():
         gap = r.get("gap_closed")
         lines.append(f"| {m} | {r['accuracy']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | "
                      f"{', '.join(f'{x:.3f}' for x in r['per_seed'])} | {'' if gap is None else f'{gap:+.0%}'} |")
-    lines += ["", "## Pseudo-label precision per iteration (against the hidden human labels)", "",
-              "| seed | method | iteration | status | status-1 | status-2 | added | precision | test acc |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    if "accuracy.png" in plots:
+        lines += ["", "Per iteration: each method's mean over seeds (a seed whose run stopped keeps its last RM) "
+                  "with its 95% CI band" + ("; dashed: the full-label RM, grey: its 95% CI."
+                                            if "full_label" in summary["methods"] else ".")]
+    lines += [""] + images("accuracy.png")
+    lines += ["## Pseudo-label precision per iteration (against the hidden human labels)", "",
+              "Length bias: *longer*, the share of the added pseudo-labels whose chosen answer is the longer one "
+              "(beside the human seed labels' share); *acc L / acc S*, test accuracy where the human-chosen answer "
+              "is the longer / the shorter one.", "",
+              "| seed | method | iteration | status | status-1 | status-2 | added | precision | longer (seed) "
+              "| test acc | acc L / acc S |",
+              "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for s in per_seed:
         for m in SELF_LABELLING:
             for r in per_seed[s].get(m, {}).get("metrics", []):
                 if "ser/stop_reason" in r:  # the run's closing record: why it stopped
-                    lines.append(f"| {s} | {m} | {r['iteration']} | stop: {r['ser/stop_reason']} | | | | | |")
+                    reason = str(r["ser/stop_reason"]).replace("|", "\\|")
+                    lines.append(f"| {s} | {m} | {r['iteration']} | stop: {reason} | | | | | | | |")
                     continue
                 if r.get("iteration", 0) == 0:
                     continue
-                prec = r.get("ser/pseudo_precision")
-                acc = r.get("rm/acc")
+                longer = (f"{num(r.get('bias/pseudo_longer_chosen'), '.2f')} "
+                          f"({num(r.get('bias/seed_longer_chosen'), '.2f')})" if "bias/seed_longer_chosen" in r else "")
+                by_length = (f"{num(r.get('bias/test_acc_chosen_longer'), '.3f')} / "
+                             f"{num(r.get('bias/test_acc_chosen_shorter'), '.3f')}"
+                             if "bias/test_acc_chosen_longer" in r else "")
                 lines.append(f"| {s} | {m} | {r['iteration']} | {r.get('ser/status', '')} | "
                              f"{r.get('ser/n_status1', '')} | {r.get('ser/n_status2', '')} | {r.get('ser/added', '')} | "
-                             f"{'' if prec is None else f'{prec:.3f}'} | {'' if acc is None else f'{acc:.4f}'} |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    return "\n".join(lines) + "\n"
+                             f"{num(r.get('ser/pseudo_precision'), '.3f')} | {longer} | {num(r.get('rm/acc'), '.4f')} | "
+                             f"{by_length} |")
+    lines += [""] + images("precision.png", "selected.png", "status_counts.png")
+    if "pool_rewards.png" in plots:
+        lines += ["## Pool rewards", ""] + images("pool_rewards.png")
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def run_curve(cfg: Config, out: str, sizes: list) -> Path:
@@ -279,10 +369,12 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
     fingerprint = hashlib.sha1(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "experiment"},
                                           sort_keys=True, default=str).encode()).hexdigest()[:12]
     rows: dict[int, list[np.ndarray]] = {}
+    all_labels = None  # the size `all`: seed + pool (the same count for every seed)
     for seed in cfg.experiment.seeds:
         scfg = seed_config(cfg, seed)
         split = load_splits(scfg.data)
         labelled = split.seed + split.pool
+        all_labels = len(labelled)
         total, done = len(labelled) + len(split.test), set()
         for size in sizes:
             n = len(labelled) if size == "all" else resolve_count(size, total, "--sizes")
@@ -303,7 +395,7 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
                                     desc=f"seed {seed} n={n}")
                 correct = _correct(rm, tok, split.test, scfg)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, json.dumps({"labels": n, "fingerprint": fingerprint,
+                atomic_write_text(path, json_text({"labels": n, "fingerprint": fingerprint,
                                                     "accuracy": float(correct.mean()),
                                                     "correct": correct.tolist(), "seconds": time.time() - t1}))
                 log.info("seed %d, %d labels: test accuracy %.4f", seed, n, correct.mean())
@@ -314,30 +406,42 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
         lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap)
         points.append({"labels": n, "accuracy": float(matrix.mean()), "ci95": [lo, hi],
                        "per_seed": [float(x) for x in matrix.mean(axis=1)]})
-    summary = {"points": points, "wall_seconds": time.time() - t0, "commit": commit,
+    summary = {"points": points, "all_labels": all_labels, "wall_seconds": time.time() - t0, "commit": commit,
                "config": dataclasses.asdict(cfg)}
-    atomic_write_text(root / "curve.json", json.dumps(summary, indent=2))
+    atomic_write_text(root / "curve.json", json_text(summary, indent=2))
+    write_curve_report(root, summary, cfg)
+    return root
+
+
+def write_curve_report(root: Path, summary: dict, cfg: Config) -> None:
+    """curve.md (the table `ser curve` prints), curve.png (accuracy with its 95% CI band; the full-label RM
+    dashed when the size `all` was trained) and report.html (the table with the plot below it)."""
+    plt = _pyplot()
+    points, title = summary["points"], "RM test accuracy vs human labels (95% CI)"
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    x, acc = [p["labels"] for p in points], [p["accuracy"] for p in points]
+    ax.plot(x, acc, marker="o", color="C0", label="RM trained on the first N human labels")
+    ax.fill_between(x, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points], color="C0", alpha=0.2, lw=0)
+    full = next((p for p in points if p["labels"] == summary.get("all_labels")), None)
+    if full is not None:
+        ax.axhline(full["accuracy"], color="k", ls="--", lw=1,
+                   label=f"full_label (all {full['labels']} human labels): {full['accuracy']:.3f}")
+    ax.set(xscale="log", title=title, xlabel="human labels", ylabel="test accuracy")
+    ax.set_xticks(x, [str(n) for n in x])
+    ax.minorticks_off()
+    _save(fig, ax, root / "curve.png", plt)
+    atomic_write_text(root / "curve.md", _curve_markdown(summary, cfg))
+    page = _curve_markdown(summary, cfg) + f"\n![{title}]({_embedded(root)('curve.png')})\n"
+    atomic_write_text(root / "report.html", _html("Learning curve", page))
+
+
+def _curve_markdown(summary: dict, cfg: Config) -> str:
     lines = ["# Learning curve", "",
              f"Data: `{cfg.data.train}` · backbone `{cfg.model.backbone}` ({cfg.model.mode}) · max_length "
              f"{cfg.model.max_length} · epochs {cfg.train.epochs} · lr {cfg.train.lr} · precision "
              f"{cfg.train.mixed_precision} · seeds {cfg.experiment.seeds} · commit {summary['commit']} · wall time "
              f"{summary['wall_seconds'] / 60:.1f} min", "",
-             "| human labels | test accuracy | 95% CI | per seed |", "|---|---|---|---|"]
+             "| human labels | test accuracy | 95% CI | per seed |", "|---:|---:|---:|---:|"]
     lines += [f"| {p['labels']} | {p['accuracy']:.4f} | [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] | "
-              f"{', '.join(f'{x:.3f}' for x in p['per_seed'])} |" for p in points]
-    atomic_write_text(root / "curve.md", "\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    x = [p["labels"] for p in points]
-    ax.errorbar(x, [p["accuracy"] for p in points], marker="o", capsize=3,
-                yerr=[[p["accuracy"] - p["ci95"][0] for p in points], [p["ci95"][1] - p["accuracy"] for p in points]])
-    ax.set(xscale="log", title="RM test accuracy vs human labels (95% CI)", xlabel="human labels",
-           ylabel="test accuracy")
-    fig.tight_layout()
-    fig.savefig(root / "curve.png", dpi=110)
-    plt.close(fig)
-    return root
+              f"{', '.join(f'{x:.3f}' for x in p['per_seed'])} |" for p in summary["points"]]
+    return "\n".join(lines) + "\n"

@@ -77,3 +77,19 @@ def test_paper_scale_and_accelerate_presets_are_complete():
         kinds[f.stem] = a["distributed_type"]
     assert kinds == {"cpu-2proc": "MULTI_CPU", "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED",
                      "fsdp": "FSDP"}
+
+
+def test_cpu_presets_pick_precision_by_hardware_and_yaml_no_is_fp32():
+    """Every ser preset that names a precision uses `auto` (bf16 only where the hardware is fast at it), except the
+    GPU preset. An unquoted `no` (YAML 1.1: false) still means fp32 for train.mixed_precision only."""
+    from pathlib import Path
+
+    import yaml
+
+    for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        named = (yaml.safe_load(f.read_text()).get("train") or {}).get("mixed_precision")
+        if named is not None and "paper" not in f.stem:  # evolve-llama3-8b-hh-paper.yaml: 8 GPUs, bf16
+            assert named == "auto", f.name
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(UserError, match="'model.backbone' must be str, got False"):
+        load_config(None, ["model.backbone=no"])
