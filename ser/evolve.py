@@ -23,7 +23,8 @@ import yaml
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_writable, save_reward_model,
                             truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
-from ser.data import Pair, UnlabelledPair, hide_labels, load_unlabelled
+from ser.bias import length_balanced_accept, longer_chosen_share
+from ser.data import Pair, UnlabelledPair, drop_test_pairs, hide_labels, load_unlabelled
 from ser.errors import UserError
 from ser.models import check_backbone, full_parameters
 from ser.pipeline import data_hash, evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
@@ -73,6 +74,24 @@ def select_pseudo_labels(r_a, r_b, offset: float, temperature: float, cfg: Confi
     return status, learning, select(status, learning), orient(p_a, p_b)
 
 
+def length_audit(take, a_wins, margin, pool: list[UnlabelledPair], seed: list[Pair], guard: bool):
+    """The length-bias guard (`ser.bias`): the share of accepted pseudo-labels whose chosen answer is the longer
+    one (characters), beside the same share among the human seed labels. With `guard`, the accepted set is cut to
+    the seed's share, dropping the least confident (smallest |margin|) longer-chosen pairs first
+    (`length_balanced_accept`). margin: (n,) r_a - r_b. Returns (take, record)."""
+    len_a = np.array([len(p.answer_a) for p in pool], dtype=np.float64)
+    len_b = np.array([len(p.answer_b) for p in pool], dtype=np.float64)
+    seed_share = longer_chosen_share([len(p.chosen) for p in seed], [len(p.rejected) for p in seed])
+    record = {"bias/seed_longer_chosen": seed_share}
+    if guard and take.any() and np.isfinite(seed_share):
+        kept = length_balanced_accept(take, np.abs(margin), a_wins, len_a, len_b, seed_share)
+        record["bias/guard_dropped"] = int(take.sum() - kept.sum())
+        take = kept
+    chosen_len, other_len = np.where(a_wins, len_a, len_b)[take], np.where(a_wins, len_b, len_a)[take]
+    record["bias/pseudo_longer_chosen"] = longer_chosen_share(chosen_len, other_len)
+    return take, record
+
+
 def audit(take, a_wins, status, truth: np.ndarray | None) -> dict:
     """Precision of this iteration's pseudo-labels against the hidden human labels (per status too).
     `truth` is 1 where answer A is the human-chosen one. Audit only: never feeds back into training."""
@@ -111,11 +130,13 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
             # 2-4. Status of each pair, the RM's learning status, the selected pairs and their pseudo-labels.
             status, learning, take, a_wins = select_pseudo_labels(r_a, r_b, offset, temperature, cfg, len(pool))
+            # 4b. Length audit (and guard): does self-labelling pick "the longer answer wins" pairs?
+            take, bias = length_audit(take, a_wins, r_a - r_b, pool, seed, cfg.ser.length_guard)
             hidden = np.array([truth[p.id] == 0 for p in pool]) if truth else None  # True: A is human-chosen
             record |= {"ser/status": STATUS_NAMES[learning], "ser/n_status1": int((status == 1).sum()),
                        "ser/n_status2": int((status == 2).sum()), "ser/pool": len(pool),
                        "ser/offset": offset, "ser/temperature": temperature, "ser/added": int(take.sum()),
-                       **audit(take, a_wins, status, hidden)}
+                       **bias, **audit(take, a_wins, status, hidden)}
             save_scores(run, it, pool, r_a, r_b, status, take, a_wins, hidden, accelerator)
             if learning == STOP:
                 state.stopped = (f"iteration {it}: too few confident pairs (status-1: {record['ser/n_status1']}, "
@@ -143,7 +164,9 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         # 7. Evaluate on the held-out human-labelled test pairs.
         m = evaluate_rm(rm, tok, test, cfg, accelerator)
         record |= {"rm/acc": m["accuracy"], "rm/ece": m["ece"], "rm/brier": m["brier"],
-                   "rm/mean_margin": m["mean_margin"], "train/pairs": len(train_pairs),
+                   "rm/mean_margin": m["mean_margin"], "bias/test_length_corr": m["length_corr"],
+                   "bias/test_acc_chosen_longer": m["acc_chosen_longer"],
+                   "bias/test_acc_chosen_shorter": m["acc_chosen_shorter"], "train/pairs": len(train_pairs),
                    "train/loss": summary["final_loss"], "time/seconds": time.time() - t0}
         # 8. Checkpoint: the RM first, then the state (the commit point of this iteration).
         ser_config = ser_config_for(cfg, rm, tok, train_pairs, {"iteration": it, "test": m}, accelerator)
@@ -205,10 +228,12 @@ def save_state(run: Path, state: State, accelerator) -> None:
 
 
 def build_pool(cfg: Config, split):
-    """The unlabelled pool: a file of (prompt, answer_a, answer_b) when `data.pool` is set (no audit possible),
-    else the rest of the labelled data with its labels hidden (kept apart, for the audit only)."""
+    """The unlabelled pool: a file of (prompt, answer_a, answer_b) when `data.pool` is set (no audit possible;
+    its pairs that are also test pairs are removed, with a count), else the rest of the labelled data with its
+    labels hidden (kept apart, for the audit only)."""
     if cfg.data.pool:
-        return load_unlabelled(cfg.data.pool, columns=cfg.data.columns), None
+        return drop_test_pairs(load_unlabelled(cfg.data.pool, columns=cfg.data.columns), split.test,
+                               f"pool ({cfg.data.pool})"), None
     return hide_labels(split.pool)
 
 
@@ -257,13 +282,19 @@ def summary_table(run: Path) -> str:
     """The per-iteration table printed at the end of `ser evolve`."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in records if "rm/acc" in r or "ser/stop" in r]
-    lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'precision':>9} {'test_acc':>8}"]
+    lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'precision':>9} {'longer':>6} "
+             f"{'test_acc':>8} {'acc_L':>6} {'acc_S':>6}"]
+    num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731  (null: not measured / not finite)
     for r in rows:
-        prec = r.get("ser/pseudo_precision")
-        acc = r.get("rm/acc")
         lines.append(f"{r['iteration']:>4} {r.get('ser/status', 'seed'):>6} {r.get('ser/n_status1', ''):>7} "
                      f"{r.get('ser/n_status2', ''):>7} {r.get('ser/added', ''):>6} "
-                     f"{'' if prec is None else f'{prec:.3f}':>9} {'' if acc is None else f'{acc:.4f}':>8}")
+                     f"{num(r.get('ser/pseudo_precision'), '.3f'):>9} {num(r.get('bias/pseudo_longer_chosen'), '.3f'):>6} "
+                     f"{num(r.get('rm/acc'), '.4f'):>8} {num(r.get('bias/test_acc_chosen_longer'), '.3f'):>6} "
+                     f"{num(r.get('bias/test_acc_chosen_shorter'), '.3f'):>6}")
+    seed_share = next((r["bias/seed_longer_chosen"] for r in rows if "bias/seed_longer_chosen" in r), None)
+    lines.append(f"longer: share of the added pseudo-labels whose chosen answer is the longer one (human seed labels: "
+                 f"{num(seed_share, '.3f')}); acc_L / acc_S: test accuracy where the human-chosen answer is the "
+                 f"longer / the shorter one")
     accs = [r["rm/acc"] for r in rows if "rm/acc" in r]
     stop = next((r["ser/stop_reason"] for r in reversed(records) if "ser/stop_reason" in r), None)
     if accs:

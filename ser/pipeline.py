@@ -13,10 +13,11 @@ import numpy as np
 import yaml
 from accelerate.utils import DistributedType, set_seed
 
-from ser.checkpoint import (append_jsonl, atomic_write_text, check_writable, read_ser_config, save_reward_model,
-                            truncate_jsonl, verify_manifest)
+from ser.bias import accuracy_by_length, length_reward_correlation, longer_chosen_share
+from ser.checkpoint import (append_jsonl, atomic_write_text, check_writable, json_text, read_ser_config,
+                            save_reward_model, truncate_jsonl, verify_manifest)
 from ser.config import Config, DataConfig, TrainConfig, load_config, to_dict
-from ser.data import Pair, Split, load_pairs, load_unlabelled, split_pairs
+from ser.data import Pair, Split, drop_test_pairs, load_pairs, load_records, split_pairs
 from ser.errors import UserError
 from ser.evaluate import pair_metrics
 from ser.models import check_backbone, full_parameters, load_reward_model, unwrap_for_saving
@@ -28,17 +29,14 @@ log = logging.getLogger(__name__)
 
 def load_splits(dcfg: DataConfig) -> Split:
     """seed (human-labelled), pool and test pairs. With `data.test` set, the test set comes from that spec
-    and `data.train` is split into seed + pool only; pairs present in both are removed from training."""
-    pairs = load_pairs(dcfg.train, columns=dcfg.columns, limit=dcfg.limit)
+    and `data.train` is split into seed + pool only; pairs present in both (in either answer order) are removed
+    from training, with a count in the log."""
+    pairs = load_pairs(dcfg.train, columns=dcfg.columns, limit=dcfg.limit, drop_ties=dcfg.drop_ties)
     if dcfg.test is None:
         return split_pairs(pairs, seed_size=dcfg.seed_size, test_size=dcfg.test_size, pool_size=dcfg.pool_size,
                            seed=dcfg.split_seed)
-    test = load_pairs(dcfg.test, columns=dcfg.columns, limit=dcfg.limit)
-    test_ids = {p.id for p in test}
-    leaked = [p for p in pairs if p.id in test_ids]
-    if leaked:
-        log.warning("removed %d training pairs that also appear in the test set %s", len(leaked), dcfg.test)
-    train = [p for p in pairs if p.id not in test_ids]
+    test = load_pairs(dcfg.test, columns=dcfg.columns, limit=dcfg.limit, drop_ties=dcfg.drop_ties)
+    train = drop_test_pairs(pairs, test, f"training ({dcfg.train})")
     split = split_pairs(train, seed_size=dcfg.seed_size, test_size=0, pool_size=dcfg.pool_size, seed=dcfg.split_seed)
     return Split(seed=split.seed, pool=split.pool, test=test)
 
@@ -60,8 +58,25 @@ def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config, accelerator=None):
 
 
 def evaluate_rm(rm, tokenizer, pairs: list[Pair], cfg: Config, accelerator=None) -> dict:
+    """`pair_metrics` on human-labelled pairs, plus the length-bias measures of `length_metrics`."""
     r_c, r_r = rm_scores(rm, tokenizer, pairs, cfg, accelerator)
-    return pair_metrics(r_c, r_r, [p.source for p in pairs])
+    return {**pair_metrics(r_c, r_r, [p.source for p in pairs]), **length_metrics(r_c, r_r, pairs)}
+
+
+def length_metrics(r_c, r_r, pairs: list[Pair]) -> dict:
+    """How much the RM's rewards follow answer length (characters) on human-labelled pairs (`ser.bias`):
+    `length_corr` (Spearman, rewards of both answers vs their lengths), accuracy and count where the human-chosen
+    answer is the longer (`acc_chosen_longer`) / the shorter one, and `longer_chosen_share` of the human labels.
+    An RM that learnt "longer is better" scores high on the first and low on the second."""
+    len_c = np.array([len(p.chosen) for p in pairs], dtype=np.float64)
+    len_r = np.array([len(p.rejected) for p in pairs], dtype=np.float64)
+    finite = np.isfinite(r_c) & np.isfinite(r_r)
+    by_length = accuracy_by_length(r_c[finite], r_r[finite], len_c[finite], len_r[finite])
+    return {"length_corr": length_reward_correlation(np.concatenate([r_c[finite], r_r[finite]]),
+                                                     np.concatenate([len_c[finite], len_r[finite]])),
+            "acc_chosen_longer": by_length["acc_chosen_longer"], "n_chosen_longer": by_length["n_chosen_longer"],
+            "acc_chosen_shorter": by_length["acc_chosen_shorter"], "n_chosen_shorter": by_length["n_chosen_shorter"],
+            "longer_chosen_share": longer_chosen_share(len_c, len_r)}
 
 
 def ser_config_for(cfg: Config, rm, tokenizer, train_pairs: list[Pair], extra: dict | None = None,
@@ -71,6 +86,7 @@ def ser_config_for(cfg: Config, rm, tokenizer, train_pairs: list[Pair], extra: d
     process calls it."""
     r_c, r_r = rm_scores(rm, tokenizer, train_pairs, cfg, accelerator)
     r = np.concatenate([r_c, r_r])
+    r = r[np.isfinite(r)]  # a non-finite reward is warned about by score_pairs; it must not poison the statistics
     return {"config": to_dict(cfg), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
             "train_pairs": len(train_pairs), **(extra or {})}
 
@@ -160,7 +176,7 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
             append_jsonl(metrics_path, {"step": summary["steps"], **{f"rm/{k}": v for k, v in metrics.items()
                                                                       if not isinstance(v, dict)}})
             save_reward_model(rm, tokenizer, out / "rm", ser_config)
-            atomic_write_text(out / "result.json", json.dumps(result, indent=2, sort_keys=True))
+            atomic_write_text(out / "result.json", json_text(result, indent=2, sort_keys=True))
             shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: rm/ and result.json
     accelerator.wait_for_everyone()
     return result
@@ -187,37 +203,74 @@ def _scoring_accelerator(rm):
     return accelerator
 
 
+def _finite_or_fail(r_a, r_b, rm_dir, loaded) -> np.ndarray:
+    """Mask (N,) of the pairs whose two rewards are finite; none finite is a UserError (the model is broken)."""
+    finite = np.isfinite(r_a) & np.isfinite(r_b)
+    if not finite.any():
+        raise UserError(f"{rm_dir}: every reward on {loaded.path} is non-finite (NaN or inf); the reward model is "
+                        f"broken (e.g. NaN weights or an overflow)")
+    return finite
+
+
 def run_eval(rm_dir: str, spec: str, limit: int | None = None, batch_size: int = 64) -> dict:
-    pairs = load_pairs(spec, limit=limit)
+    """`ser eval`: `pair_metrics` of a saved RM on human-labelled pairs, plus `non_finite_records`: the record
+    numbers of the pairs left out because a reward is NaN or inf (named in a warning; all of them: UserError)."""
+    loaded = load_records(spec, limit=limit)
+    pairs = loaded.pairs
     rm, tokenizer, max_length = load_saved_rm(rm_dir)
     r_c, r_r = score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
                            [p.rejected for p in pairs], max_length, batch_size,
-                           accelerator=_scoring_accelerator(rm))
-    return {"rm": str(rm_dir), "data": spec, **pair_metrics(r_c, r_r, [p.source for p in pairs])}
+                           accelerator=_scoring_accelerator(rm), names=[f"{loaded.path}:{n}" for n in loaded.records])
+    finite = _finite_or_fail(r_c, r_r, rm_dir, loaded)
+    return {"rm": str(rm_dir), "data": spec, **pair_metrics(r_c, r_r, [p.source for p in pairs]),
+            "non_finite_records": [n for n, ok in zip(loaded.records, finite) if not ok]}
 
 
-def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = None, batch_size: int = 64) -> int:
-    """Score both answers of every pair; labelled data gives r_chosen/r_rejected, unlabelled r_a/r_b."""
+def skipped_path(out_file: str | Path) -> Path:
+    """Where `ser score` lists the records it left out: OUT with the suffix `.skipped.jsonl`."""
+    return Path(out_file).with_suffix(".skipped.jsonl")
+
+
+def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = None, batch_size: int = 64) -> dict:
+    """`ser score`: both rewards of every usable pair; labelled data gives r_chosen/r_rejected, unlabelled r_a/r_b.
+
+    OUT gets one JSON line per scored pair, in input order: `record` (the input's record number, as in error
+    messages: the line of a .jsonl/.csv, the index in a .json/.parquet file or Hub dataset), `input_id` (the
+    record's own id, from the first of `ser.data.ID_COLUMNS` it has; absent when none), `id` (the pair's content
+    hash), `source` and the two rewards. `skipped_path(OUT)` gets one line per record left out, with `record`,
+    `input_id` and `reason` (identical answers, empty answer, a tie, duplicate + `duplicate_of`, non-finite
+    reward). Both are written atomically after scoring; a model with no finite reward is a UserError and writes
+    nothing. Returns {"scored": pairs written, "skipped": {reason: count}, "skipped_file": path}."""
     try:
-        pairs = load_pairs(spec, limit=limit)
-        rows = [{"id": p.id, "source": p.source, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
-                for p in pairs]
+        loaded = load_records(spec, limit=limit)
         keys = ("chosen", "rejected")
     except UserError as e:
         if "no labels" not in str(e):
             raise
-        pool = load_unlabelled(spec, limit=limit)
-        rows = [{"id": p.id, "source": p.source, "prompt": p.prompt, "answer_a": p.answer_a, "answer_b": p.answer_b}
-                for p in pool]
+        loaded = load_records(spec, labelled=False, limit=limit)
         keys = ("answer_a", "answer_b")
+    pairs = loaded.pairs
     rm, tokenizer, max_length = load_saved_rm(rm_dir)
     accelerator = _scoring_accelerator(rm)
-    r_a, r_b = score_pairs(rm, tokenizer, [r["prompt"] for r in rows], [r[keys[0]] for r in rows],
-                           [r[keys[1]] for r in rows], max_length, batch_size, accelerator=accelerator)
+    r_a, r_b = score_pairs(rm, tokenizer, [p.prompt for p in pairs], [getattr(p, keys[0]) for p in pairs],
+                           [getattr(p, keys[1]) for p in pairs], max_length, batch_size, accelerator=accelerator,
+                           names=[f"{loaded.path}:{n}" for n in loaded.records])
+    finite = _finite_or_fail(r_a, r_b, rm_dir, loaded)
     names = ("r_chosen", "r_rejected") if keys[0] == "chosen" else ("r_a", "r_b")
-    lines = [json.dumps({"id": r["id"], "source": r["source"], names[0]: float(a), names[1]: float(b)})
-             for r, a, b in zip(rows, r_a, r_b)]
+    lines, skipped = [], list(loaded.skipped)
+    for p, n, key, a, b, ok in zip(pairs, loaded.records, loaded.input_ids, r_a, r_b, finite):
+        row = {"record": n, **({"input_id": key} if key is not None else {}), "id": p.id, "source": p.source}
+        if ok:
+            lines.append(json_text({**row, names[0]: float(a), names[1]: float(b)}))
+        else:
+            skipped.append({**row, "reason": "non-finite reward", names[0]: float(a), names[1]: float(b)})
+    skipped.sort(key=lambda x: x["record"])
+    side = skipped_path(out_file)
     if accelerator.is_main_process:
-        atomic_write_text(out_file, "\n".join(lines) + "\n")
+        atomic_write_text(side, "".join(json_text(x) + "\n" for x in skipped))
+        atomic_write_text(out_file, "".join(line + "\n" for line in lines))
     accelerator.wait_for_everyone()
-    return len(lines)
+    reasons: dict[str, int] = {}
+    for x in skipped:
+        reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
+    return {"scored": len(lines), "skipped": reasons, "skipped_file": str(side)}

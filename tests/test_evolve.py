@@ -50,10 +50,34 @@ def test_evolve_files_keys_and_determinism(tiny_bert_dir, shared_data, tmp_path)
     assert rows[0]["iteration"] == 0 and "ser/status" not in rows[0]
     for r in rows[1:]:
         for key in ("ser/status", "ser/n_status1", "ser/n_status2", "ser/added", "ser/pool_left",
-                    "ser/pseudo_precision", "rm/acc", "rm/ece", "train/pairs"):
+                    "ser/pseudo_precision", "rm/acc", "rm/ece", "train/pairs", "bias/seed_longer_chosen",
+                    "bias/pseudo_longer_chosen", "bias/test_length_corr", "bias/test_acc_chosen_longer",
+                    "bias/test_acc_chosen_shorter"):
             assert key in r, key
     assert any("ser/stop_reason" in r for r in records(a))
     assert rows == iteration_records(b)  # same seed, same metrics
+
+
+def test_length_audit_and_guard_hand_example():
+    """Seed: chosen longer in 1 of 2 pairs (share 0.5). Accepted pseudo-labels: 3 of 4 pairs, all three with the
+    longer answer chosen (share 1.0). The guard keeps the accepted set at the seed's share: with no shorter-chosen
+    pair accepted, every longer-chosen one goes; the unaccepted pair stays out."""
+    from ser.data import Pair, UnlabelledPair
+    from ser.evolve import length_audit
+
+    seed = [Pair("s1", "q", "long answer", "short", "x"), Pair("s2", "q", "no", "a longer one", "x")]
+    pool = [UnlabelledPair(f"p{i}", "q", a, b, "x") for i, (a, b) in
+            enumerate([("aaaa", "b"), ("a", "bbbb"), ("aaa", "bb"), ("a", "bb")])]
+    take, a_wins, margin = np.array([True, True, True, False]), np.array([True, False, True, False]), np.ones(4)
+    kept, rec = length_audit(take, a_wins, margin, pool, seed, guard=False)
+    assert (kept == take).all() and rec == {"bias/seed_longer_chosen": 0.5, "bias/pseudo_longer_chosen": 1.0}
+    kept, rec = length_audit(take, a_wins, margin, pool, seed, guard=True)
+    assert not kept.any() and rec["bias/guard_dropped"] == 3
+    # one shorter-chosen pair accepted (pair 3: A "a" chosen over "bb"): the guard keeps it and the single most
+    # confident longer-chosen pair (share 1/2 = the seed's)
+    take, a_wins, margin = np.ones(4, bool), np.array([True, False, True, True]), np.array([3.0, -1.0, 2.0, 0.5])
+    kept, rec = length_audit(take, a_wins, margin, pool, seed, guard=True)
+    assert kept.tolist() == [True, False, False, True] and rec["bias/pseudo_longer_chosen"] == 0.5
 
 
 def _pool_ids(cfg):
@@ -140,13 +164,19 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.005)
 
 
+@pytest.fixture(scope="module")
+def evolve_reference(tiny_bert_dir, shared_data, tmp_path_factory) -> Path:
+    """One uninterrupted `ser evolve` run, the reference of every kill point below."""
+    ref = tmp_path_factory.mktemp("evolve") / "ref"
+    p = _ser(["evolve", "--out", str(ref), *[f"--{o}" for o in tiny_overrides(tiny_bert_dir)]])
+    assert p.wait() == 0, p.stdout.read()
+    return ref
+
+
 # after_seed_commit: iteration 0 is committed and iteration 1 is scoring the pool
 @pytest.mark.parametrize("kill_point", ["after_seed_commit", "during_iteration_training", "while_checkpointing"])
-def test_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shared_data, tmp_path, kill_point):
-    overrides = [f"--{o}" for o in tiny_overrides(tiny_bert_dir)]
-    ref = tmp_path / "ref"
-    p = _ser(["evolve", "--out", str(ref), *overrides])
-    assert p.wait() == 0, p.stdout.read()
+def test_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, evolve_reference, tmp_path, kill_point):
+    overrides, ref = [f"--{o}" for o in tiny_overrides(tiny_bert_dir)], evolve_reference
     run = tmp_path / "run"
     proc = _ser(["evolve", "--out", str(run), *overrides])
 

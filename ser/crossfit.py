@@ -1,0 +1,288 @@
+"""Pure pieces of a validated, ensemble-guarded SER loop (numpy only).
+
+SER (Huang et al., ICLR 2025, §3) trusts one reward model's confidence to pseudo-label the pool. SER_METHOD.md
+measured that trust decaying: pseudo-label precision fell 83% → 73% → 59% over three iterations while accuracy
+drifted down. These functions are the guards the loop composes against that:
+
+- cross-fitting: k fold models on the seed, each scored only on the seed pairs it did not train on, so the
+  calibration temperature and the audit are fitted on honest (out-of-fold) margins (k-fold cross-fitting;
+  Dietterich, 1998; Chernozhukov et al., 2018);
+- early stopping on a held-out validation accuracy, with the chosen iteration kept (Prechelt, 1998);
+- an ensemble vote: a pair is pseudo-labelled only where the members agree on its direction and the
+  calibrated mean probability is confident (ensemble agreement as in co-training, Blum & Mitchell, 1998, and
+  tri-training, Zhou & Li, 2005; per-member temperature scaling, Guo et al., 2017; SSRM's max(P, 1 - P) >= 0.8
+  rule, He et al., 2024);
+- the audit: precision of the pseudo-labels against the pool's hidden human labels, per agreement level and
+  per confidence decile (SER_METHOD.md, "Nobody measured how accurate the self-labels are").
+
+Vocabulary: a margin is r_a - r_b for a pair (Q, A, B); `a_wins` is True where A is the (pseudo-)chosen answer;
+`truth` is True where A is the human-chosen answer; confidence is max(p, 1 - p) in [0.5, 1].
+"""
+
+import hashlib
+import math
+from collections import Counter
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """σ(x) = exp(-log(1 + e^-x)), finite and warning-free for any finite x (np.exp(-x) overflows past 709)."""
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+def _as_1d(name: str, x: ArrayLike, dtype: type | None = None) -> np.ndarray:
+    a = np.asarray(x, dtype=dtype)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    return a
+
+
+def _same_length(**arrays: np.ndarray) -> int:
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"length mismatch: {lengths}")
+    return next(iter(lengths.values()))
+
+
+# --- cross-fitting ---------------------------------------------------------------------------------------
+
+
+def fold_assignment(ids: list[str], k: int, seed: int) -> np.ndarray:
+    """Assign each pair to one of k folds, (n,) int64 in [0, k).
+
+    Sort the ids by blake2b(seed, id) (a stable hash: Python's `hash` is salted per process), then deal the folds
+    round-robin: fold sizes differ by at most one, and the assignment depends only on the *set* of ids and the
+    seed, not on their order (the same id lands in the same fold however the input is shuffled). Adding or
+    removing ids can move others, since the ranks change. Source: k-fold cross-fitting (Dietterich, 1998).
+
+    Raises ValueError if k < 2, k > len(ids), or an id repeats (the same pair in two folds would leak into its
+    own fold model's training data).
+    """
+    n = len(ids)
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 2:
+        raise ValueError(f"k must be an integer >= 2, got {k!r}")
+    if k > n:
+        raise ValueError(f"k = {k} folds need at least k ids, got {n}")
+    if len(set(ids)) != n:
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise ValueError(f"ids must be unique: {dup!r} repeats")
+
+    def key(i: str) -> tuple[bytes, str]:  # the id breaks (astronomically unlikely) hash ties: order-invariant
+        return hashlib.blake2b(f"{seed}\x00{i}".encode(), digest_size=8).digest(), i
+
+    order = sorted(range(n), key=lambda j: key(ids[j]))
+    folds = np.empty(n, dtype=np.int64)
+    folds[order] = np.arange(n) % k
+    return folds
+
+
+def out_of_fold(fold_scores: list[np.ndarray], folds: np.ndarray) -> np.ndarray:
+    """Each seed pair's score from the fold model that did not train on it, shape of fold_scores[j].
+
+    fold_scores[j]: fold model j's scores on ALL n seed pairs, (n,) (e.g. margins) or (n, 2) (r_a, r_b);
+    model j was trained on the pairs with folds != j, so row i is taken from fold_scores[folds[i]]
+    (out-of-fold predictions as in k-fold cross-fitting, Dietterich, 1998; stacking, Wolpert, 1992).
+
+    Raises ValueError if fold_scores is empty, its arrays differ in shape, their first dimension is not
+    len(folds), or a fold index is outside [0, len(fold_scores)).
+    """
+    folds = _as_1d("folds", folds)
+    if not fold_scores:
+        raise ValueError("fold_scores is empty")
+    scores = [np.asarray(s) for s in fold_scores]
+    shapes = {s.shape for s in scores}
+    if len(shapes) != 1:
+        raise ValueError(f"fold_scores differ in shape: {sorted(shapes)}")
+    shape = shapes.pop()
+    if len(shape) == 0 or shape[0] != len(folds):
+        raise ValueError(f"fold_scores have shape {shape}, expected ({len(folds)}, ...) to match folds")
+    if not np.issubdtype(folds.dtype, np.integer) and len(folds):
+        raise ValueError(f"folds must be integers, got dtype {folds.dtype}")
+    if len(folds) and (folds.min() < 0 or folds.max() >= len(scores)):
+        raise ValueError(f"fold indices must lie in [0, {len(scores)}), got [{folds.min()}, {folds.max()}]")
+    stacked = np.stack(scores)  # (k, n, ...)
+    return stacked[folds.astype(np.int64), np.arange(len(folds))]
+
+
+# --- early stopping --------------------------------------------------------------------------------------
+
+
+def choose_iteration(val_acc: list[float], patience: int, min_delta: float = 0.0) -> tuple[int, bool]:
+    """(chosen iteration, stop now) from the validation accuracy of iterations 0..len(val_acc) - 1.
+
+    Walking forward, an iteration becomes the best only if it beats the current best by more than min_delta
+    (so with min_delta = 0 the chosen one is the argmax, ties going to the earliest); stop once the last
+    `patience` iterations brought no such improvement, i.e. len(val_acc) - 1 - chosen >= patience. This is
+    early stopping with patience (Prechelt, 1998; Keras' EarlyStopping has the same min_delta semantics).
+    Accuracies are fractions or percentages; min_delta is in the same unit.
+
+    Raises ValueError if val_acc is empty or holds NaN, patience < 1, or min_delta < 0.
+    """
+    if len(val_acc) == 0:
+        raise ValueError("val_acc is empty: evaluate iteration 0 (the seed RM) first")
+    if any(math.isnan(a) for a in val_acc):
+        raise ValueError(f"val_acc holds NaN: {list(val_acc)}")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    if not min_delta >= 0:
+        raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+    best = 0
+    for i in range(1, len(val_acc)):
+        if val_acc[i] > val_acc[best] + min_delta:
+            best = i
+    return best, len(val_acc) - 1 - best >= patience
+
+
+# --- the ensemble vote and acceptance --------------------------------------------------------------------
+
+
+def ensemble_vote(margins: np.ndarray, temperatures: np.ndarray) -> dict[str, np.ndarray]:
+    """The m members' verdict on n pairs.
+
+    margins: (m, n), r_a - r_b per member and pair (reward units); temperatures: (m,), each member's calibration
+    temperature (selection.fit_temperature on its own out-of-fold seed margins; Guo et al., 2017).
+    Returns float64/int64/bool arrays of shape (n,):
+      p          mean over members of σ(margin / T): the ensemble's calibrated P(A better);
+      confidence max(p, 1 - p);
+      a_wins     the majority direction by sign (a member with margin exactly 0 votes for neither); a tied vote
+                 goes to A iff p > 0.5 (so p = 0.5 exactly goes to B, as selection.orient's strict >);
+      agree      the number of members whose sign matches a_wins (0..m);
+      unanimous  agree == m.
+    Source: ensemble agreement as the pseudo-label filter (co-training, Blum & Mitchell, 1998; tri-training,
+    Zhou & Li, 2005). With fewer than all members required to agree, p can lean against the majority; pass
+    a_wins to accept/budget_accept so that confidence is measured in the labelled direction.
+
+    Raises ValueError if margins is not 2-D with m >= 1, temperatures is not (m,), a margin is not finite,
+    or a temperature is not finite and > 0.
+    """
+    margins = np.asarray(margins, dtype=np.float64)
+    temperatures = np.asarray(temperatures, dtype=np.float64)
+    if margins.ndim != 2 or margins.shape[0] < 1:
+        raise ValueError(f"margins must be (m, n) with m >= 1 members, got shape {margins.shape}")
+    m = margins.shape[0]
+    if temperatures.shape != (m,):
+        raise ValueError(f"temperatures must be ({m},), one per member, got shape {temperatures.shape}")
+    if not np.isfinite(margins).all():
+        raise ValueError("margins must be finite (a member scored NaN or inf)")
+    if not (np.isfinite(temperatures).all() and (temperatures > 0).all()):
+        raise ValueError(f"temperatures must be finite and > 0, got {temperatures.tolist()}")
+    p = _sigmoid(margins / temperatures[:, None]).mean(axis=0)  # (n,)
+    votes_a = (margins > 0).sum(axis=0)
+    votes_b = (margins < 0).sum(axis=0)
+    a_wins = np.where(votes_a != votes_b, votes_a > votes_b, p > 0.5)
+    agree = np.where(a_wins, votes_a, votes_b).astype(np.int64)
+    return {"p": p, "confidence": np.maximum(p, 1.0 - p), "a_wins": a_wins, "agree": agree,
+            "unanimous": agree == m}
+
+
+def _eligible(p: ArrayLike, agree: ArrayLike, n_members: int, min_agree: int | None,
+              a_wins: ArrayLike | None) -> tuple[np.ndarray, np.ndarray]:
+    """(eligible mask, confidence in the labelled direction) shared by accept and budget_accept."""
+    p = _as_1d("p", p, np.float64)
+    agree = _as_1d("agree", agree)
+    arrays = {"p": p, "agree": agree}
+    if a_wins is not None:
+        arrays["a_wins"] = a_wins = _as_1d("a_wins", a_wins, bool)
+    _same_length(**arrays)
+    if n_members < 1:
+        raise ValueError(f"n_members must be >= 1, got {n_members}")
+    min_agree = n_members if min_agree is None else min_agree
+    if not 1 <= min_agree <= n_members:
+        raise ValueError(f"min_agree must lie in [1, n_members = {n_members}], got {min_agree}")
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError("p must be probabilities in [0, 1]")
+    conf = np.maximum(p, 1.0 - p) if a_wins is None else np.where(a_wins, p, 1.0 - p)
+    return agree >= min_agree, conf
+
+
+def accept(p: ArrayLike, agree: ArrayLike, n_members: int, threshold: float, min_agree: int | None = None,
+           *, a_wins: ArrayLike | None = None) -> np.ndarray:
+    """(n,) bool: pairs to pseudo-label, where >= min_agree members agree (default: all n_members) AND the
+    confidence max(p, 1 - p) >= threshold (SSRM's rule, He et al., 2024, on the ensemble's calibrated p).
+
+    With a_wins given, confidence is p where A wins and 1 - p where B wins, so a pair whose mean p leans
+    against the majority direction is never accepted for threshold > 0.5 (it matters only if min_agree < m).
+
+    Raises ValueError on length mismatches, p outside [0, 1], n_members < 1, min_agree outside
+    [1, n_members], or threshold outside [0.5, 1].
+    """
+    if not 0.5 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0.5, 1] (a confidence max(p, 1 - p)), got {threshold}")
+    eligible, conf = _eligible(p, agree, n_members, min_agree, a_wins)
+    return eligible & (conf >= threshold)
+
+
+def budget_accept(p: ArrayLike, agree: ArrayLike, n_members: int, fraction: float, min_agree: int | None = None,
+                  *, a_wins: ArrayLike | None = None) -> np.ndarray:
+    """(n,) bool: the per-iteration budget alternative to a threshold: the floor(fraction · E) most confident of
+    the E eligible pairs (>= min_agree members agree; default all), confidence as in `accept`; equal confidences
+    go to the lower index. A budget bounds how fast pseudo-labels accumulate whatever the RM's scale (the
+    top-percentile schedule of Curriculum Labeling, Cascante-Bonilla et al., 2021).
+
+    Raises ValueError as `accept` does, and if fraction is outside [0, 1].
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    eligible, conf = _eligible(p, agree, n_members, min_agree, a_wins)
+    idx = np.flatnonzero(eligible)
+    budget = math.floor(fraction * len(idx) + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996 in floats
+    ranked = idx[np.argsort(-conf[idx], kind="stable")]  # stable: ties keep index order
+    take = np.zeros(len(eligible), dtype=bool)
+    take[ranked[:budget]] = True
+    return take
+
+
+# --- the audit -------------------------------------------------------------------------------------------
+
+
+def precision_by_agreement(a_wins: ArrayLike, take: ArrayLike, truth: ArrayLike,
+                           agree: ArrayLike) -> dict[int, tuple[int, float]]:
+    """{agreement level: (n taken pairs at that level, precision of a_wins against truth)} over the taken pairs,
+    for the levels that occur, in increasing order; precision is the fraction with a_wins == truth.
+
+    Raises ValueError on length mismatches.
+    """
+    a_wins, take = _as_1d("a_wins", a_wins, bool), _as_1d("take", take, bool)
+    truth, agree = _as_1d("truth", truth, bool), _as_1d("agree", agree)
+    _same_length(a_wins=a_wins, take=take, truth=truth, agree=agree)
+    correct = a_wins[take] == truth[take]
+    levels = agree[take]
+    out: dict[int, tuple[int, float]] = {}
+    for level in np.unique(levels):
+        hit = correct[levels == level]
+        out[int(level)] = (int(hit.size), float(hit.mean()))
+    return out
+
+
+def precision_by_decile(confidence: ArrayLike, a_wins: ArrayLike, truth: ArrayLike,
+                        bins: int = 10) -> list[dict[str, float | int]]:
+    """Precision of the majority direction against truth per confidence quantile bin (a reliability table;
+    Niculescu-Mizil & Caruana, 2005), over all scored pairs.
+
+    Edges are np.quantile(confidence, linspace(0, 1, bins + 1)); bin i holds edges[i] <= c < edges[i + 1], the
+    last bin closed on the right. Repeated confidences can make edges coincide, leaving a bin empty (n = 0,
+    precision NaN) rather than splitting equal scores across bins. Returns one dict per bin:
+    {"bin", "lo", "hi", "n", "precision"}; [] for no pairs.
+
+    Raises ValueError on length mismatches, bins < 1, or non-finite confidence.
+    """
+    conf = _as_1d("confidence", confidence, np.float64)
+    a_wins, truth = _as_1d("a_wins", a_wins, bool), _as_1d("truth", truth, bool)
+    n = _same_length(confidence=conf, a_wins=a_wins, truth=truth)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    if n == 0:
+        return []
+    if not np.isfinite(conf).all():
+        raise ValueError("confidence must be finite")
+    edges = np.quantile(conf, np.linspace(0.0, 1.0, bins + 1))
+    which = np.clip(np.searchsorted(edges[1:-1], conf, side="right"), 0, bins - 1)  # (n,)
+    correct = a_wins == truth
+    rows: list[dict[str, float | int]] = []
+    for i in range(bins):
+        hit = correct[which == i]
+        rows.append({"bin": i, "lo": float(edges[i]), "hi": float(edges[i + 1]), "n": int(hit.size),
+                     "precision": float(hit.mean()) if hit.size else math.nan})
+    return rows
