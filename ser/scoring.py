@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs, fsdp_sharded, head_prefixes,
                         pack_pairs, packed_pair_rewards)
 
 log = logging.getLogger(__name__)
+
+
+def _progress(batches: list, rank: int):
+    """One progress bar over a scoring pass, on the main process and only on a terminal."""
+    return tqdm(batches, desc="scoring", unit="batch", leave=False, disable=rank != 0 or not sys.stderr.isatty())
 
 
 @contextlib.contextmanager
@@ -71,7 +78,7 @@ def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: st
     order = sorted(range(len(enc.input_ids)), key=lambda i: len(enc.input_ids[i]))
     device = next(rm.parameters()).device
     out = np.zeros(len(order), dtype=np.float64)  # this rank's batches; the others stay 0
-    for start, keep in my_batches(len(order), batch_size, rank, world):
+    for start, keep in _progress(my_batches(len(order), batch_size, rank, world), rank):
         idx = order[start : start + batch_size]
         tt = [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None
         batch = collate([enc.input_ids[i] for i in idx], tt, pad_id)
@@ -91,7 +98,7 @@ def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str
     order = sorted(range(n), key=lambda i: size[i])
     device = next(rm.parameters()).device
     out = np.zeros(2 * n, dtype=np.float64)
-    for start, keep in my_batches(n, max(1, batch_size // 2), rank, world):
+    for start, keep in _progress(my_batches(n, max(1, batch_size // 2), rank, world), rank):
         idx = order[start : start + max(1, batch_size // 2)]
         batch = pack_pairs([enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx],
                            [enc.prompt_lengths[i] for i in idx], pad_id)
