@@ -69,7 +69,9 @@ def _cases(tok) -> dict:
             full = [tok.apply_chat_template(msgs + [{"role": "assistant", "content": a}], tokenize=False)
                     for a in (c, r)]
             assert all(f.startswith(p) for f in full)
-            prompts.append(p), chosen.append(full[0][len(p):]), rejected.append(full[1][len(p):])
+            prompts.append(p)
+            chosen.append(full[0][len(p):])
+            rejected.append(full[1][len(p):])
         cases["chat"] = (prompts, chosen, rejected, conv)
     return cases
 
