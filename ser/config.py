@@ -87,6 +87,8 @@ class SERConfig:
     calibration: str = "temperature"  # none (paper) | center: minus the seed mean | temperature: center + fit T
     pseudo_loss: str = "sigmoid"  # loss on pseudo-labelled pairs: sigmoid (released code) | hinge (paper)
     pseudo_margin: float = 1.0  # margin of the hinge loss on pseudo-labelled pairs
+    validation: float | int = 0.0  # seed pairs held out of training (fraction/count): pick + stop + calibrate; 0: paper
+    patience: int = 1  # with ser.validation: stop after this many iterations without a validation improvement
     length_guard: bool = False  # accept pseudo-labels so their longer-answer-chosen share is at most the human seed's
     restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone
     keep_seed: bool = True  # keep the human seed pairs in every iteration's training data
@@ -284,6 +286,11 @@ def validate(cfg: Config) -> None:
     min_pairs = cfg.ser.min_pairs  # N_min = 0 would continue with zero selected pairs instead of stopping
     if not (0 < min_pairs <= 1 if isinstance(min_pairs, float) else min_pairs >= 1):
         raise UserError(f"config: 'ser.min_pairs' must be a count >= 1 or a fraction in (0, 1], got {min_pairs}")
+    validation = cfg.ser.validation
+    if not (0 <= validation < 1 if isinstance(validation, float) else validation >= 0):
+        raise UserError(f"config: 'ser.validation' must be a count >= 0 or a fraction in [0, 1), got {validation}")
+    if cfg.ser.patience < 1:
+        raise UserError(f"config: 'ser.patience' must be >= 1, got {cfg.ser.patience}")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise UserError(f"config: 'data.limit' must be >= 1 or null, got {cfg.data.limit}")
     if cfg.train.epochs <= 0 or cfg.train.lr <= 0:

@@ -78,6 +78,26 @@ def fold_assignment(ids: list[str], k: int, seed: int) -> np.ndarray:
     return folds
 
 
+def holdout_mask(ids: list[str], size: int, seed: int) -> np.ndarray:
+    """(n,) bool, True for the `size` pairs held out for validation: the first `size` ids in blake2b(seed, id)
+    order (`fold_assignment`'s hash), so the choice depends only on the set of ids and the seed, never on their
+    order. Source: a hold-out validation split (early stopping and model selection on data the model never
+    trained on; Prechelt, 1998).
+
+    Raises ValueError if size is not in [0, len(ids)] or an id repeats.
+    """
+    n = len(ids)
+    if not 0 <= size <= n:
+        raise ValueError(f"size must be in [0, {n}], got {size}")
+    if len(set(ids)) != n:
+        raise ValueError(f"ids must be unique: {next(i for i, c in Counter(ids).items() if c > 1)!r} repeats")
+    order = sorted(range(n), key=lambda j: (hashlib.blake2b(f"{seed}\x00{ids[j]}".encode(), digest_size=8).digest(),
+                                            ids[j]))
+    mask = np.zeros(n, dtype=bool)
+    mask[order[:size]] = True
+    return mask
+
+
 def out_of_fold(fold_scores: list[np.ndarray], folds: np.ndarray) -> np.ndarray:
     """Each seed pair's score from the fold model that did not train on it, shape of fold_scores[j].
 

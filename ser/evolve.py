@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ser.bias import length_balanced_accept, longer_chosen_share
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_writable, save_reward_model,
                             truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
-from ser.bias import length_balanced_accept, longer_chosen_share
-from ser.data import Pair, UnlabelledPair, drop_test_pairs, hide_labels, load_unlabelled
+from ser.crossfit import choose_iteration, holdout_mask
+from ser.data import Pair, UnlabelledPair, drop_test_pairs, hide_labels, load_unlabelled, resolve_count
 from ser.errors import UserError
+from ser.evaluate import bootstrap_ci
 from ser.models import check_backbone, full_parameters
 from ser.pipeline import data_hash, evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
 from ser.scoring import score_pairs
@@ -45,6 +47,7 @@ class State:
     pseudo: list = dataclasses.field(default_factory=list)  # [[pool id, answer_a is chosen], ...] in order added
     stopped: str | None = None  # why the loop stopped, once it has
     data_hash: str = ""  # hash of the split's ids: resuming on different data is an error
+    val_acc: list = dataclasses.field(default_factory=list)  # validation accuracy per completed iteration
 
 
 def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config, accelerator=None) -> tuple[float, float]:
@@ -106,9 +109,38 @@ def audit(take, a_wins, status, truth: np.ndarray | None) -> dict:
     return out
 
 
+def validate(rm, tokenizer, val: list[Pair], cfg: Config, accelerator) -> dict:
+    """Accuracy (strict r_chosen > r_rejected) on the validation pairs, with its 95% bootstrap CI."""
+    r_c, r_r = rm_scores(rm, tokenizer, val, cfg, accelerator)
+    correct = (r_c > r_r).astype(np.float64)
+    lo, hi = bootstrap_ci(correct, seed=cfg.train.seed)
+    return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(val)}
+
+
+def validation_split(cfg: Config, split) -> tuple[object, list[Pair]]:
+    """(split with the seed minus the validation pairs, validation pairs). `ser.validation` human seed pairs
+    (fraction or count) are held out of every RM's training: a labelled signal that never touches the test set.
+    Why a hold-out and not k-fold cross-fitting: cross-fitting needs k RMs per iteration (k times the training);
+    a hold-out costs only the labels it holds out, and its accuracy is the returned RM's own, not fold models'."""
+    n_val = resolve_count(cfg.ser.validation, len(split.seed), "ser.validation")
+    if n_val == 0:
+        return split, []
+    if n_val >= len(split.seed):
+        raise UserError(f"config: 'ser.validation' holds out {n_val} of {len(split.seed)} seed pairs; none would train")
+    held = holdout_mask([p.id for p in split.seed], n_val, cfg.data.split_seed)
+    seed = [p for p, h in zip(split.seed, held) if not h]
+    return dataclasses.replace(split, seed=seed), [p for p, h in zip(split.seed, held) if h]
+
+
+def final_iteration(cfg: Config, state: State) -> int:
+    """The iteration `final/` holds: the best on validation (ties: the earlier), else the last completed."""
+    return choose_iteration(state.val_acc, cfg.ser.patience)[0] if state.val_acc else state.completed
+
+
 def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dict | None, state: State,
-           accelerator) -> State:
-    """The SER loop (SER_METHOD.md §"The loop"). All persistent state lives in `state` and on disk."""
+           accelerator, val: list[Pair] = ()) -> State:
+    """The SER loop (SER_METHOD.md §"The loop"). All persistent state lives in `state` and on disk. `val`: human
+    pairs never trained on (`validation_split`); they calibrate, pick the returned iteration and stop the loop."""
     seed, test = split.seed, split.test
     by_id = {p.id: p for p in pool}
     labelled = {pid: a for pid, a in state.pseudo}
@@ -125,7 +157,7 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool],
                                    [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size,
                                    resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
-            offset, temperature = calibrate(rm, tok, seed, cfg, accelerator)
+            offset, temperature = calibrate(rm, tok, list(val) or seed, cfg, accelerator)  # out-of-sample if val
             del rm
             accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
             # 2-4. Status of each pair, the RM's learning status, the selected pairs and their pseudo-labels.
@@ -161,7 +193,13 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
                                   pseudo=is_pseudo, epochs=None if it == 0 else cfg.ser.iteration_epochs,
                                   metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
                                   prefix={"iteration": it}, desc=f"iteration {it}")
-        # 7. Evaluate on the held-out human-labelled test pairs.
+        # 7. Validate (the human pairs held out of training: they alone choose and stop), and evaluate on the
+        #    test pairs (reported, never used for a decision).
+        stop = False
+        if val:
+            record |= validate(rm, tok, val, cfg, accelerator)
+            state.val_acc.append(record["val/acc"])
+            record["ser/chosen"], stop = choose_iteration(state.val_acc, cfg.ser.patience)
         m = evaluate_rm(rm, tok, test, cfg, accelerator)
         record |= {"rm/acc": m["accuracy"], "rm/ece": m["ece"], "rm/brier": m["brier"],
                    "rm/mean_margin": m["mean_margin"], "bias/test_length_corr": m["length_corr"],
@@ -180,6 +218,10 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
                                                    for k, v in record.items() if k != "iteration"))
         if not pool:
             state.stopped = f"iteration {it}: the pool is empty"
+            break
+        if stop:
+            state.stopped = (f"iteration {it}: validation accuracy did not improve for {cfg.ser.patience} "
+                             f"iteration(s) (best: iteration {record['ser/chosen']})")
             break
     else:
         state.stopped = state.stopped or f"max_iterations={cfg.ser.max_iterations} reached"
@@ -250,6 +292,7 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
         run, state = Path(out), State()
     split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
     pool, truth = build_pool(cfg, split)
+    split, val = validation_split(cfg, split)
     check_backbone(cfg.model.backbone)
     accelerator = make_accelerator(cfg.train)
     digest = data_hash(split, pool)
@@ -262,19 +305,18 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
         atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run / "metrics.jsonl").unlink(missing_ok=True)
     state.data_hash = digest
-    log.info("SER: %d seed pairs, %d pool pairs (%s), %d test pairs", len(split.seed), len(pool),
-             "labels hidden, audited" if truth else "unlabelled", len(split.test))
+    log.info("SER: %d seed pairs, %d validation pairs, %d pool pairs (%s), %d test pairs", len(split.seed), len(val),
+             len(pool), "labels hidden, audited" if truth else "unlabelled", len(split.test))
     if state.stopped is None:
         truncate_jsonl(run / "metrics.jsonl", "iteration", state.completed)  # the interrupted one is redone
-        state = evolve(cfg, run, split, pool, truth, state, accelerator)
+        state = evolve(cfg, run, split, pool, truth, state, accelerator, val)
+        final = final_iteration(cfg, state)
         if accelerator.is_main_process:
-            last = run / "iterations" / str(state.completed)
             with atomic_dir(run / "final") as tmp:
-                shutil.copytree(last, tmp, dirs_exist_ok=True, copy_function=os.link,
+                shutil.copytree(run / "iterations" / str(final), tmp, dirs_exist_ok=True, copy_function=os.link,
                                 ignore=shutil.ignore_patterns("manifest.json"))
         save_state(run, state, accelerator)
-        emit(run, {"iteration": state.completed, "ser/stop_reason": state.stopped, "ser/final": state.completed},
-             accelerator)
+        emit(run, {"iteration": state.completed, "ser/stop_reason": state.stopped, "ser/final": final}, accelerator)
     return run
 
 
@@ -283,21 +325,25 @@ def summary_table(run: Path) -> str:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in records if "rm/acc" in r or "ser/stop" in r]
     lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'precision':>9} {'longer':>6} "
-             f"{'test_acc':>8} {'acc_L':>6} {'acc_S':>6}"]
+             f"{'val_acc':>7} {'test_acc':>8} {'acc_L':>6} {'acc_S':>6}"]
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731  (null: not measured / not finite)
     for r in rows:
         lines.append(f"{r['iteration']:>4} {r.get('ser/status', 'seed'):>6} {r.get('ser/n_status1', ''):>7} "
                      f"{r.get('ser/n_status2', ''):>7} {r.get('ser/added', ''):>6} "
                      f"{num(r.get('ser/pseudo_precision'), '.3f'):>9} {num(r.get('bias/pseudo_longer_chosen'), '.3f'):>6} "
-                     f"{num(r.get('rm/acc'), '.4f'):>8} {num(r.get('bias/test_acc_chosen_longer'), '.3f'):>6} "
+                     f"{num(r.get('val/acc'), '.4f'):>7} {num(r.get('rm/acc'), '.4f'):>8} "
+                     f"{num(r.get('bias/test_acc_chosen_longer'), '.3f'):>6} "
                      f"{num(r.get('bias/test_acc_chosen_shorter'), '.3f'):>6}")
     seed_share = next((r["bias/seed_longer_chosen"] for r in rows if "bias/seed_longer_chosen" in r), None)
     lines.append(f"longer: share of the added pseudo-labels whose chosen answer is the longer one (human seed labels: "
                  f"{num(seed_share, '.3f')}); acc_L / acc_S: test accuracy where the human-chosen answer is the "
                  f"longer / the shorter one")
-    accs = [r["rm/acc"] for r in rows if "rm/acc" in r]
-    stop = next((r["ser/stop_reason"] for r in reversed(records) if "ser/stop_reason" in r), None)
-    if accs:
-        lines.append(f"seed RM accuracy {accs[0]:.4f} -> final RM accuracy {accs[-1]:.4f} "
-                     f"(strict r_chosen > r_rejected on the held-out human-labelled pairs); stop: {stop}")
+    acc = {r["iteration"]: r["rm/acc"] for r in rows if "rm/acc" in r}
+    end = next((r for r in reversed(records) if "ser/stop_reason" in r), {})
+    final = end.get("ser/final", max(acc, default=0))
+    if acc:
+        how = "chosen on the validation pairs" if any("val/acc" in r for r in rows) else "the last one"
+        lines.append(f"seed RM accuracy {acc[0]:.4f} -> final RM (iteration {final}, {how}) accuracy "
+                     f"{acc.get(final, float('nan')):.4f} (strict r_chosen > r_rejected on the held-out "
+                     f"human-labelled test pairs); stop: {end.get('ser/stop_reason')}")
     return "\n".join(lines)

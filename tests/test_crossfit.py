@@ -326,3 +326,18 @@ def test_soft_loss_stable_and_checked():
     assert torch.isfinite(big).all() and big.tolist() == pytest.approx([200.0, 0.0], abs=1e-4)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         soft_pairwise_losses(torch.zeros(1), torch.zeros(1), 1.2)
+
+
+def test_holdout_mask_size_order_invariance_and_errors():
+    from ser.crossfit import holdout_mask
+
+    ids = [f"p{i}" for i in range(10)]
+    m = holdout_mask(ids, 3, seed=0)
+    assert m.sum() == 3 and m.dtype == bool
+    assert (holdout_mask(ids[::-1], 3, seed=0)[::-1] == m).all()  # the same ids, whatever the order
+    assert (holdout_mask(ids, 4, seed=0) >= m).all()  # a larger hold-out contains the smaller one
+    assert not holdout_mask(ids, 0, seed=0).any() and holdout_mask(ids, 10, seed=0).all()
+    with pytest.raises(ValueError):
+        holdout_mask(ids, 11, seed=0)
+    with pytest.raises(ValueError):
+        holdout_mask(["a", "a"], 1, seed=0)

@@ -312,3 +312,50 @@ def test_experiment_and_curve_refuse_several_processes(tiny_bert_dir, monkeypatc
     with pytest.raises(UserError, match="ser experiment runs on one process"):
         run_experiment(cfg, str(tmp_path / "exp"))
     assert not list(tmp_path.iterdir())
+
+
+def test_validation_picks_final_and_test_labels_change_no_decision(tiny_bert_dir, shared_data, tmp_path):
+    """ser.validation: 8 of the 32 seed pairs are held out of training; they calibrate, choose `final` (the best
+    validation accuracy, ties to the earlier iteration) and stop the loop. Flipping every test label changes the
+    test accuracies only: the same pseudo-labels, validation accuracies, choice and weights (the firewall)."""
+    from ser.crossfit import choose_iteration
+    from ser.pipeline import load_splits
+
+    lines = gzip.open(shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", "rt").read().splitlines()[:300]
+    original = tmp_path / "orig.jsonl"
+    original.write_text("\n".join(lines) + "\n")
+    extra = {"ser.validation": 8, "ser.patience": 1, "ser.max_iterations": 3}
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, original, **extra))
+    test_ids = {p.id for p in load_splits(cfg.data).test}
+    flipped_lines = []
+    for line in lines:
+        r = json.loads(line)
+        if load_pairs_line(r, tmp_path) in test_ids:
+            r = {"chosen": r["rejected"], "rejected": r["chosen"]}
+        flipped_lines.append(json.dumps(r))
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("\n".join(flipped_lines) + "\n")
+    cfg_f = load_config(None, tiny_overrides(tiny_bert_dir, flipped, **extra))
+    assert {p.id for p in load_splits(cfg_f.data).test} == test_ids
+    a, b = run_evolve(cfg, str(tmp_path / "a")), run_evolve(cfg_f, str(tmp_path / "b"))
+    ra, rb = iteration_records(a), iteration_records(b)
+    assert ra[0]["val/n"] == 8 and ra[0]["train/pairs"] == 24  # held out of the seed RM's training
+    val = [r["val/acc"] for r in ra]
+    chosen, stop = choose_iteration(val, 1)
+    assert [r["ser/chosen"] for r in ra] == [choose_iteration(val[: i + 1], 1)[0] for i in range(len(ra))]
+    end = [r for r in records(a) if "ser/stop_reason" in r][-1]
+    assert end["ser/final"] == chosen
+    if stop:  # no improvement in the last iteration: the loop says so
+        assert "validation accuracy did not improve" in end["ser/stop_reason"]
+    fa, fc = load_file(a / "final" / "model.safetensors"), load_file(a / "iterations" / str(chosen) / "model.safetensors")
+    assert all((fa[k] == fc[k]).all() for k in fa)
+    # the firewall: test labels decide nothing
+    for r1, r2 in zip(ra, rb):
+        assert r1["rm/acc"] == pytest.approx(1 - r2["rm/acc"])
+        for key in ("val/acc", "ser/chosen", "ser/added", "ser/offset", "ser/temperature"):
+            assert r1.get(key) == r2.get(key), key
+    assert json.loads((a / "state.json").read_text())["pseudo"] == json.loads((b / "state.json").read_text())["pseudo"]
+    for it in range(len(ra)):
+        wa = load_file(a / "iterations" / str(it) / "model.safetensors")
+        wb = load_file(b / "iterations" / str(it) / "model.safetensors")
+        assert all((wa[k] == wb[k]).all() for k in wa)
