@@ -44,7 +44,8 @@ class ModelConfig:
     """The reward model: a backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1)."""
 
     backbone: str = "minilm"  # short name (minilm, smollm2-135m, gemma3-270m), local directory or Hub id
-    mode: str = "full"  # full | lora | head  (what is trained)
+    mode: str = "full"  # full | lora | head | freeze  (what is trained; freeze: ser/frozen.py)
+    trainable_layers: int = 2  # model.mode=freeze: top layers that train (LLaMA-Factory: freeze_trainable_layers)
     max_length: int = 256  # tokens per (prompt, answer), the prompt cut from the left; `ser sft`: answer tokens
     share_prompt: bool = True  # causal RMs: one packed [prompt, a, b] sequence per pair (same rewards, fewer tokens)
     lora_r: int = 8  # LoRA rank (model.mode=lora); SER paper: r=8, alpha=32, dropout 0.1
@@ -258,7 +259,7 @@ def _check_unique_keys(node, path: Path, seen: set) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that the types alone cannot express."""
     choices = {
-        "model.mode": (cfg.model.mode, ("full", "lora", "head")),
+        "model.mode": (cfg.model.mode, ("full", "lora", "head", "freeze")),
         "train.schedule": (cfg.train.schedule, ("linear", "cosine", "constant")),
         "train.loss": (cfg.train.loss, ("sigmoid", "hinge")),
         "train.mixed_precision": (cfg.train.mixed_precision, ("no", "bf16", "fp16", "auto")),
@@ -272,6 +273,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config: '{key}' must be one of {', '.join(allowed)}, got {value!r}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "model.max_length": cfg.model.max_length, "train.score_batch_size": cfg.train.score_batch_size,
+                "model.trainable_layers": cfg.model.trainable_layers,
                 "ppo.batch_size": cfg.ppo.batch_size, "ppo.mini_batch_size": cfg.ppo.mini_batch_size,
                 "ppo.ppo_epochs": cfg.ppo.ppo_epochs, "policy.max_new_tokens": cfg.policy.max_new_tokens,
                 "ppo.save_every": cfg.ppo.save_every}

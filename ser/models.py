@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ser.errors import UserError
+from ser.frozen import freeze_lower_layers
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,12 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = None, dtype=torch.float32):
+def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = None, dtype=torch.float32,
+                      trainable_layers: int = 2):
     """(model, tokenizer) for a backbone name, a base model directory or a saved RM directory.
 
-    mode: full (every weight trains) | lora (peft adapters + the score head) | head (only the score head).
+    mode: full (every weight trains) | lora (peft adapters + the score head) | head (only the score head) |
+    freeze (the top `trainable_layers` transformer layers, final norm, pooler and head; `ser.frozen`).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
@@ -135,6 +138,8 @@ def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = Non
     if mode == "head":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(head)
+    elif mode == "freeze":
+        freeze_lower_layers(model, trainable_layers)
     elif mode == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -20,6 +20,7 @@ from ser.config import Config, DataConfig, TrainConfig, load_config, to_dict
 from ser.data import Pair, Split, drop_test_pairs, load_pairs, load_records, split_pairs
 from ser.errors import UserError
 from ser.evaluate import pair_metrics
+from ser.frozen import FrozenCache, attach_cache
 from ser.models import check_backbone, full_parameters, load_reward_model, unwrap_for_saving
 from ser.scoring import score_pairs
 from ser.train import checkpoint_step, make_accelerator, resolve_precision, train_reward_model
@@ -107,7 +108,12 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
     set_seed(cfg.train.seed)  # the score head's initialisation and the shuffling are seeded
     lora = {"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "dropout": cfg.model.lora_dropout,
             "targets": cfg.model.lora_targets}
-    rm, tokenizer = load_reward_model(init or cfg.model.backbone, cfg.model.mode, lora)
+    rm, tokenizer = load_reward_model(init or cfg.model.backbone, cfg.model.mode, lora,
+                                      trainable_layers=cfg.model.trainable_layers)
+    if cfg.model.mode == "freeze" and accelerator.num_processes == 1:
+        # the frozen layers' output, computed once per sequence and reused by every epoch, evaluation and scoring
+        # of this rm (in memory); several processes train freeze mode without it (the full forward each step)
+        attach_cache(rm, FrozenCache(rm, tokenizer))
 
     def on_step(step, record, model):
         if eval_pairs and cfg.train.eval_every and step % cfg.train.eval_every == 0:

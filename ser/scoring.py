@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ser.frozen import cache_of
 from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs, fsdp_sharded, head_prefixes,
                         pack_pairs, packed_pair_rewards)
 
@@ -74,7 +75,7 @@ def my_batches(n: int, batch_size: int, rank: int, world: int) -> list[tuple[int
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters through autograd functions
 def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str, rank: int = 0,
-                   world: int = 1) -> np.ndarray:
+                   world: int = 1, max_length: int = 0) -> np.ndarray:
     order = sorted(range(len(enc.input_ids)), key=lambda i: len(enc.input_ids[i]))
     device = next(rm.parameters()).device
     out = np.zeros(len(order), dtype=np.float64)  # this rank's batches; the others stay 0
@@ -83,10 +84,14 @@ def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: st
         tt = [enc.token_type_ids[i] for i in idx] if enc.token_type_ids is not None else None
         batch = collate([enc.input_ids[i] for i in idx], tt, pad_id)
         bf16 = precision == "bf16"
+        cache = cache_of(rm)  # model.mode=freeze: the top layers and the head on cached frozen states
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), fp32_head(rm, bf16):
-            logits = rm(**{k: v.to(device) for k, v in batch.items()}).logits  # (B, 1)
+            if cache is not None:
+                rewards = cache.rewards(rm, [enc.input_ids[i] for i in idx], tt, pad_id, max_length)  # (B,)
+            else:
+                rewards = rm(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0]  # (B,)
         if keep:
-            out[idx] = logits[:, 0].double().cpu().numpy()
+            out[idx] = rewards.double().cpu().numpy()
     return out
 
 
@@ -122,7 +127,7 @@ def score_texts(rm, tokenizer, prompts: list[str], answers: list[str], max_lengt
     rm.eval()
     try:
         return _score_encoded(rm, encode(tokenizer, list(prompts), list(answers), max_length),
-                              tokenizer.pad_token_id, batch_size, precision)
+                              tokenizer.pad_token_id, batch_size, precision, max_length=max_length)
     finally:
         rm.train(was_training)
 
@@ -141,10 +146,12 @@ def score_pairs(rm, tokenizer, prompts, answers_a, answers_b, max_length: int, b
     was_training = rm.training
     rm.eval()
     try:
-        packed = share_prompt and can_share_prompt(rm, tokenizer)
+        packed = share_prompt and cache_of(rm) is None and can_share_prompt(rm, tokenizer)
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-        r = (_score_packed if packed else _score_encoded)(rm, enc, tokenizer.pad_token_id, batch_size, precision,
-                                                          rank, world)
+        if packed:
+            r = _score_packed(rm, enc, tokenizer.pad_token_id, batch_size, precision, rank, world)
+        else:
+            r = _score_encoded(rm, enc, tokenizer.pad_token_id, batch_size, precision, rank, world, max_length)
     finally:
         rm.train(was_training)
     if world > 1:  # every reward was computed by exactly one rank: the sum is that reward, bit for bit

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ser.checkpoint import atomic_dir, verify_manifest
 from ser.config import TrainConfig
 from ser.errors import UserError
+from ser.frozen import cache_of
 from ser.losses import pairwise_losses
 from ser.models import (can_share_prompt, collate, encode_pairs, pack_pairs, packed_pair_rewards,
                         zero3_parameters)
@@ -239,6 +240,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     periodic evaluation). share_prompt: causal RMs run each pair as one packed sequence (`pack_pairs`).
     checkpoint: a directory for a resumable state every `tcfg.save_every` steps; training continues from it
     when it exists (the same batches, schedule and RNG: the result equals an uninterrupted run).
+    A `ser.frozen.FrozenCache` attached to `rm` (model.mode=freeze) replaces the frozen layers' forward by cached
+    states and turns the shared-prompt packing off (one process only).
     """
     n = len(prompts)
     if n == 0:
@@ -247,7 +250,10 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     t0 = time.time()
     # Tokenize once: chosen sequences are 0..n-1 and rejected n..2n-1, both with the same prompt tokens.
     enc = encode_pairs(tokenizer, list(prompts), list(chosen), list(rejected), max_length)
-    packed = share_prompt and can_share_prompt(rm, tokenizer)
+    cache = cache_of(rm)
+    if cache is not None and accelerator.num_processes > 1:
+        raise UserError(f"{desc}: the frozen-layer cache (model.mode=freeze) runs on one process; detach it")
+    packed = share_prompt and cache is None and can_share_prompt(rm, tokenizer)
     if enc.truncated_answers:
         log.warning("%d of %d answers exceed max_length=%d on their own and were cut at the end",
                     enc.truncated_answers, 2 * n, max_length)
@@ -313,6 +319,11 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         with micro_batch(accelerator, rm, sync):
             if packed:
                 r_chosen, r_rejected = packed_pair_rewards(rm, batch)
+            elif cache is not None:  # the top layers and the head on cached frozen states
+                seqs = idx + [i + n for i in idx]
+                tt = [enc.token_type_ids[i] for i in seqs] if enc.token_type_ids is not None else None
+                r_chosen, r_rejected = cache.rewards(rm, [enc.input_ids[i] for i in seqs], tt, tokenizer.pad_token_id,
+                                                     max_length).float().chunk(2)
             else:
                 r_chosen, r_rejected = rm(**batch).logits[:, 0].float().chunk(2)  # (2B,) -> (B,), (B,)
             margins = r_chosen - r_rejected  # (B,)
