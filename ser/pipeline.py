@@ -110,9 +110,9 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
             "targets": cfg.model.lora_targets}
     rm, tokenizer = load_reward_model(init or cfg.model.backbone, cfg.model.mode, lora,
                                       trainable_layers=cfg.model.trainable_layers)
-    if cfg.model.mode == "freeze" and accelerator.num_processes == 1:
+    if cfg.model.mode == "freeze" and accelerator.distributed_type == DistributedType.NO:
         # the frozen layers' output, computed once per sequence and reused by every epoch, evaluation and scoring
-        # of this rm (in memory); several processes train freeze mode without it (the full forward each step)
+        # of this rm (in memory); DDP, DeepSpeed and FSDP train freeze mode without it (the full forward each step)
         attach_cache(rm, FrozenCache(rm, tokenizer))
 
     def on_step(step, record, model):

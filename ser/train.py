@@ -322,8 +322,9 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             elif cache is not None:  # the top layers and the head on cached frozen states
                 seqs = idx + [i + n for i in idx]
                 tt = [enc.token_type_ids[i] for i in seqs] if enc.token_type_ids is not None else None
-                r_chosen, r_rejected = cache.rewards(rm, [enc.input_ids[i] for i in seqs], tt, tokenizer.pad_token_id,
-                                                     max_length).float().chunk(2)
+                with accelerator.autocast():  # what the prepared model's own forward runs under
+                    r_chosen, r_rejected = cache.rewards(rm, [enc.input_ids[i] for i in seqs], tt,
+                                                         tokenizer.pad_token_id, max_length).float().chunk(2)
             else:
                 r_chosen, r_rejected = rm(**batch).logits[:, 0].float().chunk(2)  # (2B,) -> (B,), (B,)
             margins = r_chosen - r_rejected  # (B,)

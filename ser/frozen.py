@@ -1,0 +1,249 @@
+"""Frozen lower layers (`model.mode=freeze`): only the top N transformer layers and the reward head train, and the
+frozen part's output is computed once per tokenized sequence and reused (LLaMA-Factory's `finetuning_type: freeze`
+with `freeze_trainable_layers: N`, plus a cache of the frozen activations).
+
+The frozen part is the embeddings and the lower L-N layers. Its output for a sequence, the hidden states after
+layer L-N, (T, H), depends only on the frozen weights and the sequence's token ids, so `FrozenCache` keeps it and
+every later epoch, scoring pass or evaluation runs only the top N layers and the head (`forward_top`). The frozen
+part runs without dropout (`freeze_lower_layers` sets it to 0): a fixed feature extractor, and the condition for
+the cached states to equal what an uncached forward computes. The saved RM is still one ordinary
+`AutoModelForSequenceClassification` directory (the frozen weights unchanged).
+
+Supported families: BERT encoders (MiniLM) and Llama decoders (SmolLM2). A causal RM in freeze mode reads each
+sequence on its own: the shared-prompt packing (`model.share_prompt`) is not used while a cache is attached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ser.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _base(model):
+    """The backbone inside a `...ForSequenceClassification` (`model.bert`, `model.model`)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def transformer_layers(model) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
+    """(the transformer layers, the embedding module) of a BERT or Llama reward model; other families: UserError."""
+    kind, base = model.config.model_type, _base(model)
+    if kind == "bert":
+        return base.encoder.layer, base.embeddings
+    if kind == "llama":
+        return base.layers, base.embed_tokens
+    raise UserError(f"model.mode=freeze supports BERT and Llama backbones, not '{kind}'; use model.mode=full or lora")
+
+
+def freeze_lower_layers(model, trainable_layers: int) -> None:
+    """requires_grad False for the embeddings and the lower L-N layers, True for the rest (top N layers, final
+    norm, pooler, head); dropout off in the frozen part. Raises UserError unless 1 <= N <= L."""
+    layers, embeddings = transformer_layers(model)
+    if not 1 <= trainable_layers <= len(layers):
+        raise UserError(f"config: 'model.trainable_layers' must be between 1 and the backbone's {len(layers)} layers, "
+                        f"got {trainable_layers}")
+    frozen = [embeddings, *layers[: len(layers) - trainable_layers]]
+    frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad = id(p) not in frozen_ids
+    for part in frozen:
+        for m in part.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):  # Llama's attention (a float, not a module)
+                m.attention_dropout = 0.0
+    model.ser_trainable_layers = trainable_layers
+
+
+def _run_layers(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
+    """`layers` applied to hidden (B, T, H) with the mask and positions the backbone's own forward builds."""
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+    base = _base(model)
+    if model.config.model_type == "bert":
+        mask = create_bidirectional_mask(config=base.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in layers:
+            hidden = layer(hidden, mask)
+        return hidden
+    # Llama, right-padded: positions 0..T-1 as LlamaModel builds them without position_ids
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, T)
+    mask = create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                              past_key_values=None, position_ids=position_ids)
+    rotary = base.rotary_emb(hidden, position_ids=position_ids)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
+                       past_key_values=None, use_cache=False)
+    return hidden
+
+
+@torch.no_grad()
+def forward_bottom(model, batch: dict) -> torch.Tensor:
+    """The frozen part on a collated batch (`ser.models.collate`): hidden states (B, T, H) after layer L-N."""
+    layers, embeddings = transformer_layers(model)
+    if model.config.model_type == "bert":
+        hidden = embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+    else:
+        hidden = embeddings(batch["input_ids"])
+    return _run_layers(model, hidden, batch["attention_mask"], layers[: len(layers) - model.ser_trainable_layers])
+
+
+def forward_top(model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards (B,) from the frozen part's output (B, T, H) and the (B, T) mask of right-padded sequences: the top
+    N layers, then BERT's pooler + classifier or Llama's final norm + score head at the last real token."""
+    layers, _ = transformer_layers(model)
+    hidden = _run_layers(model, hidden, attention_mask, layers[len(layers) - model.ser_trainable_layers :])
+    base = _base(model)
+    if model.config.model_type == "bert":
+        return model.classifier(model.dropout(base.pooler(hidden)))[:, 0]
+    last = attention_mask.sum(1) - 1  # (B,): right padding, and ser's pad token never occurs in text
+    hidden = base.norm(hidden)[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return model.score(hidden)[:, 0]
+
+
+MAGIC = b"SERFC001"
+_HEADER = struct.Struct("<8s32s32sqqB")  # magic, key, sha256 of the payload, T, H, dtype (0 fp32, 1 fp16)
+_DTYPES = {torch.float32: (0, np.float32), torch.float16: (1, np.float16)}
+
+
+class FrozenCache:
+    """Frozen-part outputs by sequence: key = sha256 of (backbone identity, N, vocabulary, max_length, token ids,
+    token type ids) -> hidden states (T, H), stored in `dtype` (fp32 by default: cached training equals uncached
+    training; fp16 halves the size and rounds the states).
+
+    The backbone identity hashes the config and the frozen weights themselves, so an RM that continues from a
+    previous one (SER's next iteration) with the same frozen part hits the same entries, and any change to them
+    misses. Without `directory` the entries live in memory (a dict); with it, each entry is one file there, written
+    atomically (temporary file + os.replace) and checked on every read (header, key, length, sha256 of the
+    payload): a truncated, corrupt or mismatched file is rebuilt, never used. Files are not held in memory.
+    To reuse entries with another model object (a reloaded or continued RM), pass the same `directory`, or the
+    `memory` dict of an earlier cache: the keys tell which entries still apply.
+    """
+
+    def __init__(self, model, tokenizer, directory: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                 memory: dict | None = None):
+        self.dtype, self.directory = dtype, Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.memory: dict[bytes, torch.Tensor] = {} if memory is None else memory
+        self.hits = self.misses = self.rebuilt = 0
+        self.identity = backbone_identity(model, tokenizer)
+
+    def key(self, max_length: int, input_ids: list[int], token_type_ids: list[int] | None) -> bytes:
+        h = hashlib.sha256(self.identity)
+        h.update(json.dumps([max_length, input_ids, token_type_ids]).encode())
+        return h.digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        if self.directory is None:
+            return self.memory.get(key)
+        path = self.directory / f"{key.hex()}.bin"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        states = _decode(data, key)
+        if states is None:
+            log.warning("%s: truncated, corrupt or mismatched frozen-cache entry; rebuilding it", path)
+            self.rebuilt += 1
+        return states
+
+    def put(self, key: bytes, states: torch.Tensor) -> None:
+        states = states.to(self.dtype).contiguous()
+        if self.directory is None:
+            self.memory[key] = states
+            return
+        code, _ = _DTYPES[self.dtype]
+        payload = states.cpu().numpy().tobytes()
+        header = _HEADER.pack(MAGIC, key, hashlib.sha256(payload).digest(), *states.shape, code)
+        path = self.directory / f"{key.hex()}.bin"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(header + payload)
+        os.replace(tmp, path)  # a killed run leaves a stray .tmp file, never a half-written entry
+
+    def nbytes(self) -> int:
+        if self.directory is None:
+            return sum(t.numel() * t.element_size() for t in self.memory.values())
+        return sum(p.stat().st_size for p in self.directory.glob("*.bin"))
+
+    def states(self, model, input_ids: list[list[int]], token_type_ids, pad_id: int,
+               max_length: int) -> list[torch.Tensor]:
+        """Frozen-part outputs (T_i, H) of the sequences, in fp32; the missing ones computed in one padded batch."""
+        from ser.models import collate
+
+        keys = [self.key(max_length, ids, tt) for ids, tt in
+                zip(input_ids, token_type_ids if token_type_ids is not None else [None] * len(input_ids))]
+        found = {k: self.get(k) for k in keys}
+        missing = [keys.index(k) for k, s in found.items() if s is None]  # one per distinct sequence
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            tt = [token_type_ids[i] for i in missing] if token_type_ids is not None else None
+            batch = collate([input_ids[i] for i in missing], tt, pad_id)
+            device = next(model.parameters()).device
+            # fp32 whatever the caller's autocast (bf16 scoring, mixed-precision training): the key holds no precision
+            with torch.autocast(device.type, enabled=False):
+                hidden = forward_bottom(model, {k: v.to(device) for k, v in batch.items()})  # (M, T, H)
+            for j, i in enumerate(missing):
+                self.put(keys[i], hidden[j, : len(input_ids[i])].float().cpu())
+                found[keys[i]] = self.get(keys[i])
+        return [found[k].float() for k in keys]
+
+    def rewards(self, model, input_ids: list[list[int]], token_type_ids, pad_id: int, max_length: int) -> torch.Tensor:
+        """Rewards (B,) of the sequences: cached frozen states, right-padded, through `forward_top`."""
+        states = self.states(model, input_ids, token_type_ids, pad_id, max_length)
+        device = next(model.parameters()).device
+        width = max(s.shape[0] for s in states)
+        hidden = torch.zeros(len(states), width, states[0].shape[1], device=device)  # (B, T, H)
+        mask = torch.zeros(len(states), width, dtype=torch.long, device=device)
+        for i, s in enumerate(states):
+            hidden[i, : s.shape[0]] = s.to(device)
+            mask[i, : s.shape[0]] = 1
+        return forward_top(model, hidden, mask)
+
+
+def _decode(data: bytes, key: bytes) -> torch.Tensor | None:
+    if len(data) < _HEADER.size:
+        return None
+    magic, stored_key, digest, t, h, code = _HEADER.unpack_from(data)
+    np_dtype = next((d for c, d in _DTYPES.values() if c == code), None)
+    payload = data[_HEADER.size :]
+    if (magic != MAGIC or stored_key != key or np_dtype is None or len(payload) != t * h * np.dtype(np_dtype).itemsize
+            or hashlib.sha256(payload).digest() != digest):
+        return None
+    return torch.from_numpy(np.frombuffer(payload, dtype=np_dtype).reshape(t, h).copy())
+
+
+def backbone_identity(model, tokenizer) -> bytes:
+    """sha256 of what the frozen part's output depends on: the model config (less its provenance), N, the frozen
+    weights (names and bytes) and the tokenizer's vocabulary (~0.2 s for MiniLM's 19M frozen parameters)."""
+    # where the weights came from and which class saved them do not change what the frozen part computes
+    skip = ("_name_or_path", "transformers_version", "architectures")
+    config = {k: v for k, v in model.config.to_dict().items() if k not in skip}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(f"trainable_layers={model.ser_trainable_layers}".encode())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return h.digest()
+
+
+def attach_cache(model, cache: FrozenCache | None) -> None:
+    """Make training and scoring of `model` go through `cache` (`cache_of`); None detaches it."""
+    model.ser_frozen_cache = cache
+
+
+def cache_of(model) -> FrozenCache | None:
+    """The cache attached to a reward model (inside a DDP `.module` wrapper too), or None."""
+    return getattr(getattr(model, "module", model), "ser_frozen_cache", None)

@@ -1,0 +1,196 @@
+"""model.mode=freeze: frozen lower layers, the cache of their output, and that it changes nothing but the speed."""
+
+import numpy as np
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from ser.checkpoint import save_reward_model
+from ser.config import TrainConfig, load_config
+from ser.errors import UserError
+from ser.frozen import FrozenCache, attach_cache, transformer_layers
+from ser.models import collate, encode_pairs, load_reward_model
+from ser.scoring import score_pairs
+from ser.train import make_accelerator, train_reward_model
+
+PROMPTS = ["Human: how do I bake bread?\n\nAssistant:", "Human: what is 2+2?\n\nAssistant:",
+           "Human: name a colour\n\nAssistant:", "Human: tell me a joke about cats and dogs\n\nAssistant:"] * 3
+CHOSEN = ["Mix flour, water, yeast; knead and bake.", "It is 4.", "Blue.", "Why did the cat sit on the laptop?"] * 3
+REJECTED = ["No.", "Five, probably.", "I will not answer that question at all.", "Cats."] * 3
+
+
+@pytest.fixture(params=["tiny_bert_dir", "tiny_llama_dir"])
+def backbone(request) -> str:
+    return str(request.getfixturevalue(request.param))
+
+
+def load(backbone: str, n: int = 1, seed: int = 0):
+    set_seed(seed)  # the score head's initialisation
+    return load_reward_model(backbone, "freeze", trainable_layers=n)
+
+
+def test_freeze_mode_trains_only_the_top_layers_and_head(backbone):
+    rm, _ = load(backbone, n=1)
+    layers, embeddings = transformer_layers(rm)
+    assert not any(p.requires_grad for p in embeddings.parameters())
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+    frozen = {id(p) for m in (embeddings, layers[0]) for p in m.parameters()}
+    trainable = [n for n, p in rm.named_parameters() if id(p) not in frozen]
+    assert trainable and all(p.requires_grad for n, p in rm.named_parameters() if id(p) not in frozen)
+    assert any("classifier" in n or "score" in n for n in trainable)
+
+
+def test_trainable_layers_out_of_range_is_a_user_error(tiny_bert_dir):
+    with pytest.raises(UserError, match="model.trainable_layers.*2 layers.*got 3"):
+        load_reward_model(str(tiny_bert_dir), "freeze", trainable_layers=3)
+    with pytest.raises(UserError, match="'model.trainable_layers' must be >= 1"):
+        load_config(overrides=["--model.mode=freeze", "--model.trainable_layers=0"])
+    assert load_config(overrides=["--model.mode=freeze"]).model.trainable_layers == 2
+
+
+def test_cached_rewards_equal_the_full_forward(backbone):
+    rm, tok = load(backbone)
+    rm.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED, 32)
+    cache = FrozenCache(rm, tok)
+    with torch.no_grad():
+        full = rm(**collate(enc.input_ids, enc.token_type_ids, tok.pad_token_id)).logits[:, 0]
+        cached = cache.rewards(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, 32)
+        again = cache.rewards(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, 32)
+    assert full.std() > 0  # the check would pass trivially on constant rewards
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    n_seqs = len(set(map(tuple, enc.input_ids)))
+    assert torch.equal(cached, again) and cache.misses == n_seqs and cache.hits == 2 * len(enc.input_ids) - n_seqs
+
+
+def train(backbone: str, cached: bool):
+    rm, tok = load(backbone)
+    if cached:
+        attach_cache(rm, FrozenCache(rm, tok))
+    losses = []
+    tcfg = TrainConfig(epochs=3, batch_size=4, lr=1e-3, warmup_ratio=0.0)
+    rm, _ = train_reward_model(rm, tok, PROMPTS, CHOSEN, REJECTED, tcfg, 32, accelerator=make_accelerator(tcfg),
+                               share_prompt=False, on_step=lambda step, record, m: losses.append(record["train/loss"]))
+    return rm, tok, losses
+
+
+def test_cached_and_uncached_training_agree(backbone):
+    """Same per-step losses (1e-5) and the same rewards after training, dropout on in the top layers (BERT)."""
+    rm_c, tok, cached = train(backbone, cached=True)
+    rm_u, _, uncached = train(backbone, cached=False)
+    assert len(cached) == 9 and cached[-1] < cached[0]  # it learned
+    np.testing.assert_allclose(cached, uncached, atol=1e-5, rtol=0)
+    r_cached = score_pairs(rm_c, tok, PROMPTS, CHOSEN, REJECTED, 32)
+    attach_cache(rm_c, None)
+    r_plain = score_pairs(rm_c, tok, PROMPTS, CHOSEN, REJECTED, 32, share_prompt=False)
+    r_uncached = score_pairs(rm_u, tok, PROMPTS, CHOSEN, REJECTED, 32, share_prompt=False)
+    for a, b, c in zip(r_cached, r_plain, r_uncached):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a, c, atol=1e-5, rtol=0)
+    layers, embeddings = transformer_layers(rm_c)
+    fresh, _ = load(backbone)
+    fresh_layers, fresh_embeddings = transformer_layers(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(embeddings.parameters(), fresh_embeddings.parameters()))
+    assert not torch.equal(next(layers[-1].parameters()), next(fresh_layers[-1].parameters()))
+
+
+def test_saved_rm_gives_the_same_rewards_in_transformers(backbone, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm, tok, _ = train(backbone, cached=True)
+    save_reward_model(rm, tok, tmp_path / "rm", {})
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    # as README's snippet reads an RM (no truncation at these lengths): an encoder takes the text pair, a causal RM
+    # prompt + " " + answer
+    encoder = model.config.model_type == "bert"
+    with torch.no_grad():
+        hf = [model(**(hf_tok(p, a, return_tensors="pt") if encoder else hf_tok(p + " " + a, return_tensors="pt")))
+              .logits[0, 0].item() for p, a in zip(PROMPTS, CHOSEN)]
+    ser, _ = score_pairs(rm, tok, PROMPTS, CHOSEN, REJECTED, 64)
+    np.testing.assert_allclose(ser, hf, atol=1e-5, rtol=0)
+
+
+def test_cache_keys_change_with_n_and_max_length(tiny_bert_dir):
+    rm1, tok = load(str(tiny_bert_dir), n=1)
+    rm2, _ = load(str(tiny_bert_dir), n=2)
+    ids = encode_pairs(tok, PROMPTS[:1], CHOSEN[:1], REJECTED[:1], 32).input_ids[0]
+    c1, c2 = FrozenCache(rm1, tok), FrozenCache(rm2, tok)
+    assert c1.key(32, ids, None) != c1.key(64, ids, None)  # max_length
+    assert c1.key(32, ids, None) != c2.key(32, ids, None)  # N
+    assert c1.key(32, ids, None) == FrozenCache(load(str(tiny_bert_dir), n=1, seed=1)[0], tok).key(32, ids, None)
+    with torch.no_grad():  # the frozen weights change: a different identity
+        transformer_layers(rm1)[0][0].output.dense.bias.add_(1.0)
+    assert FrozenCache(rm1, tok).key(32, ids, None) != c1.key(32, ids, None)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "swap"])
+def test_damaged_cache_file_is_rebuilt_not_used(tiny_bert_dir, tmp_path, damage):
+    rm, tok = load(str(tiny_bert_dir))
+    rm.eval()
+    enc = encode_pairs(tok, PROMPTS[:2], CHOSEN[:2], REJECTED[:2], 32)
+    cache = FrozenCache(rm, tok, directory=tmp_path)
+    first = cache.states(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, 32)
+    files = sorted(tmp_path.glob("*.bin"))
+    assert len(files) == 4 and not list(tmp_path.glob("*.tmp*"))
+    target = tmp_path / f"{cache.key(32, enc.input_ids[0], enc.token_type_ids[0]).hex()}.bin"
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:  # another entry's (valid) file under this key
+        other = next(f for f in files if f != target)
+        target.write_bytes(other.read_bytes())
+    fresh = FrozenCache(rm, tok, directory=tmp_path)
+    again = fresh.states(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, 32)
+    assert fresh.rebuilt == 1 and fresh.misses == 1 and fresh.hits == 3
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert target.read_bytes() == data  # rewritten whole
+
+
+def test_a_continued_rm_reuses_the_entries_of_the_previous_one(tiny_bert_dir, tmp_path):
+    """SER's next iteration continues from the saved RM: same frozen part, so a shared store hits."""
+    rm, tok, _ = train(str(tiny_bert_dir), cached=True)
+    first = rm.ser_frozen_cache
+    save_reward_model(rm, tok, tmp_path / "rm", {})
+    again, tok2 = load_reward_model(str(tmp_path / "rm"), "freeze", trainable_layers=1)
+    cache = FrozenCache(again, tok2, memory=first.memory)
+    attach_cache(again, cache)
+    score_pairs(again, tok2, PROMPTS, CHOSEN, REJECTED, 32)
+    assert cache.misses == 0 and cache.hits == 2 * len(PROMPTS)
+
+
+def test_fit_rm_in_freeze_mode_trains_with_the_cache_and_scores_with_it(tiny_bert_dir):
+    from ser.data import Pair
+    from ser.pipeline import evaluate_rm, fit_rm
+
+    cfg = load_config(overrides=[f"--model.backbone={tiny_bert_dir}", "--model.mode=freeze", "--model.max_length=32",
+                                 "--model.trainable_layers=1", "--train.epochs=2", "--train.batch_size=4"])
+    rm, tok, summary = fit_rm(cfg, PROMPTS, CHOSEN, REJECTED, accelerator=make_accelerator(cfg.train))
+    cache = rm.ser_frozen_cache
+    n_seqs = len(set(map(tuple, encode_pairs(tok, PROMPTS, CHOSEN, REJECTED, 32).input_ids)))
+    assert summary["steps"] == 6 and len(cache.memory) == n_seqs == cache.misses  # each sequence computed once
+    hits = cache.hits
+    pairs = [Pair(id=str(i), prompt=p, chosen=c, rejected=r, source="t")
+             for i, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED))]
+    evaluate_rm(rm, tok, pairs, cfg)
+    assert cache.misses == n_seqs and cache.hits == hits + 2 * len(pairs)  # evaluation read training's states
+
+
+def test_fp16_store_halves_the_size_and_states_are_fp32_under_autocast(tiny_bert_dir, tmp_path):
+    rm, tok = load(str(tiny_bert_dir))
+    rm.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED, 32)
+    exact, half = FrozenCache(rm, tok), FrozenCache(rm, tok, directory=tmp_path, dtype=torch.float16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a miss under bf16 scoring
+        exact.states(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, 32)
+    with torch.no_grad():
+        r32 = exact.rewards(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, 32)
+        r16 = half.rewards(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, 32)
+        full = rm(**collate(enc.input_ids, enc.token_type_ids, tok.pad_token_id)).logits[:, 0]
+    torch.testing.assert_close(r32, full, atol=1e-5, rtol=0)  # the bf16 autocast did not reach the cached states
+    torch.testing.assert_close(r16, full, atol=1e-2, rtol=0)
+    assert abs(half.nbytes() - exact.nbytes() / 2) < 200 * len(exact.memory)  # + a 113-byte header per file
