@@ -34,7 +34,7 @@ def fast_bf16() -> bool:
 def pytest_terminal_summary(terminalreporter):
     if BF16_CHECKS:
         kind = ("fast bf16 (AVX512-BF16/AMX or a bf16 GPU)" if fast_bf16()
-                else "no fast bf16 (emulated: the checks used tiny models)")
+                else "no fast bf16 (emulated: the training checks used tiny models)")
         terminalreporter.write_line(f"bf16 checks on this machine, {kind}: " + "; ".join(sorted(set(BF16_CHECKS))))
 
 
