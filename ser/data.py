@@ -419,16 +419,16 @@ def _load(spec, columns, limit, chat_template, want, drop_ties=True) -> Loaded:
         log.info("%s: dropped %d of %d records (%s)", source, count, total, reason)
     if not out:
         raise UserError(f"{path}: no usable pairs (all {total} records dropped: {dict(drops)})")
-    first, keep = {}, []
+    keep = dedupe_indices(out)
+    first = {out[i].id: i for i in keep}
+    kept = set(keep)
     for i, p in enumerate(out):
-        if p.id in first:
+        if i not in kept:
             skipped.append({"record": numbers[i], **({"input_id": input_ids[i]} if input_ids[i] is not None else {}),
                             "reason": "duplicate", "duplicate_of": numbers[first[p.id]]})
-        else:
-            first[p.id] = i
-            keep.append(i)
     skipped.sort(key=lambda x: x["record"])
-    return Loaded(str(path), dedupe(out), [numbers[i] for i in keep], [input_ids[i] for i in keep], skipped)
+    return Loaded(str(path), [out[i] for i in keep], [numbers[i] for i in keep], [input_ids[i] for i in keep],
+                  skipped)
 
 
 def load_pairs(spec: str, *, columns: dict | None = None, limit: int | None = None, chat_template=None,
@@ -465,20 +465,26 @@ def drop_test_pairs(pairs: list, test: list[Pair], what: str) -> list:
     return kept
 
 
-def dedupe(pairs: list) -> list:
-    """The first of each id. A labelled duplicate with the other answer chosen loses its label: warned, counted."""
-    seen, out, conflicts = {}, [], 0
-    for p in pairs:
-        if p.id not in seen:
-            seen[p.id] = p
-            out.append(p)
-        elif isinstance(p, Pair) and p.chosen != seen[p.id].chosen:
+def dedupe_indices(pairs: list) -> list[int]:
+    """Indices of the first pair of each id, in input order. A labelled duplicate with the other answer chosen
+    loses its label: warned, counted."""
+    first, keep, conflicts = {}, [], 0
+    for i, p in enumerate(pairs):
+        j = first.setdefault(p.id, i)
+        if j == i:
+            keep.append(i)
+        elif isinstance(p, Pair) and p.chosen != pairs[j].chosen:
             conflicts += 1
-    if len(out) < len(pairs):
-        log.info("dropped %d duplicate pairs (same prompt and answers)", len(pairs) - len(out))
+    if len(keep) < len(pairs):
+        log.info("dropped %d duplicate pairs (same prompt and answers)", len(pairs) - len(keep))
     if conflicts:
         log.warning("%d duplicate pairs had the opposite label of an earlier copy; kept the earlier label", conflicts)
-    return out
+    return keep
+
+
+def dedupe(pairs: list) -> list:
+    """The first of each id (`dedupe_indices`)."""
+    return [pairs[i] for i in dedupe_indices(pairs)]
 
 
 def hide_labels(pairs: list[Pair]) -> tuple[list[UnlabelledPair], dict[str, int]]:

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -276,7 +277,4 @@ def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = 
         atomic_write_text(side, "".join(json_text(x) + "\n" for x in skipped))
         atomic_write_text(out_file, "".join(line + "\n" for line in lines))
     accelerator.wait_for_everyone()
-    reasons: dict[str, int] = {}
-    for x in skipped:
-        reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
-    return {"scored": len(lines), "skipped": reasons, "skipped_file": str(side)}
+    return {"scored": len(lines), "skipped": dict(Counter(x["reason"] for x in skipped)), "skipped_file": str(side)}
