@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--sizes", required=True,
                    help="comma-separated label counts, fractions of all pairs, or 'all', e.g. 100,0.15,all")
+    p.add_argument("--modes", help="compare training modes side by side on the same splits, e.g. "
+                   "full,lora,freeze:1,freeze:2 (freeze:N: the top N layers train); default: model.mode")
     return parser
 
 
@@ -307,7 +309,8 @@ def run(argv: list[str]) -> int:
         from ser.experiment import run_curve
 
         cfg = load_config(args.config, _split_overrides(extra))
-        out = run_curve(cfg, args.out, [s.strip() for s in args.sizes.split(",") if s.strip()])
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+        out = run_curve(cfg, args.out, [s.strip() for s in args.sizes.split(",") if s.strip()], modes)
         print((out / "curve.md").read_text())
         print(f"wrote {out}")
     return 0

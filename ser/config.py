@@ -46,6 +46,7 @@ class ModelConfig:
     backbone: str = "minilm"  # short name (minilm, smollm2-135m, gemma3-270m), local directory or Hub id
     mode: str = "full"  # full | lora | head | freeze  (what is trained; freeze: ser/frozen.py)
     trainable_layers: int = 2  # model.mode=freeze: top layers that train (LLaMA-Factory: freeze_trainable_layers)
+    frozen_cache: str | None = None  # model.mode=freeze: directory for the frozen-layer cache; None: in memory
     max_length: int = 256  # tokens per (prompt, answer), the prompt cut from the left; `ser sft`: answer tokens
     share_prompt: bool = True  # causal RMs: one packed [prompt, a, b] sequence per pair (same rewards, fewer tokens)
     lora_r: int = 8  # LoRA rank (model.mode=lora); SER paper: r=8, alpha=32, dropout 0.1

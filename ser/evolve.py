@@ -28,6 +28,7 @@ from ser.crossfit import choose_iteration, holdout_mask
 from ser.data import Pair, UnlabelledPair, drop_test_pairs, hide_labels, load_unlabelled, resolve_count
 from ser.errors import UserError
 from ser.evaluate import bootstrap_ci
+from ser.frozen import attach_cache, shared_cache
 from ser.models import check_backbone, full_parameters
 from ser.pipeline import data_hash, evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
 from ser.scoring import score_pairs
@@ -152,7 +153,7 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             train_pairs, is_pseudo = list(seed), [False] * len(seed)
         else:
             # 1. Score the unlabelled pool with the current RM (sharded across processes, gathered in order).
-            rm, tok = load_iteration(run, it - 1)
+            rm, tok = load_iteration(run, it - 1, cfg, accelerator)
             rm = prepare_for_scoring(rm, accelerator)
             r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool],
                                    [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size,
@@ -253,12 +254,20 @@ def save_scores(run, it, pool, r_a, r_b, status, take, a_wins, hidden, accelerat
     os.replace(tmp, path)
 
 
-def load_iteration(run: Path, it: int):
+def load_iteration(run: Path, it: int, cfg: Config | None = None, accelerator=None):
+    """(rm, tokenizer) of iteration `it`, in eval mode. With model.mode=freeze (one process), the RM scores through
+    the shared frozen-layer cache (`ser.frozen.shared_cache`): pool scoring, calibration and evaluation reuse the
+    frozen states that training computed."""
     from ser.models import load_reward_model
 
     directory = run / "iterations" / str(it)
     verify_manifest(directory)
-    rm, tok = load_reward_model(str(directory), "full")
+    freeze = (cfg is not None and cfg.model.mode == "freeze"
+              and (accelerator is None or accelerator.num_processes == 1))
+    rm, tok = load_reward_model(str(directory), "freeze" if freeze else "full",
+                                trainable_layers=cfg.model.trainable_layers if freeze else 2)
+    if freeze:
+        attach_cache(rm, shared_cache(rm, tok, cfg.model.frozen_cache))
     rm.eval()
     return rm, tok
 

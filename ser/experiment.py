@@ -60,7 +60,7 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
     if not (seed_run / "state.json").exists() or json.loads((seed_run / "state.json").read_text())["completed"] < 0:
         run_evolve(dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, max_iterations=0)), str(seed_run),
                    resume=str(seed_run) if (seed_run / "config.yaml").exists() else None)
-    rm, tok = load_iteration(seed_run, 0)
+    rm, tok = load_iteration(seed_run, 0, cfg)
     results["seed_only"] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(seed_run)}
     if "full_label" in methods:
         path = base / "full_label.json"
@@ -81,7 +81,7 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
             _fork_from_seed_rm(seed_run, run, dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, rule=rule)),
                                accelerator)
         run_evolve(None, None, resume=str(run))
-        rm, tok = load_iteration(run, json.loads((run / "state.json").read_text())["completed"])
+        rm, tok = load_iteration(run, json.loads((run / "state.json").read_text())["completed"], cfg)
         results[method] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(run)}
     return results
 
@@ -351,24 +351,59 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def run_curve(cfg: Config, out: str, sizes: list) -> Path:
+def mode_config(cfg: Config, spec: str) -> Config:
+    """`cfg` with the training mode of a `--modes` entry: full | lora | head | freeze:N (top N layers train)."""
+    mode, _, n = spec.partition(":")
+    if mode not in ("full", "lora", "head", "freeze") or bool(n) != (mode == "freeze") or (n and not n.isdigit()):
+        raise UserError(f"--modes: expected full, lora, head or freeze:N (N top layers train), got {spec!r}")
+    layers = int(n) if n else cfg.model.trainable_layers
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mode=mode, trainable_layers=layers))
+
+
+def mode_name(cfg: Config) -> str:
+    return f"freeze:{cfg.model.trainable_layers}" if cfg.model.mode == "freeze" else cfg.model.mode
+
+
+def run_curve(cfg: Config, out: str, sizes: list, modes: list[str] | None = None) -> Path:
     """`ser curve`: the learning curve, RM test accuracy against the number of human labels, with 95% CIs.
 
     For each seed of `experiment.seeds` and each size, an RM is trained from the backbone on the first `size`
     labelled pairs (seed + pool of that seed's split, a nested prefix in hash order) for `train.epochs` and
     scored on that split's test set. Sizes are counts, fractions of all pairs (like data.seed_size) or `all`.
-    Finished points are kept on disk, so a killed run continues where it stopped."""
+    `modes` (full, lora, head, freeze:N) trains every point in each mode, side by side on the same splits, with
+    the wall time of each (training + test scoring; in freeze mode the first point of a mode also pays for
+    caching the frozen states of its pairs and the test pairs, which later points reuse). Finished points are kept
+    on disk (`DIR/seedS/nN.json`, with modes `DIR/MODE/seedS/nN.json`), so a killed run continues where it
+    stopped."""
     one_process("curve")
     try:
         sizes = [s if s == "all" else float(s) if "." in s else int(s) for s in sizes]
     except ValueError:
         raise UserError(f"--sizes: expected counts, fractions or 'all', got {','.join(sizes)}") from None
+    configs = {None: cfg} if not modes else {m: mode_config(cfg, m) for m in modes}
     root = check_writable(out)
     t0, commit = time.time(), _commit()
+    curves, all_labels = {}, None
+    for label, mcfg in configs.items():
+        curves[label or mode_name(cfg)], all_labels = _curve_points(mcfg, root if label is None else root / label,
+                                                                    sizes)
+    name, points = next(iter(curves.items()))
+    summary = {"points": points, "all_labels": all_labels, "wall_seconds": time.time() - t0, "commit": commit,
+               "config": dataclasses.asdict(cfg)}
+    if modes:
+        summary["modes"] = curves
+        summary["choice"] = fastest_within(curves, "full", 0.01)
+    atomic_write_text(root / "curve.json", json_text(summary, indent=2))
+    write_curve_report(root, summary, cfg)
+    return root
+
+
+def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int]:
+    """The points of one curve (one training mode): [{labels, accuracy, ci95, per_seed, seconds}], all labels."""
     # A finished point is reused only if it was trained with the same settings (everything but the seeds).
     fingerprint = hashlib.sha1(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "experiment"},
                                           sort_keys=True, default=str).encode()).hexdigest()[:12]
-    rows: dict[int, list[np.ndarray]] = {}
+    rows: dict[int, list[dict]] = {}
     all_labels = None  # the size `all`: seed + pool (the same count for every seed)
     for seed in cfg.experiment.seeds:
         scfg = seed_config(cfg, seed)
@@ -392,40 +427,56 @@ def run_curve(cfg: Config, out: str, sizes: list) -> Path:
                 pairs = labelled[:n]
                 rm, tok, _ = fit_rm(scfg, [p.prompt for p in pairs], [p.chosen for p in pairs],
                                     [p.rejected for p in pairs], accelerator=make_accelerator(scfg.train),
-                                    desc=f"seed {seed} n={n}")
+                                    desc=f"{mode_name(cfg)} seed {seed} n={n}")
                 correct = _correct(rm, tok, split.test, scfg)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json_text({"labels": n, "fingerprint": fingerprint,
                                                     "accuracy": float(correct.mean()),
                                                     "correct": correct.tolist(), "seconds": time.time() - t1}))
-                log.info("seed %d, %d labels: test accuracy %.4f", seed, n, correct.mean())
-            rows.setdefault(n, []).append(np.array(json.loads(path.read_text())["correct"]))
+                log.info("%s, seed %d, %d labels: test accuracy %.4f", mode_name(cfg), seed, n, correct.mean())
+            rows.setdefault(n, []).append(json.loads(path.read_text()))
     points = []
     for n, per_seed in sorted(rows.items()):
-        matrix = np.stack(per_seed)
+        matrix = np.stack([np.array(r["correct"]) for r in per_seed])
         lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap)
         points.append({"labels": n, "accuracy": float(matrix.mean()), "ci95": [lo, hi],
-                       "per_seed": [float(x) for x in matrix.mean(axis=1)]})
-    summary = {"points": points, "all_labels": all_labels, "wall_seconds": time.time() - t0, "commit": commit,
-               "config": dataclasses.asdict(cfg)}
-    atomic_write_text(root / "curve.json", json_text(summary, indent=2))
-    write_curve_report(root, summary, cfg)
-    return root
+                       "per_seed": [float(x) for x in matrix.mean(axis=1)],
+                       "seconds": float(np.mean([r.get("seconds", np.nan) for r in per_seed]))})
+    return points, all_labels
+
+
+def fastest_within(curves: dict[str, list[dict]], reference: str, tolerance: float) -> dict[int, str | None]:
+    """{labels: the mode with the smallest mean wall time whose accuracy is at least the reference mode's minus
+    `tolerance` (0.01 = one point)}, for each size the reference mode has; a pure function of the curves. Ties in
+    time go to the mode listed first. None where the reference was not trained."""
+    ref = {p["labels"]: p["accuracy"] for p in curves.get(reference, [])}
+    choice = {}
+    for n, acc in ref.items():
+        ok = [(p["seconds"], i, m) for i, (m, pts) in enumerate(curves.items()) for p in pts
+              if p["labels"] == n and p["accuracy"] >= acc - tolerance - 1e-12]
+        choice[n] = min(ok)[2] if ok else None
+    return choice
 
 
 def write_curve_report(root: Path, summary: dict, cfg: Config) -> None:
-    """curve.md (the table `ser curve` prints), curve.png (accuracy with its 95% CI band; the full-label RM
-    dashed when the size `all` was trained) and report.html (the table with the plot below it)."""
+    """curve.md (the table `ser curve` prints), curve.png (accuracy with its 95% CI band per mode; the full-label
+    RM dashed when the size `all` was trained) and report.html (the table with the plot below it)."""
     plt = _pyplot()
-    points, title = summary["points"], "RM test accuracy vs human labels (95% CI)"
+    title = "RM test accuracy vs human labels (95% CI)"
+    curves = summary.get("modes") or {mode_name(cfg): summary["points"]}
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    x, acc = [p["labels"] for p in points], [p["accuracy"] for p in points]
-    ax.plot(x, acc, marker="o", color="C0", label="RM trained on the first N human labels")
-    ax.fill_between(x, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points], color="C0", alpha=0.2, lw=0)
+    for i, (mode, points) in enumerate(curves.items()):
+        x, acc = [p["labels"] for p in points], [p["accuracy"] for p in points]
+        ax.plot(x, acc, marker="o", color=f"C{i}", label=mode if len(curves) > 1 else
+                "RM trained on the first N human labels")
+        ax.fill_between(x, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points], color=f"C{i}",
+                        alpha=0.15, lw=0)
+    points = summary["points"]
     full = next((p for p in points if p["labels"] == summary.get("all_labels")), None)
-    if full is not None:
+    if full is not None and len(curves) == 1:
         ax.axhline(full["accuracy"], color="k", ls="--", lw=1,
                    label=f"full_label (all {full['labels']} human labels): {full['accuracy']:.3f}")
+    x = sorted({p["labels"] for pts in curves.values() for p in pts})
     ax.set(xscale="log", title=title, xlabel="human labels", ylabel="test accuracy")
     ax.set_xticks(x, [str(n) for n in x])
     ax.minorticks_off()
@@ -436,12 +487,28 @@ def write_curve_report(root: Path, summary: dict, cfg: Config) -> None:
 
 
 def _curve_markdown(summary: dict, cfg: Config) -> str:
+    modes = summary.get("modes")
     lines = ["# Learning curve", "",
-             f"Data: `{cfg.data.train}` · backbone `{cfg.model.backbone}` ({cfg.model.mode}) · max_length "
+             f"Data: `{cfg.data.train}` · backbone `{cfg.model.backbone}` "
+             f"({', '.join(modes) if modes else mode_name(cfg)}) · max_length "
              f"{cfg.model.max_length} · epochs {cfg.train.epochs} · lr {cfg.train.lr} · precision "
              f"{cfg.train.mixed_precision} · seeds {cfg.experiment.seeds} · commit {summary['commit']} · wall time "
-             f"{summary['wall_seconds'] / 60:.1f} min", "",
-             "| human labels | test accuracy | 95% CI | per seed |", "|---:|---:|---:|---:|"]
-    lines += [f"| {p['labels']} | {p['accuracy']:.4f} | [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] | "
-              f"{', '.join(f'{x:.3f}' for x in p['per_seed'])} |" for p in summary["points"]]
+             f"{summary['wall_seconds'] / 60:.1f} min", ""]
+    if not modes:
+        lines += ["| human labels | test accuracy | 95% CI | per seed |", "|---:|---:|---:|---:|"]
+        lines += [f"| {p['labels']} | {p['accuracy']:.4f} | [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] | "
+                  f"{', '.join(f'{x:.3f}' for x in p['per_seed'])} |" for p in summary["points"]]
+        return "\n".join(lines) + "\n"
+    lines += ["Test accuracy [95% CI] and wall time per point (training + test scoring, mean over seeds).", "",
+              "| human labels | " + " | ".join(modes) + " | fastest within 1 point of full |",
+              "|---:|" + "---:|" * len(modes) + "---|"]
+    sizes = sorted({p["labels"] for pts in modes.values() for p in pts})
+    for n in sizes:
+        cells = []
+        for pts in modes.values():
+            p = next((p for p in pts if p["labels"] == n), None)
+            cells.append("" if p is None else f"{p['accuracy']:.4f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] "
+                                              f"{p['seconds']:.0f} s")
+        choice = summary.get("choice", {}).get(n, summary.get("choice", {}).get(str(n)))
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {choice or ''} |")
     return "\n".join(lines) + "\n"

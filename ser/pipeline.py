@@ -21,7 +21,7 @@ from ser.config import Config, DataConfig, TrainConfig, load_config, to_dict
 from ser.data import Pair, Split, drop_test_pairs, load_pairs, load_records, split_pairs
 from ser.errors import UserError
 from ser.evaluate import pair_metrics
-from ser.frozen import FrozenCache, attach_cache
+from ser.frozen import attach_cache, shared_cache
 from ser.models import check_backbone, full_parameters, load_reward_model, unwrap_for_saving
 from ser.scoring import score_pairs
 from ser.train import checkpoint_step, make_accelerator, resolve_precision, train_reward_model
@@ -112,9 +112,10 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
     rm, tokenizer = load_reward_model(init or cfg.model.backbone, cfg.model.mode, lora,
                                       trainable_layers=cfg.model.trainable_layers)
     if cfg.model.mode == "freeze" and accelerator.distributed_type == DistributedType.NO:
-        # the frozen layers' output, computed once per sequence and reused by every epoch, evaluation and scoring
-        # of this rm (in memory); DDP, DeepSpeed and FSDP train freeze mode without it (the full forward each step)
-        attach_cache(rm, FrozenCache(rm, tokenizer))
+        # the frozen layers' output, computed once per sequence and reused by every epoch, evaluation and scoring,
+        # and by every later RM with the same frozen part (`shared_cache`); DDP, DeepSpeed and FSDP train freeze
+        # mode without it (the full forward each step)
+        attach_cache(rm, shared_cache(rm, tokenizer, cfg.model.frozen_cache))
 
     def on_step(step, record, model):
         if eval_pairs and cfg.train.eval_every and step % cfg.train.eval_every == 0:

@@ -42,6 +42,17 @@ SHARED_DATA = next((d for d in data_dirs() if (d / "hh-rlhf").exists()), data_di
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_frozen_cache():
+    """Each test starts with an empty process-wide frozen-layer store (`ser.frozen.SHARED_MEMORY`): counts of
+    cache hits and misses must not depend on which tests ran before."""
+    from ser.frozen import SHARED_MEMORY
+
+    SHARED_MEMORY.clear()
+    yield
+    SHARED_MEMORY.clear()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "hh-rlhf").exists():

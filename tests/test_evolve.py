@@ -300,6 +300,41 @@ def test_learning_curve(tiny_bert_dir, shared_data, tmp_path):
                   str(root), ["8"])
 
 
+def test_learning_curve_compares_modes_side_by_side(tiny_bert_dir, shared_data, tmp_path):
+    from ser.errors import UserError
+    from ser.experiment import run_curve
+
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"experiment.seeds": "[0]", "experiment.bootstrap": 50,
+                                                             "train.epochs": 1}))
+    root = run_curve(cfg, str(tmp_path / "curve"), ["8", "all"], ["full", "freeze:1"])
+    summary = json.loads((root / "curve.json").read_text())
+    assert list(summary["modes"]) == ["full", "freeze:1"]
+    for mode in ("full", "freeze:1"):
+        assert [p["labels"] for p in summary["modes"][mode]] == [8, 96]
+        assert all(p["seconds"] > 0 for p in summary["modes"][mode])
+        assert (root / mode / "seed0" / "n96.json").exists()  # each mode's points kept apart, resumable
+    assert summary["points"] == summary["modes"]["full"]
+    assert set(summary["choice"]) == {"8", "96"} and set(summary["choice"].values()) <= {"full", "freeze:1"}
+    md = (root / "curve.md").read_text()
+    assert "| human labels | full | freeze:1 | fastest within 1 point of full |" in md and "| 96 | " in md
+    with pytest.raises(UserError, match="--modes"):
+        run_curve(cfg, str(tmp_path / "c2"), ["8"], ["freeze"])
+
+
+def test_fastest_within_picks_the_quickest_mode_within_the_tolerance():
+    from ser.experiment import fastest_within
+
+    curves = {"full": [{"labels": 10, "accuracy": 0.60, "seconds": 100.0},
+                       {"labels": 50, "accuracy": 0.70, "seconds": 400.0}],
+              "lora": [{"labels": 10, "accuracy": 0.595, "seconds": 80.0},
+                       {"labels": 50, "accuracy": 0.69, "seconds": 300.0}],  # 0.69 = 0.70 - 0.01: within
+              "freeze:1": [{"labels": 10, "accuracy": 0.589, "seconds": 10.0},  # 1.1 points below: out
+                           {"labels": 50, "accuracy": 0.75, "seconds": 30.0}]}
+    assert fastest_within(curves, "full", 0.01) == {10: "lora", 50: "freeze:1"}
+    assert fastest_within(curves, "full", 0.0) == {10: "full", 50: "freeze:1"}
+    assert fastest_within({"lora": curves["lora"]}, "full", 0.01) == {}
+
+
 def test_experiment_and_curve_refuse_several_processes(tiny_bert_dir, monkeypatch, tmp_path):
     """They write their runs' files from one process: under torchrun (WORLD_SIZE=2) an error, nothing written."""
     from ser.errors import UserError

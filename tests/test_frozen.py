@@ -194,3 +194,25 @@ def test_fp16_store_halves_the_size_and_states_are_fp32_under_autocast(tiny_bert
     torch.testing.assert_close(r32, full, atol=1e-5, rtol=0)  # the bf16 autocast did not reach the cached states
     torch.testing.assert_close(r16, full, atol=1e-2, rtol=0)
     assert abs(half.nbytes() - exact.nbytes() / 2) < 200 * len(exact.memory)  # + a 113-byte header per file
+
+
+def test_an_ser_run_computes_each_texts_frozen_states_once(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
+    """Seed RM, pool scoring, calibration, retraining and evaluation of every iteration share one store: over a
+    whole 2-iteration run, each distinct sequence goes through the frozen layers exactly once."""
+    import ser.frozen as frozen
+    from ser.evolve import run_evolve
+    from ser.frozen import SHARED_MEMORY
+    from tests.test_evolve import records, tiny_overrides
+
+    computed = []
+    real = frozen.forward_bottom
+
+    def counting(model, batch):
+        computed.append(batch["input_ids"].shape[0])
+        return real(model, batch)
+
+    monkeypatch.setattr(frozen, "forward_bottom", counting)
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"model.mode": "freeze", "model.trainable_layers": 1}))
+    run = run_evolve(cfg, str(tmp_path / "run"))
+    assert max(r["iteration"] for r in records(run)) == 2  # seed RM + 2 iterations ran
+    assert sum(computed) == len(SHARED_MEMORY) > 0  # 128 pairs' sequences (some answers repeat), none twice
