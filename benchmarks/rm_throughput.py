@@ -11,6 +11,12 @@ Scoring: `ser.scoring.score_pairs` against `pipeline("text-classification")` wit
 precision (bf16 autocast for both, or fp32 for both), on the same (already truncated) texts; their fp32 scores
 are compared as a check that both see the same input.
 
+ser's freeze mode (`model.mode=freeze`, the top `--freeze-layers` layers and the head train; `ser.frozen`) runs
+beside them: its first epoch fills the frozen-layer cache (the one-time caching cost: first epoch minus a warm
+one), then warm epochs alternate with ser-full and TRL. Its accuracy is measured the same way. The SER-run figure
+times what an SER run repeats, end to end, for ser-full and ser-freeze (a fresh cache): seed training (one
+epoch) plus `--ser-iterations` iterations of scoring the held-out pairs as a pool and retraining one epoch.
+
 What ser's side does that the others do not: length-grouped batches (TRL shuffles, the pipeline keeps input
 order), and for causal RMs one packed [prompt, chosen, rejected] row per pair (the prompt runs once).
 
@@ -43,6 +49,7 @@ import torch
 
 from ser.config import TrainConfig
 from ser.data import load_pairs, split_pairs
+from ser.frozen import FrozenCache, attach_cache
 from ser.models import can_share_prompt, encode_pairs, load_reward_model
 from ser.scoring import score_pairs
 from ser.train import resolve_precision, train_reward_model
@@ -144,16 +151,34 @@ def run_backbone(backbone: str, args) -> dict:
             seconds = time.perf_counter() - t0
         return trainer.model, seconds, trainer.state.global_step
 
-    # Warm-up, not timed: first calls pay one-time costs (kernel selection, allocator) that both would share.
-    ser_round(2 * args.batch_size), trl_round(2 * args.batch_size)
-    seconds = {"ser": 0.0, "trl": 0.0}
+    store: dict = {}  # the frozen-layer cache of the freeze rounds, filled by the first one
+
+    def freeze_round(k: int, memory: dict | None = None):
+        """ser's freeze mode on the first k pairs, through the cache in `memory` (default: `store`)."""
+        from ser.train import make_accelerator
+
+        reset_accelerate()
+        torch.manual_seed(0)
+        rm, tok = load_reward_model(backbone, "freeze", trainable_layers=args.freeze_layers)
+        attach_cache(rm, FrozenCache(rm, tok, memory=store if memory is None else memory))
+        accelerator = make_accelerator(tcfg)
+        t0 = time.perf_counter()
+        rm, summary = train_reward_model(rm, tok, prompts[:k], chosen[:k], rejected[:k], tcfg, args.max_length,
+                                         accelerator=accelerator, share_prompt=False)
+        return rm, time.perf_counter() - t0, summary["steps"]
+
+    # Warm-up, not timed: first calls pay one-time costs (kernel selection, allocator) that all would share.
+    ser_round(2 * args.batch_size), trl_round(2 * args.batch_size), freeze_round(2 * args.batch_size, {})
+    _, freeze_first_epoch, _ = freeze_round(n)  # fills the cache: the one-time cost plus one epoch
+    seconds = {"ser": 0.0, "trl": 0.0, "freeze": 0.0}
     steps = {}
     models = {}
-    for _ in range(args.rounds):  # A B A B ...
-        for name, fn in (("ser", ser_round), ("trl", trl_round)):
+    for _ in range(args.rounds):  # A B C A B C ...
+        for name, fn in (("ser", ser_round), ("trl", trl_round), ("freeze", freeze_round)):
             models[name], dt, steps[name] = fn(n)
             seconds[name] += dt
-    assert steps["ser"] == steps["trl"] == args.steps, steps
+    assert steps["ser"] == steps["trl"] == steps["freeze"] == args.steps, steps
+    cache_bytes = sum(t.numel() * t.element_size() for t in store.values())
 
     def accuracy(rm):
         r_c, r_r = score_pairs(rm, tokenizer, [p.prompt for p in test], [p.chosen for p in test],
@@ -161,6 +186,7 @@ def run_backbone(backbone: str, args) -> dict:
         return float((r_c > r_r).mean())
 
     acc = {name: accuracy(m.float()) for name, m in models.items()}
+    del models["freeze"]
     # FLOPs of the tokens ser's training actually ran: a packed [prompt, a, b] row for causal RMs, whose
     # attention spans the prompt plus one answer per query (counted as two sequences for the quadratic term).
     packed = can_share_prompt(models["ser"], tokenizer)
@@ -219,11 +245,45 @@ def run_backbone(backbone: str, args) -> dict:
         "score_max_abs_diff_ser_fp32_vs_pipeline": float(np.abs(ser_fp32 - pipe_scores).max()),
         "score_max_abs_diff_bf16_vs_fp32": float(np.abs(ser_bf16 - ser_fp32).max()),
         "score_rank_agreement_bf16_vs_fp32": float(((r_a > r_b) == (ser_fp32[:m] > ser_fp32[m:])).mean()),
+        "train_pairs_per_s_freeze": args.rounds * n / seconds["freeze"],
+        "train_pairs_per_s_freeze_first_epoch": n / freeze_first_epoch,
+        "freeze_caching_seconds": freeze_first_epoch - seconds["freeze"] / args.rounds,
+        "freeze_cache_mib_per_1000_pairs": cache_bytes / 2**20 / n * 1000,
+        "train_speedup_freeze_vs_trl": seconds["trl"] / seconds["freeze"],
+        "train_speedup_freeze_vs_ser": seconds["ser"] / seconds["freeze"],
+        "test_accuracy_freeze": acc["freeze"],
+        "freeze_layers": args.freeze_layers,
+        **ser_run_seconds(backbone, prompts, chosen, rejected, test, tcfg, args),
         "train_model_gflops_per_s_ser": flops / seconds["ser"] / 1e9,
         "train_tokens_per_pair": linear_tokens / n,
         "train_packed_pairs": packed,
     }
     return result
+
+
+def ser_run_seconds(backbone: str, prompts, chosen, rejected, pool, tcfg: TrainConfig, args) -> dict:
+    """Wall seconds of what an SER run repeats, for model.mode=full and freeze (a fresh cache, so its caching cost
+    is inside): train a seed RM one epoch, then `args.ser_iterations` times score `pool` and retrain one epoch."""
+    from ser.train import make_accelerator
+
+    out = {}
+    for mode in ("full", "freeze"):
+        reset_accelerate()
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        rm, tok = load_reward_model(backbone, mode, trainable_layers=args.freeze_layers)
+        if mode == "freeze":
+            attach_cache(rm, FrozenCache(rm, tok, memory={}))
+        for it in range(args.ser_iterations + 1):
+            if it:
+                rm.eval()
+                score_pairs(rm, tok, [p.prompt for p in pool], [p.chosen for p in pool], [p.rejected for p in pool],
+                            args.max_length, 2 * args.batch_size, args.precision, share_prompt=mode == "full")
+            rm, _ = train_reward_model(rm, tok, prompts, chosen, rejected, tcfg, args.max_length,
+                                       accelerator=make_accelerator(tcfg), share_prompt=mode == "full")
+        out[f"ser_run_seconds_{mode}"] = time.perf_counter() - t0
+    out["ser_run_speedup_freeze_vs_full"] = out["ser_run_seconds_full"] / out["ser_run_seconds_freeze"]
+    return out
 
 
 def main() -> None:
@@ -238,6 +298,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"],
                    help="both sides use this; auto: bf16 where the hardware is fast at it, else fp32")
+    p.add_argument("--freeze-layers", type=int, default=2, help="model.mode=freeze: top layers that train")
+    p.add_argument("--ser-iterations", type=int, default=2, help="iterations of the SER-run figure")
     p.add_argument("--smoke", action="store_true", help="a few pairs: checks the code path, not the speed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
@@ -267,7 +329,11 @@ def main() -> None:
         print(f"{backbone}: train {r['train_pairs_per_s_ser']:.2f} vs TRL {r['train_pairs_per_s_trl']:.2f} pairs/s "
               f"(x{r['train_speedup_vs_trl']:.2f}; acc {r['test_accuracy_ser']:.3f} vs {r['test_accuracy_trl']:.3f}), "
               f"score {r['score_pairs_per_s_ser']:.1f} vs pipeline {r['score_pairs_per_s_pipeline']:.1f} pairs/s "
-              f"(x{r['score_speedup_vs_pipeline']:.2f}), MFU {r['train_mfu']:.0%}", file=sys.stderr)
+              f"(x{r['score_speedup_vs_pipeline']:.2f}), MFU {r['train_mfu']:.0%}; freeze:{r['freeze_layers']} "
+              f"{r['train_pairs_per_s_freeze']:.2f} pairs/s warm (x{r['train_speedup_freeze_vs_trl']:.2f} TRL, acc "
+              f"{r['test_accuracy_freeze']:.3f}), first epoch {r['train_pairs_per_s_freeze_first_epoch']:.2f}; "
+              f"SER run {r['ser_run_seconds_full']:.0f} s full vs {r['ser_run_seconds_freeze']:.0f} s freeze "
+              f"(x{r['ser_run_speedup_freeze_vs_full']:.2f})", file=sys.stderr)
     print(json.dumps(out, indent=None if args.json else 2))
 
 

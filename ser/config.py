@@ -85,7 +85,7 @@ class SERConfig:
     tau_low: float = 0.45  # SER paper §3: status-1 needs the other answer with σ(r) < tau_low
     tau_delta: float = 0.30  # SER paper §3: status-2 needs |σ(r1) - σ(r2)| >= tau_delta
     min_pairs: float | int = 0.05  # SER paper's N_min (600 of 160k pairs); int = count, float = fraction of the pool
-    rule: str = "paper"  # paper: status 1 else 2 by count, else stop | code: released one-pass OR rule | ssrm: baseline
+    rule: str = "paper"  # paper: status 1 else 2, else stop | code: released OR rule | ssrm: baseline | ensemble: folds vote
     calibration: str = "temperature"  # none (paper) | center: minus the seed mean | temperature: center + fit T
     pseudo_loss: str = "sigmoid"  # loss on pseudo-labelled pairs: sigmoid (released code) | hinge (paper)
     pseudo_margin: float = 1.0  # margin of the hinge loss on pseudo-labelled pairs
@@ -96,6 +96,12 @@ class SERConfig:
     keep_seed: bool = True  # keep the human seed pairs in every iteration's training data
     iteration_epochs: float = 1.0  # epochs of each retraining on seed + pseudo-labelled pairs
     ssrm_threshold: float = 0.8  # SSRM baseline: keep pairs with max(P, 1-P) >= this, P = σ(r_a - r_b)
+    folds: int = 0  # rule=ensemble: k >= 2 fold models cross-fitted on the seed calibrate, validate, vote
+    min_agree: int = 0  # rule=ensemble: fold models that must agree on a pair's direction (0 = all of them)
+    confidence: float = 0.8  # rule=ensemble: accept where the ensemble's calibrated max(p, 1 - p) >= this
+    budget: float = 0.0  # rule=ensemble: > 0 accepts this top fraction of the agreeing pairs by confidence instead
+    soft_labels: bool = False  # train pseudo-labelled pairs towards the ensemble's calibrated p (soft Bradley-Terry)
+    relabel: bool = False  # re-label the whole pool each iteration (earlier pseudo-labels revised or dropped)
 
 
 @dataclass
@@ -142,7 +148,7 @@ class ExperimentConfig:
 
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # one set of runs per seed (own split and train seed)
     methods: list = field(  # compared by `ser experiment` (see ser/experiment.py); seed_only always runs
-        default_factory=lambda: ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm"])
+        default_factory=lambda: ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm", "ser_ensemble"])
     bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
 
 
@@ -264,7 +270,7 @@ def validate(cfg: Config) -> None:
         "train.schedule": (cfg.train.schedule, ("linear", "cosine", "constant")),
         "train.loss": (cfg.train.loss, ("sigmoid", "hinge")),
         "train.mixed_precision": (cfg.train.mixed_precision, ("no", "bf16", "fp16", "auto")),
-        "ser.rule": (cfg.ser.rule, ("paper", "code", "ssrm")),
+        "ser.rule": (cfg.ser.rule, ("paper", "code", "ssrm", "ensemble")),
         "ser.calibration": (cfg.ser.calibration, ("none", "center", "temperature")),
         "ser.pseudo_loss": (cfg.ser.pseudo_loss, ("sigmoid", "hinge")),
         "ppo.reward": (cfg.ppo.reward, ("sigmoid", "normalize")),
@@ -292,6 +298,18 @@ def validate(cfg: Config) -> None:
     validation = cfg.ser.validation
     if not (0 <= validation < 1 if isinstance(validation, float) else validation >= 0):
         raise UserError(f"config: 'ser.validation' must be a count >= 0 or a fraction in [0, 1), got {validation}")
+    s = cfg.ser
+    if (s.rule == "ensemble") != (s.folds >= 2) or s.folds == 1 or s.folds < 0:
+        raise UserError(f"config: 'ser.rule=ensemble' goes with 'ser.folds' >= 2 (k fold models vote), and 'ser.folds' "
+                        f"with rule=ensemble only; got rule={s.rule}, folds={s.folds}")
+    if not 0 <= s.min_agree <= max(s.folds, 0):
+        raise UserError(f"config: 'ser.min_agree' must lie in [0, ser.folds = {s.folds}], got {s.min_agree}")
+    if not 0.5 <= s.confidence <= 1 or not 0 <= s.budget <= 1:
+        raise UserError(f"config: need 0.5 <= ser.confidence <= 1 and 0 <= ser.budget <= 1, got {s.confidence}, "
+                        f"{s.budget}")
+    if s.soft_labels and (s.rule != "ensemble" or s.pseudo_loss != "sigmoid"):
+        raise UserError("config: 'ser.soft_labels' needs ser.rule=ensemble (its calibrated p is the target) and "
+                        "ser.pseudo_loss=sigmoid")
     if cfg.ser.patience < 1:
         raise UserError(f"config: 'ser.patience' must be >= 1, got {cfg.ser.patience}")
     if cfg.data.limit is not None and cfg.data.limit < 1:

@@ -306,3 +306,27 @@ def precision_by_decile(confidence: ArrayLike, a_wins: ArrayLike, truth: ArrayLi
         rows.append({"bin": i, "lo": float(edges[i]), "hi": float(edges[i + 1]), "n": int(hit.size),
                      "precision": float(hit.mean()) if hit.size else math.nan})
     return rows
+
+
+def select_by_vote(margins: np.ndarray, temperature: float, confidence: float, min_agree: int = 0,
+                   budget: float = 0.0) -> dict[str, np.ndarray]:
+    """The ensemble's pseudo-labels for n candidate pairs: `ensemble_vote` with one temperature for all m members,
+    then `accept` (>= min_agree members agree, default all, and calibrated confidence >= `confidence`) or, with
+    budget > 0, `budget_accept` (the top `budget` fraction of the agreeing pairs by confidence).
+
+    margins: (m, n) r_a - r_b per member (reward units); temperature > 0 (fitted on the members' pooled
+    out-of-fold seed margins). Returns `ensemble_vote`'s arrays plus take (n,) bool and target (n,) float64,
+    the calibrated probability of the labelled direction (p where A wins, 1 - p where B wins), the soft label
+    of `losses.soft_pairwise_losses`.
+
+    Raises ValueError as `ensemble_vote` and `accept`/`budget_accept` do.
+    """
+    margins = np.asarray(margins, dtype=np.float64)
+    m = margins.shape[0] if margins.ndim == 2 else 0
+    vote = ensemble_vote(margins, np.full(m, float(temperature)))
+    need = min_agree or m
+    if budget > 0:
+        take = budget_accept(vote["p"], vote["agree"], m, budget, need, a_wins=vote["a_wins"])
+    else:
+        take = accept(vote["p"], vote["agree"], m, confidence, need, a_wins=vote["a_wins"])
+    return {**vote, "take": take, "target": np.where(vote["a_wins"], vote["p"], 1.0 - vote["p"])}

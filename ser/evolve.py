@@ -24,7 +24,8 @@ from ser.bias import length_balanced_accept, longer_chosen_share
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_writable, save_reward_model,
                             truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
-from ser.crossfit import choose_iteration, holdout_mask
+from ser.crossfit import (choose_iteration, fold_assignment, holdout_mask, precision_by_agreement,
+                          precision_by_decile, select_by_vote)
 from ser.data import Pair, UnlabelledPair, drop_test_pairs, hide_labels, load_unlabelled, resolve_count
 from ser.errors import UserError
 from ser.evaluate import bootstrap_ci
@@ -45,7 +46,7 @@ class State:
     """Everything a resumed run needs besides the config and the RM checkpoints."""
 
     completed: int = -1  # last completed iteration (-1: none)
-    pseudo: list = dataclasses.field(default_factory=list)  # [[pool id, answer_a is chosen], ...] in order added
+    pseudo: list = dataclasses.field(default_factory=list)  # [[pool id, A is chosen, P(that label)], ...] in order
     stopped: str | None = None  # why the loop stopped, once it has
     data_hash: str = ""  # hash of the split's ids: resuming on different data is an error
     val_acc: list = dataclasses.field(default_factory=list)  # validation accuracy per completed iteration
@@ -96,18 +97,100 @@ def length_audit(take, a_wins, margin, pool: list[UnlabelledPair], seed: list[Pa
     return take, record
 
 
-def audit(take, a_wins, status, truth: np.ndarray | None) -> dict:
-    """Precision of this iteration's pseudo-labels against the hidden human labels (per status too).
-    `truth` is 1 where answer A is the human-chosen one. Audit only: never feeds back into training."""
+def audit(take, a_wins, groups, group_name: str, confidence, truth: np.ndarray | None) -> dict:
+    """Precision of this iteration's pseudo-labels against the hidden human labels: overall, per group (the paper's
+    status 1/2, or the number of agreeing fold models) and per confidence decile of all candidates
+    (`crossfit.precision_by_agreement`, `precision_by_decile`). `truth` is True where answer A is the human-chosen
+    one. Audit only: never feeds back into training."""
     if truth is None or not take.any():
         return {}
-    right = a_wins[take] == truth[take].astype(bool)
+    right = a_wins[take] == truth[take]
     out = {"ser/pseudo_precision": float(right.mean()), "ser/flipped": int((~right).sum())}
-    for k in (1, 2):
-        m = status[take] == k
-        if m.any():
-            out[f"ser/pseudo_precision_status{k}"] = float(right[m].mean())
+    for level, (n, precision) in precision_by_agreement(a_wins, take, truth, groups).items():
+        if level > 0:
+            out[f"ser/pseudo_precision_{group_name}{level}"] = precision
+            out[f"ser/n_{group_name}{level}_added"] = n
+    ok = np.isfinite(confidence)  # a non-finite reward (warned about by score_pairs) has no confidence
+    out["audit/precision_by_decile"] = [[round(r["lo"], 4), r["n"], r["precision"]]
+                                        for r in precision_by_decile(confidence[ok], a_wins[ok], truth[ok])]
     return out
+
+
+def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed: list[Pair], val: list[Pair],
+               accelerator) -> dict:
+    """Steps 1-4 of iteration `it`: score the pool and choose its pseudo-labels. One RM (rule paper, code, ssrm):
+    the previous iteration's RM scores the pool and is calibrated on `val` (else the seed). Ensemble (rule
+    ensemble): the votes the previous iteration's fold models cast on these pairs (`votes/N.npz`, saved by
+    `cross_fit`). Returns take, a_wins, target (calibrated P of the labelled direction), confidence, groups
+    (status or agreement level, for the audit), learning (STOP: nothing to add) and the record."""
+    if cfg.ser.rule == "ensemble":
+        z = np.load(run / "votes" / f"{it - 1}.npz")
+        column = {pid: j for j, pid in enumerate(z["ids"].tolist())}
+        margins = z["margins"][:, [column[p.id] for p in pool]]  # (k, n)
+        v = select_by_vote(margins, float(z["temperature"]), cfg.ser.confidence, cfg.ser.min_agree, cfg.ser.budget)
+        return {**v, "groups": v["agree"], "group_name": "agree", "learning": 3 if v["take"].any() else STOP,
+                "record": {"ser/status": "vote", "ser/candidates": len(pool),
+                           "ser/temperature": float(z["temperature"]), "ser/unanimous": int(v["unanimous"].sum())},
+                "scores": {"margins": margins}}
+    rm, tok = load_iteration(run, it - 1, cfg, accelerator)
+    rm = prepare_for_scoring(rm, accelerator)
+    r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool], [p.answer_b for p in pool],
+                           cfg.model.max_length, cfg.train.score_batch_size,
+                           resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
+    offset, temperature = calibrate(rm, tok, list(val) or seed, cfg, accelerator)  # out-of-sample if val
+    del rm
+    accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
+    status, learning, take, a_wins = select_pseudo_labels(r_a, r_b, offset, temperature, cfg, len(pool))
+    p = probabilities(np.asarray(r_a) - np.asarray(r_b), 0.0, temperature)  # calibrated P(A better)
+    target = np.where(a_wins, p, 1 - p)
+    return {"take": take, "a_wins": a_wins, "target": target, "confidence": np.maximum(p, 1 - p), "groups": status,
+            "group_name": "status", "learning": learning,
+            "record": {"ser/status": STATUS_NAMES[learning], "ser/n_status1": int((status == 1).sum()),
+                       "ser/n_status2": int((status == 2).sum()), "ser/pool": len(pool), "ser/offset": offset,
+                       "ser/temperature": temperature},
+            "scores": {"r_a": r_a, "r_b": r_b, "status": status}}
+
+
+def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: list[Pair], soft, candidates,
+              epochs, accelerator) -> np.ndarray:
+    """Step 6b (ser.folds = k): k-fold cross-fitting of the human seed (`crossfit.fold_assignment`). Fold model j
+    trains from the backbone, as the returned RM does with ser.restart, on the seed pairs outside fold j plus
+    this iteration's pseudo-labelled pairs, then scores the seed pairs of fold j (out of fold: no model scores a
+    pair it trained on) and the candidate pool pairs of the next iteration. One temperature is fitted on the
+    pooled out-of-fold margins (a fold holds only n/k seed pairs, too few to calibrate each member apart).
+    Writes `votes/IT.npz` (ids, margins (k, n) r_a - r_b, temperature, oof, folds); returns the out-of-fold
+    margins (n_seed,) r_chosen - r_rejected. Cost: k more RM trainings and pool scorings per iteration.
+
+    A pseudo-label chosen by the ensemble carries information from every seed pair, so fold j's training data
+    depend weakly on fold j's pairs through the pool; the pairs themselves are never trained on by their scorer."""
+    k = cfg.ser.folds
+    folds = fold_assignment([p.id for p in seed], k, cfg.data.split_seed)
+    oof, margins = np.zeros(len(seed)), np.zeros((k, len(candidates)))
+    for j in range(k):
+        train = [p for p, f in zip(seed, folds) if f != j] + list(pseudo_pairs)
+        target = None if soft is None else [1.0] * (len(train) - len(soft)) + list(soft)
+        seed_j = cfg.train.seed + 1000 * (j + 1) + it  # its own initialisation and shuffling
+        cfg_j = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed_j))
+        rm, tok, _ = fit_rm(cfg_j, [p.prompt for p in train], [p.chosen for p in train], [p.rejected for p in train],
+                            accelerator=accelerator, pseudo=[False] * (len(train) - len(pseudo_pairs)) +
+                            [True] * len(pseudo_pairs), pseudo_target=target, epochs=epochs,
+                            desc=f"iteration {it} fold {j + 1}/{k}")
+        held = np.flatnonzero(folds == j)
+        r_c, r_r = rm_scores(rm, tok, [seed[i] for i in held], cfg, accelerator)
+        oof[held] = np.nan_to_num(r_c - r_r, nan=0.0)  # a non-finite reward counts as no preference (wrong)
+        if candidates and it < cfg.ser.max_iterations:  # the last iteration's votes would never be used
+            r_a, r_b = score_pairs(rm, tok, [p.prompt for p in candidates], [p.answer_a for p in candidates],
+                                   [p.answer_b for p in candidates], cfg.model.max_length, cfg.train.score_batch_size,
+                                   resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
+            margins[j] = np.nan_to_num(r_a - r_b, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite: abstains
+        del rm
+    if accelerator.is_main_process:
+        buf = io.BytesIO()
+        np.savez(buf, ids=np.array([p.id for p in candidates]), margins=margins, temperature=fit_temperature(oof),
+                 oof=oof, folds=folds, seed_ids=np.array([p.id for p in seed]))
+        write_atomic_bytes(run / "votes" / f"{it}.npz", buf.getvalue())
+    accelerator.wait_for_everyone()
+    return oof
 
 
 def validate(rm, tokenizer, val: list[Pair], cfg: Config, accelerator) -> dict:
@@ -116,6 +199,16 @@ def validate(rm, tokenizer, val: list[Pair], cfg: Config, accelerator) -> dict:
     correct = (r_c > r_r).astype(np.float64)
     lo, hi = bootstrap_ci(correct, seed=cfg.train.seed)
     return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(val)}
+
+
+def oof_validation(oof: np.ndarray, cfg: Config) -> dict:
+    """Validation from cross-fitting: accuracy of the out-of-fold margins (n_seed,) on the human seed pairs, with
+    its 95% bootstrap CI. It estimates the accuracy of an RM trained by this iteration's recipe on all the seed
+    (k-fold cross-validation; Stone, 1974), without holding any label out of the returned RM."""
+    correct = (oof > 0).astype(np.float64)
+    lo, hi = bootstrap_ci(correct, seed=cfg.train.seed)
+    return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(oof),
+            "val/source": "out-of-fold"}
 
 
 def validation_split(cfg: Config, split) -> tuple[object, list[Pair]]:
@@ -141,66 +234,63 @@ def final_iteration(cfg: Config, state: State) -> int:
 def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dict | None, state: State,
            accelerator, val: list[Pair] = ()) -> State:
     """The SER loop (SER_METHOD.md §"The loop"). All persistent state lives in `state` and on disk. `val`: human
-    pairs never trained on (`validation_split`); they calibrate, pick the returned iteration and stop the loop."""
-    seed, test = split.seed, split.test
+    pairs never trained on (`validation_split`); they calibrate, pick the returned iteration and stop the loop.
+    With ser.folds = k, cross-fitting does all three without holding labels out, and the fold models vote."""
+    seed, test, s = split.seed, split.test, cfg.ser
     by_id = {p.id: p for p in pool}
-    labelled = {pid: a for pid, a in state.pseudo}
-    pool = [p for p in pool if p.id not in labelled]  # what is still unlabelled
-    for it in range(state.completed + 1, cfg.ser.max_iterations + 1):
+    labelled = {entry[0] for entry in state.pseudo}
+    pool = pool if s.relabel else [p for p in pool if p.id not in labelled]  # the candidates of the next iteration
+    for it in range(state.completed + 1, s.max_iterations + 1):
         t0, record = time.time(), {"iteration": it}
-        if it == 0:
-            # 0. Seed RM on the human-labelled fraction only.
-            train_pairs, is_pseudo = list(seed), [False] * len(seed)
-        else:
-            # 1. Score the unlabelled pool with the current RM (sharded across processes, gathered in order).
-            rm, tok = load_iteration(run, it - 1, cfg, accelerator)
-            rm = prepare_for_scoring(rm, accelerator)
-            r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool],
-                                   [p.answer_b for p in pool], cfg.model.max_length, cfg.train.score_batch_size,
-                                   resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
-            offset, temperature = calibrate(rm, tok, list(val) or seed, cfg, accelerator)  # out-of-sample if val
-            del rm
-            accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
-            # 2-4. Status of each pair, the RM's learning status, the selected pairs and their pseudo-labels.
-            status, learning, take, a_wins = select_pseudo_labels(r_a, r_b, offset, temperature, cfg, len(pool))
-            # 4b. Length audit (and guard): does self-labelling pick "the longer answer wins" pairs?
-            take, bias = length_audit(take, a_wins, r_a - r_b, pool, seed, cfg.ser.length_guard)
+        if it > 0:
+            # 1-4. Score the pool and choose pseudo-labels: the last RM's calibrated scores (paper, code, ssrm) or
+            #      the votes of the last iteration's fold models (ensemble).
+            sel = label_pool(cfg, run, it, pool, seed, val, accelerator)
             hidden = np.array([truth[p.id] == 0 for p in pool]) if truth else None  # True: A is human-chosen
-            record |= {"ser/status": STATUS_NAMES[learning], "ser/n_status1": int((status == 1).sum()),
-                       "ser/n_status2": int((status == 2).sum()), "ser/pool": len(pool),
-                       "ser/offset": offset, "ser/temperature": temperature, "ser/added": int(take.sum()),
-                       **bias, **audit(take, a_wins, status, hidden)}
-            save_scores(run, it, pool, r_a, r_b, status, take, a_wins, hidden, accelerator)
-            if learning == STOP:
-                state.stopped = (f"iteration {it}: too few confident pairs (status-1: {record['ser/n_status1']}, "
-                                 f"status-2: {record['ser/n_status2']}, need {resolve_min_pairs(cfg.ser.min_pairs, len(pool))})"
-                                 if cfg.ser.rule == "paper" else f"iteration {it}: no confident pair left")
+            # 4b. Length audit (and guard): does self-labelling pick "the longer answer wins" pairs?
+            take, bias = length_audit(sel["take"], sel["a_wins"], sel["target"] - 0.5, pool, seed, s.length_guard)
+            record |= {**sel["record"], "ser/added": int(take.sum()), **bias,
+                       **audit(take, sel["a_wins"], sel["groups"], sel["group_name"], sel["confidence"], hidden)}
+            save_scores(run, it, accelerator, ids=np.array([p.id for p in pool]), take=take, a_wins=sel["a_wins"],
+                        truth=hidden if hidden is not None else np.zeros(0), **sel["scores"])
+            if sel["learning"] == STOP or not take.any():
+                state.stopped = stop_message(cfg, it, record)
                 log.info("stop: %s", state.stopped)
                 emit(run, {**record, "ser/stop": state.stopped}, accelerator)
                 break
-            # 5. Accumulate: earlier pseudo-labels are kept, never revised; the labelled pairs leave the pool.
-            state.pseudo += [[p.id, bool(a)] for p, a, t in zip(pool, a_wins, take) if t]
-            pool = [p for p, t in zip(pool, take) if not t]
+            # 5. Accumulate (earlier pseudo-labels kept unrevised; the labelled pairs leave the pool) or, with
+            #    ser.relabel, replace them: the whole pool is labelled afresh each iteration.
+            new = [[p.id, bool(a), float(q)] for p, a, q, t in zip(pool, sel["a_wins"], sel["target"], take) if t]
+            state.pseudo = new if s.relabel else state.pseudo + new
+            pool = pool if s.relabel else [p for p, t in zip(pool, take) if not t]
             record["ser/pool_left"] = len(pool)
-            pseudo_pairs = [as_pair(by_id[pid], a) for pid, a in state.pseudo]
-            human = list(seed) if cfg.ser.keep_seed else []
-            train_pairs, is_pseudo = human + pseudo_pairs, [False] * len(human) + [True] * len(pseudo_pairs)
-        # 6. (Re)train: the seed RM starts from the backbone; later ones continue from the previous RM
-        #    (paper README) or restart from the backbone (the released script).
-        init = None if it == 0 or cfg.ser.restart else str(run / "iterations" / str(it - 1))
+        # 6. (Re)train on the human seed (iteration 0) or seed + pseudo-labels: the seed RM starts from the backbone;
+        #    later ones continue from the previous RM (paper README) or restart from the backbone (released script).
+        pseudo_pairs = [as_pair(by_id[e[0]], e[1]) for e in state.pseudo] if it > 0 else []
+        soft = [e[2] for e in state.pseudo] if s.soft_labels and it > 0 else None
+        human = list(seed) if it == 0 or s.keep_seed else []
+        train_pairs = human + pseudo_pairs
+        init = None if it == 0 or s.restart else str(run / "iterations" / str(it - 1))
+        epochs = None if it == 0 else s.iteration_epochs
         cfg_it = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + it))
         rm, tok, summary = fit_rm(cfg_it, [p.prompt for p in train_pairs], [p.chosen for p in train_pairs],
                                   [p.rejected for p in train_pairs], accelerator=accelerator, init=init,
-                                  pseudo=is_pseudo, epochs=None if it == 0 else cfg.ser.iteration_epochs,
+                                  pseudo=[False] * len(human) + [True] * len(pseudo_pairs),
+                                  pseudo_target=None if soft is None else [1.0] * len(human) + soft, epochs=epochs,
                                   metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
                                   prefix={"iteration": it}, desc=f"iteration {it}")
-        # 7. Validate (the human pairs held out of training: they alone choose and stop), and evaluate on the
-        #    test pairs (reported, never used for a decision).
+        # 6b. Cross-fit (ser.folds): k fold models on the seed outside their fold + the same pseudo-labels; their
+        #     out-of-fold margins calibrate and validate, their votes on the pool label the next iteration.
+        t1 = time.time()
+        oof = (cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator) if s.folds else None)
+        record["time/crossfit_seconds"] = time.time() - t1
+        # 7. Validate (human pairs the returned RM never trained on: a hold-out, else out-of-fold margins; they
+        #    alone choose and stop), and evaluate on the test pairs (reported, never used for a decision).
         stop = False
-        if val:
-            record |= validate(rm, tok, val, cfg, accelerator)
+        if val or oof is not None:
+            record |= validate(rm, tok, val, cfg, accelerator) if val else oof_validation(oof, cfg)
             state.val_acc.append(record["val/acc"])
-            record["ser/chosen"], stop = choose_iteration(state.val_acc, cfg.ser.patience)
+            record["ser/chosen"], stop = choose_iteration(state.val_acc, s.patience)
         m = evaluate_rm(rm, tok, test, cfg, accelerator)
         record |= {"rm/acc": m["accuracy"], "rm/ece": m["ece"], "rm/brier": m["brier"],
                    "rm/mean_margin": m["mean_margin"], "bias/test_length_corr": m["length_corr"],
@@ -216,17 +306,27 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         state.completed = it
         save_state(run, state, accelerator)
         log.info("iteration %d: %s", it, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                   for k, v in record.items() if k != "iteration"))
+                                                   for k, v in record.items() if k != "iteration" and
+                                                   not k.startswith("audit/")))
         if not pool:
             state.stopped = f"iteration {it}: the pool is empty"
             break
         if stop:
-            state.stopped = (f"iteration {it}: validation accuracy did not improve for {cfg.ser.patience} "
+            state.stopped = (f"iteration {it}: validation accuracy did not improve for {s.patience} "
                              f"iteration(s) (best: iteration {record['ser/chosen']})")
             break
     else:
-        state.stopped = state.stopped or f"max_iterations={cfg.ser.max_iterations} reached"
+        state.stopped = state.stopped or f"max_iterations={s.max_iterations} reached"
     return state
+
+
+def stop_message(cfg: Config, it: int, record: dict) -> str:
+    if record.get("bias/guard_dropped") and not record["ser/added"]:
+        return f"iteration {it}: the length guard dropped all {record['bias/guard_dropped']} selected pairs"
+    if cfg.ser.rule == "paper":
+        return (f"iteration {it}: too few confident pairs (status-1: {record['ser/n_status1']}, status-2: "
+                f"{record['ser/n_status2']}, need {resolve_min_pairs(cfg.ser.min_pairs, record['ser/pool'])})")
+    return f"iteration {it}: no confident pair left"
 
 
 def as_pair(p: UnlabelledPair, a_wins: bool) -> Pair:
@@ -240,17 +340,19 @@ def emit(run: Path, record: dict, accelerator) -> None:
         append_jsonl(run / "metrics.jsonl", record)
 
 
-def save_scores(run, it, pool, r_a, r_b, status, take, a_wins, hidden, accelerator) -> None:
-    """The pool's rewards at iteration `it` (for the reward-distribution plots and offline analysis)."""
-    if not accelerator.is_main_process:
-        return
-    buf = io.BytesIO()
-    np.savez(buf, r_a=r_a, r_b=r_b, status=status, take=take, a_wins=a_wins,
-             truth=hidden if hidden is not None else np.zeros(0), ids=np.array([p.id for p in pool]))
-    path = run / "scores" / f"{it}.npz"
+def save_scores(run: Path, it: int, accelerator, **arrays) -> None:
+    """The pool's scores and selection at iteration `it` (`scores/N.npz`: reward-distribution plots, offline
+    analysis): ids, take, a_wins, truth, and r_a, r_b, status (one RM) or margins (k, n) (ensemble)."""
+    if accelerator.is_main_process:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_atomic_bytes(run / "scores" / f"{it}.npz", buf.getvalue())
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -302,6 +404,9 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
     split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
     pool, truth = build_pool(cfg, split)
     split, val = validation_split(cfg, split)
+    if cfg.ser.folds > len(split.seed):
+        raise UserError(f"config: 'ser.folds' = {cfg.ser.folds} folds need at least as many training seed pairs, "
+                        f"got {len(split.seed)}")
     check_backbone(cfg.model.backbone)
     accelerator = make_accelerator(cfg.train)
     digest = data_hash(split, pool)

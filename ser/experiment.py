@@ -6,7 +6,16 @@ Methods (all on the same seed/pool/test split of a given seed):
   ser_paper   SER with the paper's status rule            (ser.rule = paper)
   ser_code    SER with the released code's one-pass rule  (ser.rule = code)
   ssrm        plain confidence-threshold self-training     (ser.rule = ssrm), same number of iterations
-The three self-labelling methods share the seed RM (iteration 0), so their differences come from selection only.
+  ser_ensemble  the validated, ensemble-guarded loop: k = 4 fold models cross-fitted on the human seed calibrate
+              (out of fold), validate (out-of-fold accuracy picks the returned iteration and stops the loop) and
+              vote (a pair is pseudo-labelled only where all agree at calibrated confidence >= 0.8); the length
+              guard keeps the pseudo-labels' longer-answer-chosen share at the human seed's; each iteration
+              retrains from the backbone (as the fold models do, so their accuracy estimates the returned RM's)
+  ser_ensemble_soft / _relabel / _continue / _budget / _unguarded: ser_ensemble with one option changed (soft
+              targets; re-labelling the whole pool each iteration; continuing from the previous RM; the top 20%
+              of agreeing pairs per iteration instead of the 0.8 threshold; no length guard)
+The paper, code and ssrm methods share the seed RM (iteration 0), so their differences come from selection only;
+the ensemble methods train their own (the same seed RM: same data and training seed) plus its fold models.
 """
 
 from __future__ import annotations
@@ -25,16 +34,38 @@ from pathlib import Path
 import numpy as np
 
 from ser.checkpoint import atomic_write_text, check_writable, json_text
-from ser.config import Config
+from ser.config import Config, validate
 from ser.data import resolve_count
 from ser.errors import UserError
 from ser.evaluate import hierarchical_bootstrap
-from ser.evolve import State, load_iteration, run_evolve, save_state
+from ser.evolve import State, final_iteration, load_iteration, run_evolve, save_state
 from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores
 from ser.train import make_accelerator
 
 log = logging.getLogger(__name__)
-SELF_LABELLING = {"ser_paper": "paper", "ser_code": "code", "ssrm": "ssrm"}
+ONE_RM = {"folds": 0, "min_agree": 0, "budget": 0.0, "soft_labels": False, "relabel": False}  # the ensemble's off
+ENSEMBLE = {"rule": "ensemble", "folds": 4, "min_agree": 0, "confidence": 0.8, "budget": 0.0, "soft_labels": False,
+            "relabel": False, "restart": True, "length_guard": True, "patience": 1}
+SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_RM, "rule": "code"},
+                  "ssrm": {**ONE_RM, "rule": "ssrm"},
+                  "ser_ensemble": ENSEMBLE,
+                  "ser_ensemble_soft": {**ENSEMBLE, "soft_labels": True},
+                  "ser_ensemble_relabel": {**ENSEMBLE, "relabel": True},
+                  "ser_ensemble_continue": {**ENSEMBLE, "restart": False},
+                  "ser_ensemble_budget": {**ENSEMBLE, "budget": 0.2},
+                  "ser_ensemble_unguarded": {**ENSEMBLE, "length_guard": False}}
+
+
+def method_config(cfg: Config, method: str) -> Config:
+    """The config of a self-labelling method: `cfg` with its `SELF_LABELLING` settings. A restarted RM trains
+    for train.epochs on seed + pseudo-labels (the seed RM's recipe on more data), a continued one for
+    ser.iteration_epochs."""
+    ser = dataclasses.replace(cfg.ser, **SELF_LABELLING[method])
+    if ser.restart:
+        ser = dataclasses.replace(ser, iteration_epochs=cfg.train.epochs)
+    out = dataclasses.replace(cfg, ser=ser)
+    validate(out)
+    return out
 
 
 def _correct(rm, tok, pairs, cfg) -> np.ndarray:
@@ -73,15 +104,18 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
             atomic_write_text(path, json_text({"correct": _correct(rm, tok, split.test, cfg).tolist(),
                                                 "accuracy": m["accuracy"], "seconds": time.time() - t0}))
         results["full_label"] = {"correct": np.array(json.loads(path.read_text())["correct"]), "metrics": []}
-    for method, rule in SELF_LABELLING.items():
+    for method in SELF_LABELLING:
         if method not in methods:
             continue
-        run = base / method
-        if not (run / "config.yaml").exists():
-            _fork_from_seed_rm(seed_run, run, dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, rule=rule)),
-                               accelerator)
-        run_evolve(None, None, resume=str(run))
-        rm, tok = load_iteration(run, json.loads((run / "state.json").read_text())["completed"], cfg)
+        run, mcfg = base / method, method_config(cfg, method)
+        if mcfg.ser.rule == "ensemble":  # its iteration 0 also cross-fits the seed: a run of its own
+            run_evolve(mcfg, None, resume=str(run)) if (run / "config.yaml").exists() else run_evolve(mcfg, str(run))
+        else:
+            if not (run / "config.yaml").exists():
+                _fork_from_seed_rm(seed_run, run, mcfg, accelerator)
+            run_evolve(None, None, resume=str(run))
+        state = State(**json.loads((run / "state.json").read_text()))
+        rm, tok = load_iteration(run, final_iteration(mcfg, state), cfg)
         results[method] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(run)}
     return results
 
@@ -99,7 +133,8 @@ def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> N
                     if line.strip() and json.loads(line).get("iteration") == 0 and "ser/stop_reason" not in line]
     atomic_write_text(run / "metrics.jsonl", "".join(line + "\n" for line in seed_metrics))
     seed_state = json.loads((seed_run / "state.json").read_text())
-    save_state(run, State(completed=0, data_hash=seed_state["data_hash"]), accelerator)
+    save_state(run, State(completed=0, data_hash=seed_state["data_hash"], val_acc=seed_state.get("val_acc", [])[:1]),
+               accelerator)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -118,6 +153,10 @@ def one_process(command: str) -> None:
 
 def run_experiment(cfg: Config, out: str) -> Path:
     one_process("experiment")
+    unknown = [m for m in cfg.experiment.methods if m not in ("seed_only", "full_label", *SELF_LABELLING)]
+    if unknown:
+        raise UserError(f"config: 'experiment.methods' has unknown method(s) {', '.join(unknown)}; known: seed_only, "
+                        f"full_label, {', '.join(SELF_LABELLING)}")
     root = check_writable(out)
     t0, commit = time.time(), _commit()  # the code that ran, even if the checkout moves during the run
     per_seed = {seed: run_seed(cfg, root, seed) for seed in cfg.experiment.seeds}
@@ -199,7 +238,8 @@ def _ci95_half_width(accuracies, n_test: int) -> float:
 
 def _accuracy_plot(path: Path, summary: dict, per_seed: dict, methods: list, plt) -> str:
     """Test accuracy per iteration: each method's mean over seeds with its 95% CI band, and the full-label RM.
-    A seed whose run stopped early keeps its last RM (as in the table), so the last point is the table's."""
+    A seed whose run stopped early keeps its last RM. The table reports the returned RM: the last, or the
+    iteration chosen on validation for methods that validate (marked in the per-iteration table)."""
     title = "Test accuracy per iteration (mean over seeds, 95% CI)"
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     n_test = len(next(iter(per_seed.values()))["seed_only"]["correct"])
@@ -315,7 +355,8 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
         lines.append(f"| {m} | {r['accuracy']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | "
                      f"{', '.join(f'{x:.3f}' for x in r['per_seed'])} | {'' if gap is None else f'{gap:+.0%}'} |")
     if "accuracy.png" in plots:
-        lines += ["", "Per iteration: each method's mean over seeds (a seed whose run stopped keeps its last RM) "
+        lines += ["", "Per iteration: each method's mean over seeds (a seed whose run stopped keeps its last RM; the "
+                  "table above reports the returned RM, for validated methods the iteration chosen on validation) "
                   "with its 95% CI band" + ("; dashed: the full-label RM, grey: its 95% CI."
                                             if "full_label" in summary["methods"] else ".")]
     lines += [""] + images("accuracy.png")
@@ -323,19 +364,24 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
               "Length bias: *longer*, the share of the added pseudo-labels whose chosen answer is the longer one "
               "(beside the human seed labels' share); *acc L / acc S*, test accuracy where the human-chosen answer "
               "is the longer / the shorter one.", "",
+              "*val acc*: the validation accuracy that chooses the returned iteration (hold-out or out-of-fold human "
+              "seed pairs; marked * where chosen).", "",
               "| seed | method | iteration | status | status-1 | status-2 | added | precision | longer (seed) "
-              "| test acc | acc L / acc S |",
-              "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| val acc | test acc | acc L / acc S |",
+              "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for s in per_seed:
         for m in SELF_LABELLING:
-            for r in per_seed[s].get(m, {}).get("metrics", []):
+            rows = per_seed[s].get(m, {}).get("metrics", [])
+            final = next((r["ser/final"] for r in rows if "ser/final" in r), None)
+            for r in rows:
                 if "ser/stop_reason" in r:  # the run's closing record: why it stopped
                     reason = str(r["ser/stop_reason"]).replace("|", "\\|")
-                    lines.append(f"| {s} | {m} | {r['iteration']} | stop: {reason} | | | | | | | |")
+                    lines.append(f"| {s} | {m} | {r['iteration']} | stop: {reason} | | | | | | | | |")
                     continue
-                if r.get("iteration", 0) == 0:
+                if r.get("iteration", 0) == 0 and "val/acc" not in r:
                     continue
+                val = num(r.get("val/acc"), ".3f") + ("*" if "val/acc" in r and r["iteration"] == final else "")
                 longer = (f"{num(r.get('bias/pseudo_longer_chosen'), '.2f')} "
                           f"({num(r.get('bias/seed_longer_chosen'), '.2f')})" if "bias/seed_longer_chosen" in r else "")
                 by_length = (f"{num(r.get('bias/test_acc_chosen_longer'), '.3f')} / "
@@ -343,7 +389,7 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
                              if "bias/test_acc_chosen_longer" in r else "")
                 lines.append(f"| {s} | {m} | {r['iteration']} | {r.get('ser/status', '')} | "
                              f"{r.get('ser/n_status1', '')} | {r.get('ser/n_status2', '')} | {r.get('ser/added', '')} | "
-                             f"{num(r.get('ser/pseudo_precision'), '.3f')} | {longer} | {num(r.get('rm/acc'), '.4f')} | "
+                             f"{num(r.get('ser/pseudo_precision'), '.3f')} | {longer} | {val} | {num(r.get('rm/acc'), '.4f')} | "
                              f"{by_length} |")
     lines += [""] + images("precision.png", "selected.png", "status_counts.png")
     if "pool_rewards.png" in plots:

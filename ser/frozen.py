@@ -157,11 +157,15 @@ class FrozenCache:
             self.rebuilt += 1
         return states
 
-    def put(self, key: bytes, states: torch.Tensor) -> None:
+    def put(self, key: bytes, states: torch.Tensor) -> torch.Tensor:
+        """Store the states (T, H) in `dtype`; returns them as stored (what a later `get` gives)."""
         states = states.to(self.dtype).contiguous()
         if self.directory is None:
-            self.memory[key] = states
-            return
+            if isinstance(self.memory, MemoryStore):
+                self.memory.add(key, states)
+            else:
+                self.memory[key] = states
+            return states
         code, _ = _DTYPES[self.dtype]
         payload = states.cpu().numpy().tobytes()
         header = _HEADER.pack(MAGIC, key, hashlib.sha256(payload).digest(), *states.shape, code)
@@ -169,6 +173,7 @@ class FrozenCache:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(header + payload)
         os.replace(tmp, path)  # a killed run leaves a stray .tmp file, never a half-written entry
+        return states
 
     def nbytes(self) -> int:
         if self.directory is None:
@@ -194,8 +199,7 @@ class FrozenCache:
             with torch.autocast(device.type, enabled=False):
                 hidden = forward_bottom(model, {k: v.to(device) for k, v in batch.items()})  # (M, T, H)
             for j, i in enumerate(missing):
-                self.put(keys[i], hidden[j, : len(input_ids[i])].float().cpu())
-                found[keys[i]] = self.get(keys[i])
+                found[keys[i]] = self.put(keys[i], hidden[j, : len(input_ids[i])].float().cpu())
         return [found[k].float() for k in keys]
 
     def rewards(self, model, input_ids: list[list[int]], token_type_ids, pad_id: int, max_length: int) -> torch.Tensor:
@@ -242,8 +246,34 @@ def backbone_identity(model, tokenizer) -> bytes:
 # The process's in-memory store: every RM with the same frozen part (the same backbone, N, vocabulary) reads the
 # same entries, so an SER run's iterations, its pool scoring, calibration and evaluation, and the runs of one
 # `ser experiment` or `ser curve`, compute each text's frozen states once. Keys carry the backbone identity, so
-# entries of other backbones or N never mix. About 0.27 GiB per 1,000 pairs for MiniLM at 128 tokens (fp32).
-SHARED_MEMORY: dict[bytes, torch.Tensor] = {}
+# entries of other backbones or N never mix. About 0.27 GiB per 1,000 pairs for MiniLM at 128 tokens (fp32);
+# capped at $SER_FROZEN_CACHE_GIB (default 8 GiB), past which `model.frozen_cache` (a directory) is the remedy.
+class MemoryStore(dict):
+    """An in-memory store of frozen states with a size cap: past `limit_gib`, new states are computed each time
+    they are needed instead of kept (with one warning naming the remedy: a cache directory)."""
+
+    def __init__(self, limit_gib: float):
+        super().__init__()
+        self.limit, self.nbytes, self.warned = limit_gib * 2**30, 0, False
+
+    def add(self, key: bytes, states: torch.Tensor) -> None:
+        size = states.numel() * states.element_size()
+        if self.nbytes + size > self.limit:
+            if not self.warned:
+                log.warning("the in-memory frozen-layer cache reached its %.1f GiB cap (SER_FROZEN_CACHE_GIB); "
+                            "further texts are not cached: set model.frozen_cache to a directory to cache them all",
+                            self.limit / 2**30)
+                self.warned = True
+            return
+        self[key] = states
+        self.nbytes += size
+
+    def clear(self) -> None:
+        super().clear()
+        self.nbytes, self.warned = 0, False
+
+
+SHARED_MEMORY = MemoryStore(float(os.environ.get("SER_FROZEN_CACHE_GIB", "8")))
 
 
 def shared_cache(model, tokenizer, directory: str | Path | None = None) -> FrozenCache:

@@ -94,7 +94,8 @@ def ser_config_for(cfg: Config, rm, tokenizer, train_pairs: list[Pair], extra: d
 
 
 def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | None = None, pseudo=None,
-           epochs: float | None = None, eval_pairs: list[Pair] | None = None, metrics_path: Path | None = None,
+           pseudo_target=None, epochs: float | None = None, eval_pairs: list[Pair] | None = None,
+           metrics_path: Path | None = None,
            prefix: dict | None = None, checkpoint: Path | None = None, desc: str = "train"):
     """Build an RM (from `init`, default the backbone), train it, return (rm, tokenizer, summary).
 
@@ -128,6 +129,7 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
     pseudo_loss = (cfg.ser.pseudo_loss, cfg.ser.pseudo_margin if cfg.ser.pseudo_loss == "hinge" else 0.0)
     rm, summary = train_reward_model(rm, tokenizer, prompts, chosen, rejected, cfg.train, cfg.model.max_length,
                                      accelerator=accelerator, pseudo=pseudo, pseudo_loss=pseudo_loss,
+                                     pseudo_target=pseudo_target,
                                      epochs=epochs, on_step=on_step, share_prompt=cfg.model.share_prompt,
                                      checkpoint=checkpoint, desc=desc)
     return unwrap_for_saving(rm), tokenizer, summary

@@ -28,7 +28,7 @@ from ser.checkpoint import atomic_dir, verify_manifest
 from ser.config import TrainConfig
 from ser.errors import UserError
 from ser.frozen import cache_of
-from ser.losses import pairwise_losses
+from ser.losses import pairwise_losses, soft_pairwise_losses
 from ser.models import (can_share_prompt, collate, encode_pairs, pack_pairs, packed_pair_rewards,
                         zero3_parameters)
 
@@ -231,12 +231,14 @@ def checkpoint_step(directory: Path) -> int:
 
 def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConfig, max_length: int, *,
                        accelerator: Accelerator, pseudo=None, pseudo_loss: tuple[str, float] = ("sigmoid", 0.0),
-                       epochs: float | None = None, on_step=None, share_prompt: bool = True,
+                       pseudo_target=None, epochs: float | None = None, on_step=None, share_prompt: bool = True,
                        checkpoint: Path | None = None, desc: str = "train") -> tuple[object, dict]:
     """Train `rm` in place on pairs (prompt, chosen, rejected); returns (unwrapped rm, summary).
 
     pseudo: optional bool per pair; pseudo-labelled pairs use `pseudo_loss` = (kind, margin), human pairs
-    use tcfg.loss / tcfg.margin. on_step(step, record, rm): called after every optimizer step (logging,
+    use tcfg.loss / tcfg.margin. pseudo_target: optional float per pair in [0, 1], the probability that its
+    chosen answer is the better one; pseudo-labelled pairs then train with the soft Bradley-Terry cross-entropy
+    (`losses.soft_pairwise_losses`) instead of `pseudo_loss`. on_step(step, record, rm): called after every optimizer step (logging,
     periodic evaluation). share_prompt: causal RMs run each pair as one packed sequence (`pack_pairs`).
     checkpoint: a directory for a resumable state every `tcfg.save_every` steps; training continues from it
     when it exists (the same batches, schedule and RNG: the result equals an uninterrupted run).
@@ -262,6 +264,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
                  max_length)
     losses: list[float] = []  # per optimizer step
     is_pseudo = torch.zeros(n, dtype=torch.bool) if pseudo is None else torch.as_tensor(np.asarray(pseudo, bool))
+    target = None if pseudo_target is None else torch.as_tensor(np.asarray(pseudo_target, np.float32))  # (n,)
 
     def collate_pairs(idx: list[int]) -> dict:
         if packed:  # (B, T) rows [prompt, chosen, rejected]
@@ -272,6 +275,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             tt = [enc.token_type_ids[i] for i in seqs] if enc.token_type_ids is not None else None
             batch = collate([enc.input_ids[i] for i in seqs], tt, tokenizer.pad_token_id)
         batch["pseudo"] = is_pseudo[idx]
+        if target is not None:
+            batch["target"] = target[idx]
         return batch
 
     if packed:
@@ -313,7 +318,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             continue
         idx, weight = rank_share(global_batch, accelerator.process_index, accelerator.num_processes)
         batch = {k: v.to(accelerator.device) for k, v in collate_pairs(idx).items()}
-        pseudo_mask = batch.pop("pseudo")
+        pseudo_mask, soft = batch.pop("pseudo"), batch.pop("target", None)
         sync = (i + 1) % tcfg.grad_accum == 0 or i + 1 == len(batches)
         n_micro = min(tcfg.grad_accum, len(batches) - i // tcfg.grad_accum * tcfg.grad_accum)
         with micro_batch(accelerator, rm, sync):
@@ -329,7 +334,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
                 r_chosen, r_rejected = rm(**batch).logits[:, 0].float().chunk(2)  # (2B,) -> (B,), (B,)
             margins = r_chosen - r_rejected  # (B,)
             human = pairwise_losses(margins, tcfg.loss, tcfg.margin)
-            machine = pairwise_losses(margins, *pseudo_loss)
+            machine = (pairwise_losses(margins, *pseudo_loss) if soft is None
+                       else soft_pairwise_losses(r_chosen, r_rejected, soft))
             per_pair = torch.where(pseudo_mask, machine, human)
             loss = per_pair.sum() * weight / n_micro  # averaged over processes by DDP: the global batch's mean
             if not torch.isfinite(loss):

@@ -18,9 +18,12 @@ def test_rm_throughput_smoke(shared_data):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     r = out["backbones"]["minilm"]
     for key in ("train_pairs_per_s_ser", "train_pairs_per_s_trl", "train_speedup_vs_trl", "score_pairs_per_s_ser",
-                "score_pairs_per_s_pipeline", "score_speedup_vs_pipeline", "train_mfu"):
+                "score_pairs_per_s_pipeline", "score_speedup_vs_pipeline", "train_mfu", "train_pairs_per_s_freeze",
+                "train_pairs_per_s_freeze_first_epoch", "freeze_cache_mib_per_1000_pairs", "ser_run_seconds_full",
+                "ser_run_seconds_freeze", "ser_run_speedup_freeze_vs_full"):
         assert r[key] > 0, key
-    assert 0 <= r["test_accuracy_ser"] <= 1 and 0 <= r["test_accuracy_trl"] <= 1
+    assert 0 <= r["test_accuracy_ser"] <= 1 and 0 <= r["test_accuracy_trl"] <= 1 and 0 <= r["test_accuracy_freeze"] <= 1
+    assert isinstance(out["settings"]["fast_bf16"], bool)
     assert out["matmul_peak_gflops"] > 0 and out["settings"]["smoke"] is True
     # the pipeline saw the same token sequences as ser: fp32 scores agree
     assert r["score_max_abs_diff_ser_fp32_vs_pipeline"] < 1e-2

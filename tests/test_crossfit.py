@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from ser.crossfit import (accept, budget_accept, choose_iteration, ensemble_vote, fold_assignment, out_of_fold,
-                          precision_by_agreement, precision_by_decile)
+                          precision_by_agreement, precision_by_decile, select_by_vote)
 from ser.losses import pairwise_losses, soft_pairwise_losses
 
 FAST = settings(max_examples=150, deadline=None)
@@ -148,6 +148,21 @@ def test_ensemble_vote_hand_example():
     assert v["a_wins"].tolist() == [True, False, False, False, True]
     assert v["agree"].tolist() == [3, 2, 1, 0, 1]
     assert v["unanimous"].tolist() == [True, False, False, False, False]
+
+
+def test_select_by_vote_hand_example():
+    # 2 members, T = 1. Pairs: 0 both log 3 -> p = 3/4; 1 both log 7 -> 7/8; 2 both -log 7 -> p = 1/8 (B, target
+    # 7/8); 3 log 7 vs -log 3 -> votes 1-1, p = (7/8 + 1/4) / 2 = 9/16 -> A with 1 agreeing.
+    margins = np.array([[LOG3, LOG7, -LOG7, LOG7], [LOG3, LOG7, -LOG7, -LOG3]])
+    v = select_by_vote(margins, 1.0, confidence=0.8)
+    assert v["take"].tolist() == [False, True, True, False]  # all must agree, confidence >= 0.8
+    assert v["target"] == pytest.approx([3 / 4, 7 / 8, 7 / 8, 9 / 16])
+    assert v["a_wins"].tolist() == [True, True, False, True]
+    assert select_by_vote(margins, 1.0, confidence=0.55, min_agree=1)["take"].tolist() == [True] * 4  # 9/16 >= 0.55
+    # budget 0.5 of the 3 unanimous pairs: floor(1.5) = 1, the most confident; 1 and 2 tie at 7/8 -> lower index
+    assert select_by_vote(margins, 1.0, confidence=0.8, budget=0.5)["take"].tolist() == [False, True, False, False]
+    # T = 2 halves the margins: σ(log 7 / 2) = √7 / (√7 + 1) = 0.7257 < 0.8, nothing is accepted
+    assert not select_by_vote(margins, 2.0, confidence=0.8)["take"].any()
 
 
 def test_ensemble_vote_one_member_and_errors():

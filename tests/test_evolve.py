@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ser.config import load_config
+from ser.crossfit import choose_iteration
 from ser.evolve import run_evolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +263,7 @@ def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
                                                              "experiment.bootstrap": 200}))
     root = run_experiment(cfg, str(tmp_path / "exp"))
     summary = json.loads((root / "summary.json").read_text())
-    assert set(summary["methods"]) == {"seed_only", "full_label", "ser_paper", "ser_code", "ssrm"}
+    assert set(summary["methods"]) == {"seed_only", "full_label", "ser_paper", "ser_code", "ssrm", "ser_ensemble"}
     for m in summary["methods"].values():
         lo, hi = m["ci95"]
         assert lo <= m["accuracy"] <= hi and len(m["per_seed"]) == 2
@@ -270,6 +271,7 @@ def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
     assert summary["methods"]["ser_paper"]["accuracy"] is not None
     md = (root / "report.md").read_text()
     assert "| seed_only |" in md and "gap closed" in md and "pseudo-label precision" in md.lower()
+    assert "| 0 | ser_ensemble | 0 | " in md and "val acc" in md  # the ensemble's seed RM has an out-of-fold val acc
     html = (root / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5
 
@@ -394,3 +396,42 @@ def test_validation_picks_final_and_test_labels_change_no_decision(tiny_bert_dir
         wa = load_file(a / "iterations" / str(it) / "model.safetensors")
         wb = load_file(b / "iterations" / str(it) / "model.safetensors")
         assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
+    """rule=ensemble: every seed pair's validation margin comes from a fold model that did not train on it (by the
+    pairs each model was given); the fold models' votes label the pool; validation is out of fold."""
+    import ser.evolve as evolve
+
+    trained_on, scored = {}, []
+    real_fit, real_scores = evolve.fit_rm, evolve.rm_scores
+
+    def fit(cfg, prompts, chosen, rejected, **kw):
+        rm, tok, summary = real_fit(cfg, prompts, chosen, rejected, **kw)
+        trained_on[id(rm)] = set(zip(prompts, chosen, rejected))
+        return rm, tok, summary
+
+    def scores(rm, tok, pairs, cfg, accelerator=None):
+        scored.append([p.id for p in pairs])
+        assert not trained_on[id(rm)] & {(p.prompt, p.chosen, p.rejected) for p in pairs}  # never its own pairs
+        return real_scores(rm, tok, pairs, cfg, accelerator)
+
+    monkeypatch.setattr(evolve, "fit_rm", fit)
+    monkeypatch.setattr(evolve, "rm_scores", scores)
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"ser.rule": "ensemble", "ser.folds": 3,
+                                                             "ser.confidence": 0.5, "ser.restart": True,
+                                                             "ser.patience": 2, "ser.soft_labels": True}))
+    run = run_evolve(cfg, str(tmp_path / "run"))
+    rows = iteration_records(run)
+    z = np.load(run / "votes" / "0.npz")
+    assert sorted(sum(scored[:3], [])) == sorted(z["seed_ids"].tolist())  # iteration 0: each seed pair once
+    assert z["margins"].shape == (3, 64) and np.isfinite(z["oof"]).all() and float(z["temperature"]) > 0
+    assert rows[0]["val/source"] == "out-of-fold" and rows[0]["val/n"] == 32
+    assert rows[0]["val/acc"] == float(np.mean(z["oof"] > 0))
+    assert len(rows) == 3 and rows[1]["ser/status"] == "vote" and rows[1]["ser/added"] > 0
+    assert "audit/precision_by_decile" in rows[1] and "ser/pseudo_precision" in rows[1]
+    assert any(k.startswith("ser/pseudo_precision_agree") for k in rows[1])
+    pseudo = json.loads((run / "state.json").read_text())["pseudo"]
+    assert all(0.5 <= q <= 1 for _, _, q in pseudo)  # soft targets: P of the labelled direction
+    end = records(run)[-1]
+    assert end["ser/final"] == choose_iteration([r["val/acc"] for r in rows], 2)[0]

@@ -216,3 +216,21 @@ def test_an_ser_run_computes_each_texts_frozen_states_once(tiny_bert_dir, shared
     run = run_evolve(cfg, str(tmp_path / "run"))
     assert max(r["iteration"] for r in records(run)) == 2  # seed RM + 2 iterations ran
     assert sum(computed) == len(SHARED_MEMORY) > 0  # 128 pairs' sequences (some answers repeat), none twice
+
+
+def test_memory_store_cap_computes_instead_of_keeping(tiny_bert_dir, caplog):
+    """Past its cap the in-memory store keeps nothing more (one warning), and rewards stay exact."""
+    from ser.frozen import MemoryStore
+
+    rm, tok = load(str(tiny_bert_dir))
+    rm.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED, 32)
+    one = 4 * 32 * max(len(ids) for ids in enc.input_ids)  # bytes of the longest sequence's states, fp32, H = 32
+    store = MemoryStore(limit_gib=2.5 * one / 2**30)
+    cache = FrozenCache(rm, tok, memory=store)
+    with torch.no_grad():
+        capped = cache.rewards(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, 32)
+        full = rm(**collate(enc.input_ids, enc.token_type_ids, tok.pad_token_id)).logits[:, 0]
+    torch.testing.assert_close(capped, full, atol=1e-5, rtol=0)
+    assert 2 <= len(store) < len(set(map(tuple, enc.input_ids))) and store.nbytes <= store.limit
+    assert sum("reached its" in r.message for r in caplog.records) == 1

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import BF16_CHECKS
 from ser.checkpoint import save_reward_model, verify_manifest
@@ -321,3 +322,29 @@ def test_fsdp_settings_ser_cannot_run_are_refused(monkeypatch, env, message):
         monkeypatch.setenv(k, v)
     with pytest.raises(UserError, match=message):
         make_accelerator(TrainConfig())
+
+
+def test_soft_targets_train_pseudo_pairs_with_the_soft_bradley_terry_loss(tiny_bert_dir):
+    """The first step's loss (lr 0, dropout off, one batch) equals the hand-computed mean of -log σ(d) over human
+    pairs and -(t log σ(d) + (1 - t) log σ(-d)) over pseudo-labelled pairs with soft target t, d = r_c - r_r."""
+    prompts, chosen, rejected = ["q1", "q2", "q3", "q4"], ["a good answer", "yes", "fine", "sure thing"], \
+        ["bad", "no never", "not fine at all", "nope"]
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    for m in rm.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        rm.classifier.weight *= 1e5  # margins of a few units: soft and hard losses then differ clearly
+    rm.eval()
+    r_c, r_r = score_pairs(rm, tok, prompts, chosen, rejected, 32, share_prompt=False)
+    d = torch.tensor(r_c - r_r)
+    assert d[2:].abs().min() > 0.5, d
+    t = torch.tensor([1.0, 1.0, 0.9, 0.6])  # pairs 2 and 3 are pseudo-labelled
+    expected = torch.cat([-F.logsigmoid(d[:2]), -(t[2:] * F.logsigmoid(d[2:]) + (1 - t[2:]) * F.logsigmoid(-d[2:]))])
+    losses = []
+    tcfg = TrainConfig(epochs=1, batch_size=4, lr=0.0, warmup_ratio=0.0)
+    train_reward_model(rm, tok, prompts, chosen, rejected, tcfg, 32, accelerator=make_accelerator(tcfg),
+                       pseudo=[False, False, True, True], pseudo_target=t.tolist(), share_prompt=False,
+                       on_step=lambda step, record, m: losses.append(record["train/loss"]))
+    assert losses == pytest.approx([expected.mean().item()], abs=1e-5)
+    assert abs(losses[0] + F.logsigmoid(d).mean().item()) > 1e-3  # the hard loss would differ
