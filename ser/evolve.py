@@ -98,18 +98,24 @@ def length_audit(take, a_wins, margin, pool: list[UnlabelledPair], seed: list[Pa
 
 
 def audit(take, a_wins, groups, group_name: str, confidence, truth: np.ndarray | None) -> dict:
-    """Precision of this iteration's pseudo-labels against the hidden human labels: overall, per group (the paper's
-    status 1/2, or the number of agreeing fold models) and per confidence decile of all candidates
-    (`crossfit.precision_by_agreement`, `precision_by_decile`). `truth` is True where answer A is the human-chosen
-    one. Audit only: never feeds back into training."""
-    if truth is None or not take.any():
+    """Precision of this iteration's pseudo-labels against the hidden human labels: of the accepted ones, overall
+    and per group (the paper's status 1/2, or the number of agreeing fold models); and of every candidate's
+    direction, per group (`audit/precision_by_{group}`: {level: [pairs, precision]}) and per confidence decile
+    (`audit/precision_by_decile`: [[lower edge, pairs, precision], ...]), so a user sees where the errors come
+    from even when nothing is accepted (`crossfit.precision_by_agreement`, `precision_by_decile`). `truth` is True
+    where answer A is the human-chosen one. Audit only: never feeds back into training."""
+    if truth is None:
         return {}
-    right = a_wins[take] == truth[take]
-    out = {"ser/pseudo_precision": float(right.mean()), "ser/flipped": int((~right).sum())}
-    for level, (n, precision) in precision_by_agreement(a_wins, take, truth, groups).items():
-        if level > 0:
-            out[f"ser/pseudo_precision_{group_name}{level}"] = precision
-            out[f"ser/n_{group_name}{level}_added"] = n
+    out = {}
+    if take.any():
+        right = a_wins[take] == truth[take]
+        out |= {"ser/pseudo_precision": float(right.mean()), "ser/flipped": int((~right).sum())}
+        for level, (n, precision) in precision_by_agreement(a_wins, take, truth, groups).items():
+            if level > 0:
+                out[f"ser/pseudo_precision_{group_name}{level}"] = precision
+    everyone = np.ones(len(take), dtype=bool)
+    out[f"audit/precision_by_{group_name}"] = {str(level): [n, precision] for level, (n, precision) in
+                                               precision_by_agreement(a_wins, everyone, truth, groups).items()}
     ok = np.isfinite(confidence)  # a non-finite reward (warned about by score_pairs) has no confidence
     out["audit/precision_by_decile"] = [[round(r["lo"], 4), r["n"], r["precision"]]
                                         for r in precision_by_decile(confidence[ok], a_wins[ok], truth[ok])]

@@ -431,7 +431,23 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     assert len(rows) == 3 and rows[1]["ser/status"] == "vote" and rows[1]["ser/added"] > 0
     assert "audit/precision_by_decile" in rows[1] and "ser/pseudo_precision" in rows[1]
     assert any(k.startswith("ser/pseudo_precision_agree") for k in rows[1])
+    assert sum(n for n, _ in rows[1]["audit/precision_by_agree"].values()) == rows[1]["ser/candidates"] == 64
     pseudo = json.loads((run / "state.json").read_text())["pseudo"]
     assert all(0.5 <= q <= 1 for _, _, q in pseudo)  # soft targets: P of the labelled direction
     end = records(run)[-1]
     assert end["ser/final"] == choose_iteration([r["val/acc"] for r in rows], 2)[0]
+
+
+def test_audit_hand_example():
+    from ser.evolve import audit
+
+    take, a_wins = np.array([True, False, True, False]), np.array([True, True, False, False])
+    truth, agree = np.array([True, False, True, False]), np.array([2, 1, 2, 2])
+    out = audit(take, a_wins, agree, "agree", np.array([0.9, 0.6, 0.8, 0.55]), truth)
+    # accepted: pair 0 right, pair 2 wrong -> 0.5, one flipped, both at agreement 2
+    assert out["ser/pseudo_precision"] == 0.5 and out["ser/flipped"] == 1 and out["ser/pseudo_precision_agree2"] == 0.5
+    # every candidate: agreement 1 = pair 1 (wrong); agreement 2 = pairs 0, 2, 3 (right, wrong, right)
+    assert out["audit/precision_by_agree"] == {"1": [1, 0.0], "2": [3, pytest.approx(2 / 3)]}
+    assert sum(n for _, n, _ in out["audit/precision_by_decile"]) == 4
+    assert audit(take, a_wins, agree, "agree", np.ones(4), None) == {}
+    assert "ser/pseudo_precision" not in audit(np.zeros(4, bool), a_wins, agree, "agree", np.ones(4), truth)
