@@ -446,8 +446,10 @@ def run_curve(cfg: Config, out: str, sizes: list, modes: list[str] | None = None
 
 def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int]:
     """The points of one curve (one training mode): [{labels, accuracy, ci95, per_seed, seconds}], all labels."""
-    # A finished point is reused only if it was trained with the same settings (everything but the seeds).
-    fingerprint = hashlib.sha1(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "experiment"},
+    # A finished point is reused only if it was trained with the same settings: data, model and training (the
+    # seeds aside; the SER, policy and PPO sections do not enter an RM trained from the backbone).
+    fingerprint = hashlib.sha1(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                           if k in ("data", "model", "train")},
                                           sort_keys=True, default=str).encode()).hexdigest()[:12]
     rows: dict[int, list[dict]] = {}
     all_labels = None  # the size `all`: seed + pool (the same count for every seed)
