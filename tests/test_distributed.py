@@ -274,7 +274,8 @@ def test_evolve_two_processes_match_one(engine, evolve_one, no_dropout_bert, tmp
         assert abs(a["rm/acc"] - b["rm/acc"]) <= 1 / 96 + 1e-9
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-3
     s1, s2 = (json.loads((d / "state.json").read_text())["pseudo"] for d in (evolve_one, tmp_path / "two"))
-    assert s1 == s2
+    assert [p[:2] for p in s1] == [p[:2] for p in s2]  # the same pairs, the same labels
+    np.testing.assert_allclose([p[2] for p in s1], [p[2] for p in s2], atol=1e-4)  # P(label), sharded rounding
     assert_same_weights(weights(no_dropout_bert, "bert."), weights(evolve_one / "final"),
                         weights(tmp_path / "two" / "final"), at_least=50)
 
