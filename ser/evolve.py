@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from ser.bias import length_balanced_accept, longer_chosen_share
-from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_writable, save_reward_model,
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_bytes, atomic_write_text, check_writable, save_reward_model,
                             truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.crossfit import (choose_iteration, fold_assignment, holdout_mask, precision_by_agreement,
@@ -194,7 +194,7 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
         buf = io.BytesIO()
         np.savez(buf, ids=np.array([p.id for p in candidates]), margins=margins, temperature=fit_temperature(oof),
                  oof=oof, folds=folds, seed_ids=np.array([p.id for p in seed]))
-        write_atomic_bytes(run / "votes" / f"{it}.npz", buf.getvalue())
+        atomic_write_bytes(run / "votes" / f"{it}.npz", buf.getvalue())
     accelerator.wait_for_everyone()
     return oof
 
@@ -287,9 +287,10 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
                                   prefix={"iteration": it}, desc=f"iteration {it}")
         # 6b. Cross-fit (ser.folds): k fold models on the seed outside their fold + the same pseudo-labels; their
         #     out-of-fold margins calibrate and validate, their votes on the pool label the next iteration.
-        t1 = time.time()
-        oof = (cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator) if s.folds else None)
-        record["time/crossfit_seconds"] = time.time() - t1
+        oof, t1 = None, time.time()
+        if s.folds:
+            oof = cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator)
+            record["time/crossfit_seconds"] = time.time() - t1
         # 7. Validate (human pairs the returned RM never trained on: a hold-out, else out-of-fold margins; they
         #    alone choose and stop), and evaluate on the test pairs (reported, never used for a decision).
         stop = False
@@ -352,14 +353,7 @@ def save_scores(run: Path, it: int, accelerator, **arrays) -> None:
     if accelerator.is_main_process:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        write_atomic_bytes(run / "scores" / f"{it}.npz", buf.getvalue())
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        atomic_write_bytes(run / "scores" / f"{it}.npz", buf.getvalue())
 
 
 def load_iteration(run: Path, it: int, cfg: Config | None = None, accelerator=None):
