@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from ser.checkpoint import atomic_write_bytes
 from ser.config import load_config
 from ser.crossfit import choose_iteration
 from ser.evolve import run_evolve
@@ -172,6 +173,18 @@ def evolve_reference(tiny_bert_dir, shared_data, tmp_path_factory) -> Path:
     p = _ser(["evolve", "--out", str(ref), *[f"--{o}" for o in tiny_overrides(tiny_bert_dir)]])
     assert p.wait() == 0, p.stdout.read()
     return ref
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "votes" / "0.npz"
+    atomic_write_bytes(target, b"old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new, half-written")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["0.npz"]
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and os.listdir(target.parent) == ["0.npz"]
 
 
 # after_seed_commit: iteration 0 is committed and iteration 1 is scoring the pool
