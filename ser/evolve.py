@@ -21,8 +21,8 @@ import numpy as np
 import yaml
 
 from ser.bias import length_balanced_accept, longer_chosen_share
-from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_bytes, atomic_write_text, check_writable, save_reward_model,
-                            truncate_jsonl, verify_manifest)
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_bytes, atomic_write_text, check_writable,
+                            save_reward_model, truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.crossfit import (choose_iteration, fold_assignment, holdout_mask, precision_by_agreement,
                           precision_by_decile, select_by_vote)
