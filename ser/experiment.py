@@ -15,6 +15,7 @@ Methods (all on the same seed/pool/test split of a given seed):
   ser_ensemble_soft / _relabel / _continue / _threshold / _unguarded: ser_ensemble with one option changed (soft
               targets; re-labelling the whole pool each iteration; continuing from the previous RM; calibrated
               confidence >= 0.8 instead of the 20% budget; no length guard)
+  ser_ensemble_unguarded_soft / _relabel / _continue: ser_ensemble_unguarded with that one option changed
 The paper, code and ssrm methods share the seed RM (iteration 0), so their differences come from selection only;
 the ensemble methods train their own (the same seed RM: same data and training seed) plus its fold models.
 """
@@ -57,7 +58,12 @@ SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_R
                   "ser_ensemble_relabel": {**ENSEMBLE, "relabel": True},
                   "ser_ensemble_continue": {**ENSEMBLE, "restart": False},
                   "ser_ensemble_threshold": {**ENSEMBLE, "budget": 0.0},
-                  "ser_ensemble_unguarded": {**ENSEMBLE, "length_guard": False}}
+                  "ser_ensemble_unguarded": {**ENSEMBLE, "length_guard": False},
+                  # The options measured against each other where the guard leaves them pseudo-labels to differ on
+                  # (on HH-RLHF with MiniLM it drops nearly every selected pair: docs/results.md).
+                  "ser_ensemble_unguarded_soft": {**ENSEMBLE, "length_guard": False, "soft_labels": True},
+                  "ser_ensemble_unguarded_relabel": {**ENSEMBLE, "length_guard": False, "relabel": True},
+                  "ser_ensemble_unguarded_continue": {**ENSEMBLE, "length_guard": False, "restart": False}}
 
 
 def method_config(cfg: Config, method: str) -> Config:
