@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import numbers
@@ -16,6 +17,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from ser.errors import UserError
 
@@ -52,6 +55,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """`atomic_write_bytes` of `text` encoded as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_npz(path: str | Path, **arrays) -> None:
+    """`np.savez(path, **arrays)` through `atomic_write_bytes`: the whole archive or the old file, never a part."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def finite_json(obj):

@@ -9,7 +9,6 @@ at any moment resumes with `--resume RUN_DIR` after its last completed iteration
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import numpy as np
 import yaml
 
 from ser.bias import length_balanced_accept, longer_chosen_share
-from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_bytes, atomic_write_text, check_writable,
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_write_text, check_writable,
                             save_reward_model, truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.crossfit import (choose_iteration, fold_assignment, holdout_mask, precision_by_agreement,
@@ -191,10 +190,9 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
             margins[j] = np.nan_to_num(r_a - r_b, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite: abstains
         del rm
     if accelerator.is_main_process:
-        buf = io.BytesIO()
-        np.savez(buf, ids=np.array([p.id for p in candidates]), margins=margins, temperature=fit_temperature(oof),
-                 oof=oof, folds=folds, seed_ids=np.array([p.id for p in seed]))
-        atomic_write_bytes(run / "votes" / f"{it}.npz", buf.getvalue())
+        atomic_write_npz(run / "votes" / f"{it}.npz", ids=np.array([p.id for p in candidates]), margins=margins,
+                         temperature=fit_temperature(oof), oof=oof, folds=folds,
+                         seed_ids=np.array([p.id for p in seed]))
     accelerator.wait_for_everyone()
     return oof
 
@@ -287,8 +285,9 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
                                   prefix={"iteration": it}, desc=f"iteration {it}")
         # 6b. Cross-fit (ser.folds): k fold models on the seed outside their fold + the same pseudo-labels; their
         #     out-of-fold margins calibrate and validate, their votes on the pool label the next iteration.
-        oof, t1 = None, time.time()
+        oof = None
         if s.folds:
+            t1 = time.time()
             oof = cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator)
             record["time/crossfit_seconds"] = time.time() - t1
         # 7. Validate (human pairs the returned RM never trained on: a hold-out, else out-of-fold margins; they
@@ -351,9 +350,7 @@ def save_scores(run: Path, it: int, accelerator, **arrays) -> None:
     """The pool's scores and selection at iteration `it` (`scores/N.npz`: reward-distribution plots, offline
     analysis): ids, take, a_wins, truth, and r_a, r_b, status (one RM) or margins (k, n) (ensemble)."""
     if accelerator.is_main_process:
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write_bytes(run / "scores" / f"{it}.npz", buf.getvalue())
+        atomic_write_npz(run / "scores" / f"{it}.npz", **arrays)
 
 
 def load_iteration(run: Path, it: int, cfg: Config | None = None, accelerator=None):
