@@ -1,8 +1,10 @@
 """Evaluation metrics (hand-derived) and configuration parsing."""
 
+import dataclasses
+
 import pytest
 
-from ser.config import load_config
+from ser.config import Config, load_config
 from ser.errors import UserError
 from ser.evaluate import bootstrap_ci, pair_metrics
 
@@ -93,3 +95,21 @@ def test_cpu_presets_pick_precision_by_hardware_and_yaml_no_is_fp32():
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(UserError, match="'model.backbone' must be str, got False"):
         load_config(None, ["model.backbone=no"])
+
+
+def test_experiment_variants_change_one_setting_of_their_base():
+    """Each ser_ensemble_* method is its base (ser_ensemble, or ser_ensemble_unguarded for the _unguarded_*
+    ones) with exactly the one option its name says changed, so a difference between two methods measures it."""
+    from ser.experiment import SELF_LABELLING, method_config
+
+    cfg = Config()
+    ser = {m: dataclasses.asdict(method_config(cfg, m).ser) for m in SELF_LABELLING}
+    expected = {"soft": {"soft_labels"}, "relabel": {"relabel"}, "continue": {"restart"}, "threshold": {"budget"},
+                "unguarded": {"length_guard"}}
+    for m in SELF_LABELLING:
+        if not m.startswith("ser_ensemble_"):
+            continue
+        base, _, option = m.rpartition("_")
+        changed = {k for k in ser[m] if ser[m][k] != ser[base][k]}
+        # continuing trains ser.iteration_epochs, restarting the seed recipe's train.epochs (method_config)
+        assert changed - {"iteration_epochs"} == expected[option], (m, changed)
