@@ -51,6 +51,7 @@ ONE_RM = {"folds": 0, "min_agree": 0, "budget": 0.0, "soft_labels": False, "rela
 # are pseudo-labelled at 0.84 precision (docs/results.md). A budget does not depend on how confident the RMs get.
 ENSEMBLE = {"rule": "ensemble", "folds": 4, "min_agree": 0, "confidence": 0.8, "budget": 0.2, "soft_labels": False,
             "relabel": False, "restart": True, "length_guard": True, "patience": 1}
+UNGUARDED = {**ENSEMBLE, "length_guard": False}
 SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_RM, "rule": "code"},
                   "ssrm": {**ONE_RM, "rule": "ssrm"},
                   "ser_ensemble": ENSEMBLE,
@@ -58,12 +59,12 @@ SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_R
                   "ser_ensemble_relabel": {**ENSEMBLE, "relabel": True},
                   "ser_ensemble_continue": {**ENSEMBLE, "restart": False},
                   "ser_ensemble_threshold": {**ENSEMBLE, "budget": 0.0},
-                  "ser_ensemble_unguarded": {**ENSEMBLE, "length_guard": False},
+                  "ser_ensemble_unguarded": UNGUARDED,
                   # The options measured against each other where the guard leaves them pseudo-labels to differ on
                   # (on HH-RLHF with MiniLM it drops nearly every selected pair: docs/results.md).
-                  "ser_ensemble_unguarded_soft": {**ENSEMBLE, "length_guard": False, "soft_labels": True},
-                  "ser_ensemble_unguarded_relabel": {**ENSEMBLE, "length_guard": False, "relabel": True},
-                  "ser_ensemble_unguarded_continue": {**ENSEMBLE, "length_guard": False, "restart": False}}
+                  "ser_ensemble_unguarded_soft": {**UNGUARDED, "soft_labels": True},
+                  "ser_ensemble_unguarded_relabel": {**UNGUARDED, "relabel": True},
+                  "ser_ensemble_unguarded_continue": {**UNGUARDED, "restart": False}}
 
 
 def method_config(cfg: Config, method: str) -> Config:
