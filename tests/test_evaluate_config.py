@@ -7,6 +7,7 @@ import pytest
 from ser.config import Config, load_config
 from ser.errors import UserError
 from ser.evaluate import bootstrap_ci, pair_metrics
+from ser.experiment import SELF_LABELLING, method_config
 
 
 def test_pair_metrics_hand_derived():
@@ -100,8 +101,6 @@ def test_cpu_presets_pick_precision_by_hardware_and_yaml_no_is_fp32():
 def test_experiment_variants_change_one_setting_of_their_base():
     """Each ser_ensemble_* method is its base (ser_ensemble, or ser_ensemble_unguarded for the _unguarded_*
     ones) with exactly the one option its name says changed, so a difference between two methods measures it."""
-    from ser.experiment import SELF_LABELLING, method_config
-
     cfg = Config()
     ser = {m: dataclasses.asdict(method_config(cfg, m).ser) for m in SELF_LABELLING}
     expected = {"soft": {"soft_labels"}, "relabel": {"relabel"}, "continue": {"restart"}, "threshold": {"budget"},
