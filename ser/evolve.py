@@ -156,15 +156,28 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
             "scores": {"r_a": r_a, "r_b": r_b, "status": status}}
 
 
+def fold_model_dir(run: Path, it: int, j: int) -> Path:
+    """Where fold model j of iteration `it` is kept (ser.restart = false only): the next iteration's fold j
+    continues from it, as the returned RM continues from the previous one."""
+    return run / "folds" / str(it) / str(j)
+
+
 def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: list[Pair], soft, candidates,
               epochs, accelerator) -> np.ndarray:
     """Step 6b (ser.folds = k): k-fold cross-fitting of the human seed (`crossfit.fold_assignment`). Fold model j
-    trains from the backbone, as the returned RM does with ser.restart, on the seed pairs outside fold j plus
-    this iteration's pseudo-labelled pairs, then scores the seed pairs of fold j (out of fold: no model scores a
-    pair it trained on) and the candidate pool pairs of the next iteration. One temperature is fitted on the
-    pooled out-of-fold margins (a fold holds only n/k seed pairs, too few to calibrate each member apart).
+    is trained by the returned RM's recipe: from the backbone with ser.restart, else (after iteration 0) from
+    fold model j of the previous iteration (`fold_model_dir`), for `epochs`, on the seed pairs outside fold j
+    plus this iteration's pseudo-labelled pairs. It then scores the seed pairs of fold j (out of fold: no model
+    scores a pair it trained on) and the candidate pool pairs of the next iteration. One temperature is fitted on
+    the pooled out-of-fold margins (a fold holds only n/k seed pairs, too few to calibrate each member apart).
     Writes `votes/IT.npz` (ids, margins (k, n) r_a - r_b, temperature, oof, folds); returns the out-of-fold
-    margins (n_seed,) r_chosen - r_rejected. Cost: k more RM trainings and pool scorings per iteration.
+    margins (n_seed,) r_chosen - r_rejected. Cost: k more RM trainings and pool scorings per iteration; without
+    ser.restart also k saved fold models per iteration (on disk: the last one's, and iteration 0's, which experiments
+    share).
+
+    Why the fold models continue when the RM does: the out-of-fold accuracy estimates the accuracy of the recipe
+    that made the returned RM. Fold models trained from the backbone for ser.iteration_epochs (a short
+    continuation schedule) would validate a much weaker RM than the continued one, and pick iterations by it.
 
     A pseudo-label chosen by the ensemble carries information from every seed pair, so fold j's training data
     depend weakly on fold j's pairs through the pool; the pairs themselves are never trained on by their scorer."""
@@ -176,10 +189,19 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
         target = None if soft is None else [1.0] * (len(train) - len(soft)) + list(soft)
         seed_j = cfg.train.seed + 1000 * (j + 1) + it  # its own initialisation and shuffling
         cfg_j = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed_j))
+        init = None if it == 0 or cfg.ser.restart else str(fold_model_dir(run, it - 1, j))
+        if init and not Path(init).is_dir():
+            raise UserError(f"{run}: fold model {init} is missing (with ser.restart: false each fold model continues "
+                            f"from the previous iteration's); start a new run, or one with ser.restart: true")
         rm, tok, _ = fit_rm(cfg_j, [p.prompt for p in train], [p.chosen for p in train], [p.rejected for p in train],
-                            accelerator=accelerator, pseudo=[False] * (len(train) - len(pseudo_pairs)) +
+                            accelerator=accelerator, init=init, pseudo=[False] * (len(train) - len(pseudo_pairs)) +
                             [True] * len(pseudo_pairs), pseudo_target=target, epochs=epochs,
                             desc=f"iteration {it} fold {j + 1}/{k}")
+        if not cfg.ser.restart and it < cfg.ser.max_iterations:  # the next iteration's fold j continues from it
+            with full_parameters(rm):
+                if accelerator.is_main_process:
+                    save_reward_model(rm, tok, fold_model_dir(run, it, j),
+                                      {"config": to_dict(cfg_j), "iteration": it, "fold": j, "train_pairs": len(train)})
         held = np.flatnonzero(folds == j)
         r_c, r_r = rm_scores(rm, tok, [seed[i] for i in held], cfg, accelerator)
         oof[held] = np.nan_to_num(r_c - r_r, nan=0.0)  # a non-finite reward counts as no preference (wrong)
@@ -311,6 +333,8 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         emit(run, record, accelerator)
         state.completed = it
         save_state(run, state, accelerator)
+        if it > 1 and accelerator.is_main_process:  # fold models now superseded (iteration 0's: shared seed)
+            shutil.rmtree(run / "folds" / str(it - 1), ignore_errors=True)
         log.info("iteration %d: %s", it, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in record.items() if k != "iteration" and
                                                    not k.startswith("audit/")))

@@ -135,11 +135,13 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
 
 def ensemble_source(base: Path, cfg: Config) -> Path | None:
     """Another ensemble method's run of this seed whose iteration 0 is committed and which this one can share: the
-    same seed RM and fold models (they depend on the split, the training settings and ser.folds only)."""
+    same seed RM and fold models (they depend on the split, the training settings and ser.folds only). Without
+    ser.restart the fold models themselves are needed too (the next iteration's continue from them)."""
     for method, settings in SELF_LABELLING.items():
         run = base / method
         if settings.get("rule") == "ensemble" and settings["folds"] == cfg.ser.folds and \
                 (run / "votes" / "0.npz").exists() and (run / "state.json").exists() and \
+                (cfg.ser.restart or (run / "folds" / "0").is_dir()) and \
                 json.loads((run / "state.json").read_text())["completed"] >= 0:
             return run
     return None
@@ -147,7 +149,7 @@ def ensemble_source(base: Path, cfg: Config) -> Path | None:
 
 def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> None:
     """A new run directory whose iteration 0 is the shared seed RM (hard links, no copy); for the ensemble rule
-    also its fold models' votes and out-of-fold validation accuracy."""
+    also its fold models' votes and out-of-fold validation accuracy, and (without ser.restart) the fold models."""
     import yaml
 
     from ser.config import to_dict
@@ -163,6 +165,8 @@ def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> N
         (run / "votes").mkdir(exist_ok=True)
         (run / "votes" / "0.npz").unlink(missing_ok=True)  # a fork interrupted before its config.yaml
         os.link(seed_run / "votes" / "0.npz", run / "votes" / "0.npz")
+        if not cfg.ser.restart:
+            shutil.copytree(seed_run / "folds" / "0", run / "folds" / "0", copy_function=os.link, dirs_exist_ok=True)
     save_state(run, State(completed=0, data_hash=seed_state["data_hash"], val_acc=seed_state.get("val_acc", [])[:1]),
                accelerator)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -456,6 +456,36 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     assert end["ser/final"] == choose_iteration([r["val/acc"] for r in rows], 2)[0]
 
 
+def test_fold_models_continue_from_their_own_previous_iteration_without_restart(tiny_bert_dir, shared_data, tmp_path,
+                                                                                monkeypatch):
+    """ser.restart=false: the returned RM continues from the previous iteration's, and so does each fold model
+    (the out-of-fold accuracy must validate the recipe that made the returned RM); superseded fold models are
+    deleted, iteration 0's are kept (experiments share them)."""
+    import ser.evolve as evolve
+
+    inits, real_fit = [], evolve.fit_rm
+
+    def fit(cfg, prompts, chosen, rejected, **kw):
+        inits.append((kw["desc"], kw.get("init")))
+        return real_fit(cfg, prompts, chosen, rejected, **kw)
+
+    monkeypatch.setattr(evolve, "fit_rm", fit)
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"ser.rule": "ensemble", "ser.folds": 2,
+                                                             "ser.confidence": 0.5, "ser.restart": False,
+                                                             "ser.patience": 2}))
+    run = run_evolve(cfg, str(tmp_path / "run"))
+    assert len(iteration_records(run)) == 3
+    assert inits == [("iteration 0", None), ("iteration 0 fold 1/2", None), ("iteration 0 fold 2/2", None),
+                     ("iteration 1", str(run / "iterations" / "0")),
+                     ("iteration 1 fold 1/2", str(run / "folds" / "0" / "0")),
+                     ("iteration 1 fold 2/2", str(run / "folds" / "0" / "1")),
+                     ("iteration 2", str(run / "iterations" / "1")),
+                     ("iteration 2 fold 1/2", str(run / "folds" / "1" / "0")),
+                     ("iteration 2 fold 2/2", str(run / "folds" / "1" / "1"))]
+    assert sorted(os.listdir(run / "folds")) == ["0"] and sorted(os.listdir(run / "folds" / "0")) == ["0", "1"]
+    assert (run / "folds" / "0" / "1" / "model.safetensors").exists()
+
+
 def test_audit_hand_example():
     from ser.evolve import audit
 
