@@ -103,7 +103,7 @@ def test_experiment_variants_change_one_setting_of_their_base():
     ones) with exactly the one option its name says changed, so a difference between two methods measures it."""
     cfg = Config()
     ser = {m: dataclasses.asdict(method_config(cfg, m).ser) for m in SELF_LABELLING}
-    expected = {"soft": {"soft_labels"}, "relabel": {"relabel"}, "continue": {"restart"}, "threshold": {"budget"},
+    expected = {"soft": {"soft_labels"}, "relabel": {"relabel"}, "restart": {"restart"}, "threshold": {"budget"},
                 "unguarded": {"length_guard"}}
     for m in SELF_LABELLING:
         if not m.startswith("ser_ensemble_"):
