@@ -3,6 +3,9 @@
 Methods (all on the same seed/pool/test split of a given seed):
   seed_only   the seed RM (human labels of the seed fraction only) — SER's starting point
   full_label  all human labels of seed + pool — the ceiling
+  seed_continued  the seed RM continued on the human seed alone with a continuing loop's schedule (ser.max_iterations
+              times ser.iteration_epochs, each from the previous RM): the control for the ensemble methods, which
+              continue on seed + pseudo-labels; it tells self-labelling's gain from that of more epochs
   ser_paper   SER with the paper's status rule            (ser.rule = paper)
   ser_code    SER with the released code's one-pass rule  (ser.rule = code)
   ssrm        plain confidence-threshold self-training     (ser.rule = ssrm), same number of iterations
@@ -35,16 +38,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ser.checkpoint import atomic_write_text, check_writable, json_text
-from ser.config import Config, validate
+from ser.checkpoint import atomic_write_text, check_writable, json_text, save_reward_model
+from ser.config import Config, to_dict, validate
 from ser.data import resolve_count
 from ser.errors import UserError
 from ser.evaluate import hierarchical_bootstrap
 from ser.evolve import State, final_iteration, load_iteration, run_evolve, save_state
+from ser.models import load_reward_model
 from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores
 from ser.train import make_accelerator
 
 log = logging.getLogger(__name__)
+BASELINES = ("seed_only", "full_label", "seed_continued")
 ONE_RM = {"folds": 0, "min_agree": 0, "budget": 0.0, "soft_labels": False, "relabel": False}  # the ensemble's off
 # The budget, not a confidence threshold: calibrated on out-of-fold margins, the ensemble of small RMs is rarely
 # 0.8-confident (HH-RLHF, MiniLM, 352 labels: 2 of 1,496 pool pairs), while the top 20% of its unanimous pairs
@@ -118,6 +123,9 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
             atomic_write_text(path, json_text({"correct": _correct(rm, tok, split.test, cfg).tolist(),
                                                 "accuracy": m["accuracy"], "seconds": time.time() - t0}))
         results["full_label"] = {"correct": np.array(json.loads(path.read_text())["correct"]), "metrics": []}
+    if "seed_continued" in methods:
+        results["seed_continued"] = {"metrics": [], "correct": _seed_continued(
+            cfg, split, seed_run, base, results["seed_only"]["correct"], accelerator)}
     for method in SELF_LABELLING:
         if method not in methods:
             continue
@@ -134,6 +142,34 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
         rm, tok = load_iteration(run, final_iteration(mcfg, state), cfg)
         results[method] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(run)}
     return results
+
+
+def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.ndarray, accelerator) -> np.ndarray:
+    """The `seed_continued` control: iteration it continues the previous RM (from the seed RM) on the human seed
+    alone for ser.iteration_epochs with training seed train.seed + it, as a continuing loop trains its RM minus
+    the pseudo-labels. Each RM is kept in `seed_continued/IT/`; the per-test-pair correctness (n_test,) of the
+    last (`correct`, the seed RM's, with ser.max_iterations = 0), with every iteration's accuracy, in
+    `seed_continued.json` (resumable per iteration)."""
+    path, init, done = base / "seed_continued.json", str(seed_run / "iterations" / "0"), []
+    if path.exists():
+        return np.array(json.loads(path.read_text())["correct"])
+    seed = split.seed
+    for it in range(1, cfg.ser.max_iterations + 1):
+        out, t0 = base / "seed_continued" / str(it), time.time()
+        if (out / "model.safetensors").exists():  # a resumed experiment
+            rm, tok = load_reward_model(str(out), "full")
+        else:
+            cfg_it = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + it))
+            rm, tok, _ = fit_rm(cfg_it, [p.prompt for p in seed], [p.chosen for p in seed],
+                                [p.rejected for p in seed], accelerator=accelerator, init=init,
+                                epochs=cfg.ser.iteration_epochs, desc=f"seed_continued {it}")
+            save_reward_model(rm, tok, out, {"config": to_dict(cfg_it), "iteration": it, "train_pairs": len(seed)})
+        correct = _correct(rm, tok, split.test, cfg)
+        done.append({"iteration": it, "accuracy": float(correct.mean()), "seconds": time.time() - t0})
+        log.info("seed_continued %d: test accuracy %.4f", it, done[-1]["accuracy"])
+        init = str(out)
+    atomic_write_text(path, json_text({"correct": correct.tolist(), "iterations": done}))
+    return correct
 
 
 def ensemble_source(base: Path, cfg: Config) -> Path | None:
@@ -190,10 +226,10 @@ def one_process(command: str) -> None:
 
 def run_experiment(cfg: Config, out: str) -> Path:
     one_process("experiment")
-    unknown = [m for m in cfg.experiment.methods if m not in ("seed_only", "full_label", *SELF_LABELLING)]
+    unknown = [m for m in cfg.experiment.methods if m not in (*BASELINES, *SELF_LABELLING)]
     if unknown:
-        raise UserError(f"config: 'experiment.methods' has unknown method(s) {', '.join(unknown)}; known: seed_only, "
-                        f"full_label, {', '.join(SELF_LABELLING)}")
+        raise UserError(f"config: 'experiment.methods' has unknown method(s) {', '.join(unknown)}; known: "
+                        f"{', '.join((*BASELINES, *SELF_LABELLING))}")
     root = check_writable(out)
     t0, commit = time.time(), _commit()  # the code that ran, even if the checkout moves during the run
     per_seed = {seed: run_seed(cfg, root, seed) for seed in cfg.experiment.seeds}
@@ -216,7 +252,7 @@ def _commit() -> str:
 def summarise(per_seed: dict, cfg: Config) -> dict:
     """Final accuracy per method (mean and 95% CI over seeds and test pairs) and the share of the
     seed-to-full-label gap each method closed."""
-    methods = [m for m in ["seed_only", "full_label", *SELF_LABELLING] if m in cfg.experiment.methods + ["seed_only"]]
+    methods = [m for m in [*BASELINES, *SELF_LABELLING] if m in cfg.experiment.methods + ["seed_only"]]
     table = {}
     for m in methods:
         matrix = np.stack([per_seed[s][m]["correct"] for s in per_seed])  # (seeds, test pairs)

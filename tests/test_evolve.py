@@ -272,16 +272,25 @@ def test_train_rm_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shar
 def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
     from ser.experiment import run_experiment
 
-    methods = "[seed_only, full_label, ser_paper, ser_code, ssrm, ser_ensemble, ser_ensemble_threshold]"
+    methods = "[seed_only, full_label, seed_continued, ser_paper, ser_code, ssrm, ser_ensemble, ser_ensemble_threshold]"
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"experiment.seeds": "[0, 1]", "ser.max_iterations": 1,
                                                              "experiment.bootstrap": 200, "experiment.methods": methods}))
     root = run_experiment(cfg, str(tmp_path / "exp"))
     summary = json.loads((root / "summary.json").read_text())
-    assert set(summary["methods"]) == {"seed_only", "full_label", "ser_paper", "ser_code", "ssrm", "ser_ensemble",
-                                       "ser_ensemble_threshold"}
-    # the second ensemble method shares the first one's iteration 0 (seed RM and fold models): hard links
-    first, second = (root / "seed0" / m / "votes" / "0.npz" for m in ("ser_ensemble", "ser_ensemble_threshold"))
-    assert first.stat().st_ino == second.stat().st_ino
+    assert set(summary["methods"]) == {"seed_only", "full_label", "seed_continued", "ser_paper", "ser_code", "ssrm",
+                                       "ser_ensemble", "ser_ensemble_threshold"}
+    # the second ensemble method shares the first one's iteration 0 (seed RM, votes, and the fold models that its
+    # continuing fold models start from): hard links
+    for f in ("votes/0.npz", "folds/0/1/model.safetensors"):
+        first, second = (root / "seed0" / m / f for m in ("ser_ensemble", "ser_ensemble_threshold"))
+        assert first.stat().st_ino == second.stat().st_ino
+    # the control: the seed RM continued once (ser.max_iterations) on the human seed alone, its accuracy reported
+    for i, seed in enumerate(("seed0", "seed1")):
+        control = json.loads((root / seed / "seed_continued.json").read_text())
+        assert [r["iteration"] for r in control["iterations"]] == [1]
+        assert control["iterations"][0]["accuracy"] == np.mean(control["correct"])
+        assert summary["methods"]["seed_continued"]["per_seed"][i] == np.mean(control["correct"])
+        assert (root / seed / "seed_continued" / "1" / "config.json").exists()
     for m in summary["methods"].values():
         lo, hi = m["ci95"]
         assert lo <= m["accuracy"] <= hi and len(m["per_seed"]) == 2
