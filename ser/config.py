@@ -148,7 +148,8 @@ class ExperimentConfig:
 
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # one set of runs per seed (own split and train seed)
     methods: list = field(  # compared by `ser experiment` (see ser/experiment.py); seed_only always runs
-        default_factory=lambda: ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm", "ser_ensemble"])
+        default_factory=lambda: ["seed_only", "full_label", "seed_continued", "ser_paper", "ser_code", "ssrm",
+                                 "ser_ensemble"])
     bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
 
 

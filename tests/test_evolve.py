@@ -272,7 +272,8 @@ def test_train_rm_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shar
 def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
     from ser.experiment import run_experiment
 
-    methods = "[seed_only, full_label, seed_continued, ser_paper, ser_code, ssrm, ser_ensemble, ser_ensemble_threshold]"
+    methods = ("[seed_only, full_label, seed_continued, ser_paper, ser_code, ssrm, ser_ensemble, "
+               "ser_ensemble_threshold]")
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"experiment.seeds": "[0, 1]", "ser.max_iterations": 1,
                                                              "experiment.bootstrap": 200, "experiment.methods": methods}))
     root = run_experiment(cfg, str(tmp_path / "exp"))
