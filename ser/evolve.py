@@ -156,6 +156,12 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
             "scores": {"r_a": r_a, "r_b": r_b, "status": status}}
 
 
+def iteration_config(cfg: Config, it: int) -> Config:
+    """The config iteration `it`'s RM trains with: its own training seed, train.seed + it (the initialisation of
+    the head and the shuffling); `ser experiment`'s seed_continued control trains by the same rule."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + it))
+
+
 def fold_model_dir(run: Path, it: int, j: int) -> Path:
     """Where fold model j of iteration `it` is kept (ser.restart = false only): the next iteration's fold j
     continues from it, as the returned RM continues from the previous one."""
@@ -298,7 +304,7 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         train_pairs = human + pseudo_pairs
         init = None if it == 0 or s.restart else str(run / "iterations" / str(it - 1))
         epochs = None if it == 0 else s.iteration_epochs
-        cfg_it = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + it))
+        cfg_it = iteration_config(cfg, it)
         rm, tok, summary = fit_rm(cfg_it, [p.prompt for p in train_pairs], [p.chosen for p in train_pairs],
                                   [p.rejected for p in train_pairs], accelerator=accelerator, init=init,
                                   pseudo=[False] * len(human) + [True] * len(pseudo_pairs),

@@ -43,7 +43,7 @@ from ser.config import Config, to_dict, validate
 from ser.data import resolve_count
 from ser.errors import UserError
 from ser.evaluate import hierarchical_bootstrap
-from ser.evolve import State, final_iteration, load_iteration, run_evolve, save_state
+from ser.evolve import State, final_iteration, iteration_config, load_iteration, run_evolve, save_state
 from ser.models import load_reward_model
 from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores
 from ser.train import make_accelerator
@@ -160,7 +160,7 @@ def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.
         if (out / "model.safetensors").exists():  # a resumed experiment
             rm, tok = load_reward_model(str(out), "full")
         else:
-            cfg_it = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + it))
+            cfg_it = iteration_config(cfg, it)
             rm, tok, _ = fit_rm(cfg_it, [p.prompt for p in seed], [p.chosen for p in seed],
                                 [p.rejected for p in seed], accelerator=accelerator, init=init,
                                 epochs=cfg.ser.iteration_epochs, desc=f"seed_continued {it}")
@@ -191,8 +191,6 @@ def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> N
     """A new run directory whose iteration 0 is the shared seed RM (hard links, no copy); for the ensemble rule
     also its fold models' votes and out-of-fold validation accuracy, and (without ser.restart) the fold models."""
     import yaml
-
-    from ser.config import to_dict
 
     run.mkdir(parents=True, exist_ok=True)
     shutil.copytree(seed_run / "iterations" / "0", run / "iterations" / "0", copy_function=os.link,
