@@ -491,8 +491,9 @@ def run_curve(cfg: Config, out: str, sizes: list, modes: list[str] | None = None
     `modes` (full, lora, head, freeze:N) trains every point in each mode, side by side on the same splits, with
     the wall time of each (training + test scoring; in freeze mode the first point of a mode also pays for
     caching the frozen states of its pairs and the test pairs, which later points reuse). Finished points are kept
-    on disk (`DIR/seedS/nN.json`, with modes `DIR/MODE/seedS/nN.json`), so a killed run continues where it
-    stopped."""
+    on disk (`DIR/seedS/nN.json`, with modes `DIR/MODE/seedS/nN.json`) and a point in training keeps a resumable
+    state every `train.save_every` steps (`nN.checkpoint/`), so a killed run continues where it stopped: the
+    resumed point equals an uninterrupted one, and its wall time adds up the segments."""
     one_process("curve")
     try:
         sizes = [s if s == "all" else float(s) if "." in s else int(s) for s in sizes]
@@ -540,19 +541,30 @@ def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int
                 continue  # two sizes that mean the same number of labels: one point
             done.add(n)
             path = root / f"seed{seed}" / f"n{n}.json"
-            if path.exists() and json.loads(path.read_text()).get("fingerprint") != fingerprint:
-                raise UserError(f"{path} was trained with other settings; use a new --out for this curve")
+            # a point in training: its checkpoint beside the fingerprint of the settings it trains with
+            checkpoint, started = path.with_suffix(".checkpoint"), path.with_suffix(".started.json")
+            for done_or_started in (path, started):
+                if (done_or_started.exists()
+                        and json.loads(done_or_started.read_text()).get("fingerprint") != fingerprint):
+                    raise UserError(f"{done_or_started} was trained with other settings; use a new --out for "
+                                    f"this curve")
             if not path.exists():
                 t1 = time.time()
                 pairs = labelled[:n]
-                rm, tok, _ = fit_rm(scfg, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                                    [p.rejected for p in pairs], accelerator=make_accelerator(scfg.train),
-                                    desc=f"{mode_name(cfg)} seed {seed} n={n}")
-                correct = _correct(rm, tok, split.test, scfg)
+                # a point's training keeps a resumable state every train.save_every steps (a SmolLM2 point with all
+                # labels trains for hours on a CPU): a killed curve continues inside the point, not from its start
                 path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(started, json_text({"fingerprint": fingerprint}))
+                rm, tok, fit = fit_rm(scfg, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                                      [p.rejected for p in pairs], accelerator=make_accelerator(scfg.train),
+                                      checkpoint=checkpoint, desc=f"{mode_name(cfg)} seed {seed} n={n}")
+                correct = _correct(rm, tok, split.test, scfg)
+                seconds = fit["seconds_before_resume"] + time.time() - t1  # every segment of a resumed point
                 atomic_write_text(path, json_text({"labels": n, "fingerprint": fingerprint,
                                                     "accuracy": float(correct.mean()),
-                                                    "correct": correct.tolist(), "seconds": time.time() - t1}))
+                                                    "correct": correct.tolist(), "seconds": seconds}))
+                shutil.rmtree(checkpoint, ignore_errors=True)
+                started.unlink()
                 log.info("%s, seed %d, %d labels: test accuracy %.4f", mode_name(cfg), seed, n, correct.mean())
             rows.setdefault(n, []).append(json.loads(path.read_text()))
     points = []

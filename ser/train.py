@@ -174,11 +174,12 @@ def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int
 
 
 def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, scheduler, step: int,
-                     losses: list[float], totals: np.ndarray) -> None:
+                     losses: list[float], totals: np.ndarray, seconds: float = 0.0) -> None:
     """A resumable mid-training checkpoint, written atomically with a manifest: weights, optimizer, schedule,
-    the step, the running statistics and every process's RNG states (dropout continues exactly; an fp16 loss
-    scaler's state is not kept). Under DeepSpeed each process writes its own partition of the weights and
-    optimizer state (`accelerator.save_state`) into the main process's temporary directory; so does FSDP."""
+    the step, the running statistics, the wall seconds trained so far (all segments) and every process's RNG
+    states (dropout continues exactly; an fp16 loss scaler's state is not kept). Under DeepSpeed each process
+    writes its own partition of the weights and optimizer state (`accelerator.save_state`) into the main
+    process's temporary directory; so does FSDP."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
     rng = gather_object([[torch.get_rng_state(), cuda_rng]])  # one per process, in rank order
     sharded, main = sharded_engine(accelerator), accelerator.is_main_process
@@ -189,7 +190,7 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
             accelerator.wait_for_everyone()  # every partition is written before the manifest
         if main:
             state = {"scheduler": scheduler.state_dict(), "step": step, "losses": losses, "totals": totals.tolist(),
-                     "rng": rng, "launch": launch(accelerator)}
+                     "rng": rng, "launch": launch(accelerator), "seconds": seconds}
             if not sharded:
                 state |= {"model": accelerator.unwrap_model(rm).state_dict(), "optimizer": optimizer.state_dict()}
             torch.save(state, tmp / "train_state.pt")
@@ -303,9 +304,11 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
                               num_training_steps=steps)
     rm.train()
     step, window, totals = 0, [], np.zeros(3)  # totals: summed loss, pairs, correct pairs
+    before = 0.0  # wall seconds of earlier segments of this training (a resumed run)
     if checkpoint is not None and checkpoint.exists():
         state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index, launch(accelerator))
         step, losses, totals = state["step"], list(state["losses"]), np.array(state["totals"])
+        before = float(state.get("seconds", 0.0))
         log.info("%s: resumed from %s at step %d of %d", desc, checkpoint, step, steps)
     rm, optimizer = prepare_for_training(accelerator, rm, optimizer)
     params = [p for p in rm.parameters() if p.requires_grad]  # FSDP replaces them with its shards
@@ -363,12 +366,14 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         if on_step is not None:
             on_step(step, record, rm)
         if checkpoint is not None and tcfg.save_every and step % tcfg.save_every == 0 and step < steps:
-            save_train_state(checkpoint, accelerator, rm, optimizer, scheduler, step, losses, totals)
+            save_train_state(checkpoint, accelerator, rm, optimizer, scheduler, step, losses, totals,
+                             before + time.time() - t0)
     bar.close()
     rm = accelerator.unwrap_model(rm)
     accelerator.free_memory()
     summary = {"steps": step, "pairs": n - len(skip), "no_preference": len(skip), "epochs": epochs,
                "final_loss": float(np.mean(losses[-10:])),
                "train_acc": float(totals[2] / max(totals[1], 1)), "seconds": time.time() - t0,
+               "seconds_before_resume": before,
                "truncated_answers": enc.truncated_answers, "truncated_prompts": enc.truncated_prompts}
     return rm, summary

@@ -330,6 +330,44 @@ def test_learning_curve(tiny_bert_dir, shared_data, tmp_path):
                   str(root), ["8"])
 
 
+def test_a_killed_curve_point_resumes_inside_its_training(tiny_bert_dir, shared_data, tmp_path, monkeypatch,
+                                                          caplog):
+    """A point in training keeps a resumable state every train.save_every steps: killed after its second
+    checkpoint, the curve continues from it, ends with the uninterrupted point's test results, adds up the
+    segments' wall time and leaves no checkpoint behind; resuming with other settings is refused."""
+    from ser import train
+    from ser.errors import UserError
+    from ser.experiment import run_curve
+
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"experiment.seeds": "[0]", "experiment.bootstrap": 50,
+                                                             "train.epochs": 1, "train.save_every": 2}))
+    reference = json.loads((run_curve(cfg, str(tmp_path / "ref"), ["64"]) / "seed0" / "n64.json").read_text())
+    saved, save = [], train.save_train_state
+
+    def killed_after_the_second_checkpoint(*args, **kwargs):
+        save(*args, **kwargs)
+        saved.append(args[5])  # the step
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_train_state", killed_after_the_second_checkpoint)
+    root = tmp_path / "curve"
+    with pytest.raises(KeyboardInterrupt):
+        run_curve(cfg, str(root), ["64"])
+    assert saved == [2, 4] and (root / "seed0" / "n64.checkpoint").is_dir()
+    assert not (root / "seed0" / "n64.json").exists()
+    with pytest.raises(UserError, match="n64.started.json was trained with other settings"):
+        run_curve(load_config(None, tiny_overrides(tiny_bert_dir, **{"experiment.seeds": "[0]", "train.lr": 1e-4,
+                                                                     "train.epochs": 1})), str(root), ["64"])
+    monkeypatch.undo()
+    with caplog.at_level("INFO", logger="ser"):
+        run_curve(cfg, str(root), ["64"])
+    assert "resumed from" in caplog.text and "at step 4 of 8" in caplog.text
+    point = json.loads((root / "seed0" / "n64.json").read_text())
+    assert point["correct"] == reference["correct"] and point["accuracy"] == reference["accuracy"]
+    assert point["seconds"] > 0 and sorted(p.name for p in (root / "seed0").iterdir()) == ["n64.json"]
+
+
 def test_learning_curve_compares_modes_side_by_side(tiny_bert_dir, shared_data, tmp_path):
     from ser.errors import UserError
     from ser.experiment import run_curve
