@@ -95,6 +95,7 @@ class SERConfig:
     restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone
     keep_seed: bool = True  # keep the human seed pairs in every iteration's training data
     iteration_epochs: float = 1.0  # epochs of each retraining on seed + pseudo-labelled pairs
+    seed_epochs: float = 0.0  # > 0: the seed RM's epochs chosen on validation, from train.epochs up to this many
     ssrm_threshold: float = 0.8  # SSRM baseline: keep pairs with max(P, 1-P) >= this, P = σ(r_a - r_b)
     folds: int = 0  # rule=ensemble: k >= 2 fold models cross-fitted on the seed calibrate, validate, vote
     min_agree: int = 0  # rule=ensemble: fold models that must agree on a pair's direction (0 = all of them)
@@ -151,6 +152,7 @@ class ExperimentConfig:
         default_factory=lambda: ["seed_only", "full_label", "seed_continued", "ser_paper", "ser_code", "ssrm",
                                  "ser_ensemble"])
     bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
+    seed_epochs: float = 0.0  # > 0: the shared seed RM's epochs chosen on out-of-fold accuracy, up to this many
 
 
 @dataclass
@@ -311,6 +313,14 @@ def validate(cfg: Config) -> None:
     if s.soft_labels and (s.rule != "ensemble" or s.pseudo_loss != "sigmoid"):
         raise UserError("config: 'ser.soft_labels' needs ser.rule=ensemble (its calibrated p is the target) and "
                         "ser.pseudo_loss=sigmoid")
+    if s.seed_epochs and (s.seed_epochs < cfg.train.epochs or not (s.folds or s.validation)):
+        raise UserError(f"config: 'ser.seed_epochs' (the most epochs the seed RM may train, chosen on validation) must "
+                        f"be 0 or at least train.epochs = {cfg.train.epochs:g}, and needs a validation signal "
+                        f"(ser.folds or ser.validation); got seed_epochs={s.seed_epochs:g}, folds={s.folds}, "
+                        f"validation={s.validation}")
+    if cfg.experiment.seed_epochs and cfg.experiment.seed_epochs < cfg.train.epochs:
+        raise UserError(f"config: 'experiment.seed_epochs' must be 0 or at least train.epochs = {cfg.train.epochs:g}, "
+                        f"got {cfg.experiment.seed_epochs:g}")
     if cfg.ser.patience < 1:
         raise UserError(f"config: 'ser.patience' must be >= 1, got {cfg.ser.patience}")
     if cfg.data.limit is not None and cfg.data.limit < 1:

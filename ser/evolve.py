@@ -162,17 +162,12 @@ def iteration_config(cfg: Config, it: int) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + it))
 
 
-def fold_model_dir(run: Path, it: int, j: int) -> Path:
-    """Where fold model j of iteration `it` is kept (ser.restart = false only): the next iteration's fold j
-    continues from it, as the returned RM continues from the previous one."""
-    return run / "folds" / str(it) / str(j)
-
-
 def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: list[Pair], soft, candidates,
-              epochs, accelerator) -> np.ndarray:
+              epochs, accelerator, *, init: Path | None = None, keep: Path | None = None,
+              votes: Path | None = None) -> np.ndarray:
     """Step 6b (ser.folds = k): k-fold cross-fitting of the human seed (`crossfit.fold_assignment`). Fold model j
     is trained by the returned RM's recipe: from the backbone with ser.restart, else (after iteration 0) from
-    fold model j of the previous iteration (`fold_model_dir`), for `epochs`, on the seed pairs outside fold j
+    fold model j of the previous iteration (`folds/IT-1/j`), for `epochs`, on the seed pairs outside fold j
     plus this iteration's pseudo-labelled pairs. It then scores the seed pairs of fold j (out of fold: no model
     scores a pair it trained on) and the candidate pool pairs of the next iteration. One temperature is fitted on
     the pooled out-of-fold margins (a fold holds only n/k seed pairs, too few to calibrate each member apart).
@@ -186,8 +181,15 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
     continuation schedule) would validate a much weaker RM than the continued one, and pick iterations by it.
 
     A pseudo-label chosen by the ensemble carries information from every seed pair, so fold j's training data
-    depend weakly on fold j's pairs through the pool; the pairs themselves are never trained on by their scorer."""
+    depend weakly on fold j's pairs through the pool; the pairs themselves are never trained on by their scorer.
+
+    init / keep / votes (the seed RM's epochs chosen on validation, `seed_rm_by_validation`): continue the fold
+    models in `init/j` instead, keep the trained ones in `keep/j`, write the votes file there."""
     k = cfg.ser.folds
+    if init is None and it > 0 and not cfg.ser.restart:
+        init = run / "folds" / str(it - 1)
+    if keep is None and not cfg.ser.restart and it < cfg.ser.max_iterations:  # the next iteration's continue
+        keep = run / "folds" / str(it)
     folds = fold_assignment([p.id for p in seed], k, cfg.data.split_seed)
     oof, margins = np.zeros(len(seed)), np.zeros((k, len(candidates)))
     for j in range(k):
@@ -195,34 +197,106 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
         target = None if soft is None else [1.0] * (len(train) - len(soft)) + list(soft)
         seed_j = cfg.train.seed + 1000 * (j + 1) + it  # its own initialisation and shuffling
         cfg_j = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed_j))
-        init = None if it == 0 or cfg.ser.restart else str(fold_model_dir(run, it - 1, j))
-        if init and not Path(init).is_dir():
-            raise UserError(f"{run}: fold model {init} is missing (with ser.restart: false each fold model continues "
+        start = None if init is None else init / str(j)
+        if start and not start.is_dir():
+            raise UserError(f"{run}: fold model {start} is missing (with ser.restart: false each fold model continues "
                             f"from the previous iteration's); start a new run, or one with ser.restart: true")
         rm, tok, _ = fit_rm(cfg_j, [p.prompt for p in train], [p.chosen for p in train], [p.rejected for p in train],
-                            accelerator=accelerator, init=init, pseudo=[False] * (len(train) - len(pseudo_pairs)) +
-                            [True] * len(pseudo_pairs), pseudo_target=target, epochs=epochs,
-                            desc=f"iteration {it} fold {j + 1}/{k}")
-        if not cfg.ser.restart and it < cfg.ser.max_iterations:  # the next iteration's fold j continues from it
+                            accelerator=accelerator, init=start and str(start),
+                            pseudo=[False] * (len(train) - len(pseudo_pairs)) + [True] * len(pseudo_pairs),
+                            pseudo_target=target, epochs=epochs, desc=f"iteration {it} fold {j + 1}/{k}")
+        if keep is not None:  # the next iteration's fold j continues from it
             with full_parameters(rm):
                 if accelerator.is_main_process:
-                    save_reward_model(rm, tok, fold_model_dir(run, it, j),
+                    save_reward_model(rm, tok, keep / str(j),
                                       {"config": to_dict(cfg_j), "iteration": it, "fold": j, "train_pairs": len(train)})
         held = np.flatnonzero(folds == j)
         r_c, r_r = rm_scores(rm, tok, [seed[i] for i in held], cfg, accelerator)
         oof[held] = np.nan_to_num(r_c - r_r, nan=0.0)  # a non-finite reward counts as no preference (wrong)
         if candidates and it < cfg.ser.max_iterations:  # the last iteration's votes would never be used
-            r_a, r_b = score_pairs(rm, tok, [p.prompt for p in candidates], [p.answer_a for p in candidates],
-                                   [p.answer_b for p in candidates], cfg.model.max_length, cfg.train.score_batch_size,
-                                   resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
-            margins[j] = np.nan_to_num(r_a - r_b, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite: abstains
+            margins[j] = vote(rm, tok, candidates, cfg, accelerator)
         del rm
     if accelerator.is_main_process:
-        atomic_write_npz(run / "votes" / f"{it}.npz", ids=np.array([p.id for p in candidates]), margins=margins,
-                         temperature=fit_temperature(oof), oof=oof, folds=folds,
+        atomic_write_npz(votes or run / "votes" / f"{it}.npz", ids=np.array([p.id for p in candidates]),
+                         margins=margins, temperature=fit_temperature(oof), oof=oof, folds=folds,
                          seed_ids=np.array([p.id for p in seed]))
     accelerator.wait_for_everyone()
     return oof
+
+
+def vote(rm, tokenizer, candidates: list[UnlabelledPair], cfg: Config, accelerator) -> np.ndarray:
+    """A fold model's vote on the candidate pool pairs: margins r_a - r_b, (n,); a non-finite one abstains (0)."""
+    r_a, r_b = score_pairs(rm, tokenizer, [p.prompt for p in candidates], [p.answer_a for p in candidates],
+                           [p.answer_b for p in candidates], cfg.model.max_length, cfg.train.score_batch_size,
+                           resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
+    return np.nan_to_num(r_a - r_b, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: list[UnlabelledPair],
+                          val: list[Pair], accelerator):
+    """Step 6 of iteration 0 with ser.seed_epochs: the seed RM's number of epochs chosen on validation (early
+    stopping; Prechelt, 1998). The seed RM trains train.epochs from the backbone, then goes on one epoch at a
+    time (a one-epoch schedule from its own weights, training seed train.seed + 50 + the epoch), up to
+    ser.seed_epochs, while validation improves within ser.patience; the best epoch (ties: the fewer) is iteration
+    0. With ser.folds the fold models train and go on the same way and their out-of-fold accuracy is the
+    validation (`cross_fit`); the chosen epoch's fold models become `folds/0` and vote on the pool
+    (`votes/0.npz`), also with ser.max_iterations = 0, so that `ser experiment` can share them. Else the held-out
+    pairs (ser.validation) score the RM itself. Each epoch's candidates live in `seed_epochs/E/` until the choice.
+
+    Why: a seed RM trained for a fixed train.epochs on few labels can be under-trained; a loop that trains it
+    further while self-labelling would credit self-labelling with the gain of training longer (docs/results.md,
+    the seed_continued control). Cost: one more epoch of the seed RM and of each fold model per epoch tried.
+    Returns (rm, tokenizer, summary of the chosen epoch's training, out-of-fold margins or None, record)."""
+    s, stage = cfg.ser, run / "seed_epochs"
+    shutil.rmtree(stage, ignore_errors=True)  # an interrupted iteration 0 starts again
+    epochs, accs, summaries, prev = cfg.train.epochs, [], [], None
+    while True:
+        here = stage / f"{epochs:g}"
+        cfg_e = cfg if prev is None else dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 50 + int(epochs)))
+        rm, tok, summary = fit_rm(cfg_e, [p.prompt for p in seed], [p.chosen for p in seed], [p.rejected for p in seed],
+                                  accelerator=accelerator, init=prev and str(prev / "rm"),
+                                  epochs=None if prev is None else 1.0,
+                                  metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
+                                  prefix={"iteration": 0, "seed_epochs": epochs}, desc=f"seed RM, epoch {epochs:g}")
+        with full_parameters(rm):
+            if accelerator.is_main_process:
+                save_reward_model(rm, tok, here / "rm", {"config": to_dict(cfg_e), "iteration": 0, "epochs": epochs})
+        accelerator.wait_for_everyone()  # every process continues from it
+        if s.folds:
+            oof = cross_fit(cfg_e, run, 0, seed, [], None, [], None if prev is None else 1.0, accelerator,
+                            init=prev and prev / "folds", keep=here / "folds", votes=here / "votes.npz")
+            accs.append(oof_validation(oof, cfg)["val/acc"])
+        else:
+            accs.append(validate(rm, tok, val, cfg, accelerator)["val/acc"])
+        summaries.append(summary)
+        del rm
+        log.info("seed RM after %g epochs: validation accuracy %.4f", epochs, accs[-1])
+        best, stop = choose_iteration(accs, s.patience)
+        if stop or epochs + 1 > s.seed_epochs:
+            break
+        prev, epochs = here, epochs + 1
+    chosen = stage / f"{cfg.train.epochs + best:g}"
+    rm, tok = load_rm(chosen / "rm", cfg, accelerator)
+    oof = None
+    if s.folds:
+        z = dict(np.load(chosen / "votes.npz"))
+        oof, margins = z["oof"], np.zeros((s.folds, len(candidates)))
+        for j in range(s.folds):
+            member, member_tok = load_rm(chosen / "folds" / str(j), cfg, accelerator)
+            margins[j] = vote(member, member_tok, candidates, cfg, accelerator)
+            del member
+        if accelerator.is_main_process:
+            atomic_write_npz(run / "votes" / "0.npz", **{**z, "ids": np.array([p.id for p in candidates]),
+                                                          "margins": margins})
+            if not s.restart:
+                shutil.rmtree(run / "folds" / "0", ignore_errors=True)
+                (run / "folds").mkdir(exist_ok=True)
+                os.replace(chosen / "folds", run / "folds" / "0")
+    accelerator.wait_for_everyone()
+    record = {"ser/seed_epochs": cfg.train.epochs + best,
+              "val/by_seed_epoch": {f"{cfg.train.epochs + i:g}": a for i, a in enumerate(accs)}}
+    return rm, tok, summaries[best], oof, record
 
 
 def validate(rm, tokenizer, val: list[Pair], cfg: Config, accelerator) -> dict:
@@ -304,20 +378,24 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         train_pairs = human + pseudo_pairs
         init = None if it == 0 or s.restart else str(run / "iterations" / str(it - 1))
         epochs = None if it == 0 else s.iteration_epochs
-        cfg_it = iteration_config(cfg, it)
-        rm, tok, summary = fit_rm(cfg_it, [p.prompt for p in train_pairs], [p.chosen for p in train_pairs],
-                                  [p.rejected for p in train_pairs], accelerator=accelerator, init=init,
-                                  pseudo=[False] * len(human) + [True] * len(pseudo_pairs),
-                                  pseudo_target=None if soft is None else [1.0] * len(human) + soft, epochs=epochs,
-                                  metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
-                                  prefix={"iteration": it}, desc=f"iteration {it}")
-        # 6b. Cross-fit (ser.folds): k fold models on the seed outside their fold + the same pseudo-labels; their
-        #     out-of-fold margins calibrate and validate, their votes on the pool label the next iteration.
-        oof = None
-        if s.folds:
-            t1 = time.time()
-            oof = cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator)
-            record["time/crossfit_seconds"] = time.time() - t1
+        cfg_it, oof, t1 = iteration_config(cfg, it), None, time.time()
+        if it == 0 and s.seed_epochs:  # the seed RM's epochs (and its fold models', 6b) chosen on validation
+            rm, tok, summary, oof, chosen = seed_rm_by_validation(cfg, run, seed, pool, val, accelerator)
+            record |= {**chosen, "time/seed_epochs_seconds": time.time() - t1}
+        else:
+            rm, tok, summary = fit_rm(cfg_it, [p.prompt for p in train_pairs], [p.chosen for p in train_pairs],
+                                      [p.rejected for p in train_pairs], accelerator=accelerator, init=init,
+                                      pseudo=[False] * len(human) + [True] * len(pseudo_pairs),
+                                      pseudo_target=None if soft is None else [1.0] * len(human) + soft,
+                                      epochs=epochs,
+                                      metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
+                                      prefix={"iteration": it}, desc=f"iteration {it}")
+            # 6b. Cross-fit (ser.folds): k fold models on the seed outside their fold + the same pseudo-labels;
+            #     their out-of-fold margins calibrate and validate, their votes on the pool label the next iteration.
+            if s.folds:
+                t1 = time.time()
+                oof = cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator)
+                record["time/crossfit_seconds"] = time.time() - t1
         # 7. Validate (human pairs the returned RM never trained on: a hold-out, else out-of-fold margins; they
         #    alone choose and stop), and evaluate on the test pairs (reported, never used for a decision).
         stop = False
@@ -339,8 +417,10 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         emit(run, record, accelerator)
         state.completed = it
         save_state(run, state, accelerator)
-        if it > 1 and accelerator.is_main_process:  # fold models now superseded (iteration 0's: shared seed)
-            shutil.rmtree(run / "folds" / str(it - 1), ignore_errors=True)
+        # superseded now: the previous fold models (iteration 0's are kept, experiments share them), the seed RM's
+        # candidate epochs
+        if accelerator.is_main_process:
+            shutil.rmtree(run / "folds" / str(it - 1) if it > 1 else run / "seed_epochs", ignore_errors=True)
         log.info("iteration %d: %s", it, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in record.items() if k != "iteration" and
                                                    not k.startswith("audit/")))
@@ -384,12 +464,16 @@ def save_scores(run: Path, it: int, accelerator, **arrays) -> None:
 
 
 def load_iteration(run: Path, it: int, cfg: Config | None = None, accelerator=None):
-    """(rm, tokenizer) of iteration `it`, in eval mode. With model.mode=freeze (one process), the RM scores through
-    the shared frozen-layer cache (`ser.frozen.shared_cache`): pool scoring, calibration and evaluation reuse the
-    frozen states that training computed."""
+    """(rm, tokenizer) of iteration `it`, in eval mode (`load_rm`)."""
+    return load_rm(run / "iterations" / str(it), cfg, accelerator)
+
+
+def load_rm(directory: Path, cfg: Config | None = None, accelerator=None):
+    """(rm, tokenizer) of a saved RM directory, in eval mode. With model.mode=freeze (one process), the RM scores
+    through the shared frozen-layer cache (`ser.frozen.shared_cache`): pool scoring, calibration and evaluation
+    reuse the frozen states that training computed."""
     from ser.models import load_reward_model
 
-    directory = run / "iterations" / str(it)
     verify_manifest(directory)
     freeze = (cfg is not None and cfg.model.mode == "freeze"
               and (accelerator is None or accelerator.num_processes == 1))

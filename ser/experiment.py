@@ -109,8 +109,8 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
     # Seed RM once: it is iteration 0 of every self-labelling run (evolve's own iteration 0, same seed).
     seed_run = base / "seed_only"
     if not (seed_run / "state.json").exists() or json.loads((seed_run / "state.json").read_text())["completed"] < 0:
-        run_evolve(dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, max_iterations=0)), str(seed_run),
-                   resume=str(seed_run) if (seed_run / "config.yaml").exists() else None)
+        run_evolve(seed_rm_config(cfg), str(seed_run), resume=str(seed_run) if (seed_run / "config.yaml").exists()
+                   else None)
     rm, tok = load_iteration(seed_run, 0, cfg)
     results["seed_only"] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(seed_run)}
     if "full_label" in methods:
@@ -145,6 +145,17 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
     return results
 
 
+def seed_rm_config(cfg: Config) -> Config:
+    """The seed_only run's config: iteration 0 alone. With experiment.seed_epochs the seed RM's epochs are chosen on
+    the out-of-fold accuracy of the ensemble methods' fold models (`evolve.seed_rm_by_validation`), and every
+    method starts from that seed RM (the ensemble methods also from its fold models and their votes)."""
+    ser = dataclasses.replace(cfg.ser, max_iterations=0)
+    if cfg.experiment.seed_epochs:
+        ser = dataclasses.replace(ser, **{k: ENSEMBLE[k] for k in ("rule", "folds", "restart")},
+                                  seed_epochs=cfg.experiment.seed_epochs)
+    return dataclasses.replace(cfg, ser=ser)
+
+
 def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.ndarray, accelerator) -> np.ndarray:
     """The `seed_continued` control: iteration it continues the previous RM (from the seed RM) on the human seed
     alone for ser.iteration_epochs with training seed train.seed + it, as a continuing loop trains its RM minus
@@ -174,10 +185,12 @@ def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.
 
 
 def ensemble_source(base: Path, cfg: Config) -> Path | None:
-    """Another ensemble method's run of this seed whose iteration 0 is committed and which this one can share: the
-    same seed RM and fold models (they depend on the split, the training settings and ser.folds only). Without
-    ser.restart the fold models themselves are needed too (the next iteration's continue from them)."""
-    for method, settings in SELF_LABELLING.items():
+    """Another ensemble method's run of this seed (or, with experiment.seed_epochs, the seed_only run) whose
+    iteration 0 is committed and which this one can share: the same seed RM and fold models (they depend on the
+    split, the training settings and ser.folds only). Without ser.restart the fold models themselves are needed
+    too (the next iteration's continue from them)."""
+    seed_rm = {"seed_only": ENSEMBLE} if cfg.experiment.seed_epochs else {}  # cross-fitted: `seed_rm_config`
+    for method, settings in {**seed_rm, **SELF_LABELLING}.items():
         run = base / method
         if settings.get("rule") == "ensemble" and settings["folds"] == cfg.ser.folds and \
                 (run / "votes" / "0.npz").exists() and (run / "state.json").exists() and \
@@ -426,6 +439,13 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
         gap = r.get("gap_closed")
         lines.append(f"| {m} | {r['accuracy']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | "
                      f"{', '.join(f'{x:.3f}' for x in r['per_seed'])} | {'' if gap is None else f'{gap:+.0%}'} |")
+    chosen = {s: r for s in per_seed for r in per_seed[s]["seed_only"]["metrics"] if "ser/seed_epochs" in r}
+    if chosen:
+        lines += ["", f"Seed RM epochs, chosen on out-of-fold accuracy (from train.epochs = {cfg.train.epochs:g} up "
+                  f"to experiment.seed_epochs = {cfg.experiment.seed_epochs:g}): " + "; ".join(
+                      f"seed {s}: {r['ser/seed_epochs']:g} (" + ", ".join(
+                          f"{e}: {a:.3f}" for e, a in r["val/by_seed_epoch"].items()) + ")"
+                      for s, r in chosen.items())]
     if "accuracy.png" in plots:
         lines += ["", "Per iteration: each method's mean over seeds (a seed whose run stopped keeps its last RM; the "
                   "table above reports the returned RM, for validated methods the iteration chosen on validation) "

@@ -534,6 +534,87 @@ def test_fold_models_continue_from_their_own_previous_iteration_without_restart(
     assert (run / "folds" / "0" / "1" / "model.safetensors").exists()
 
 
+def test_seed_rm_epochs_are_chosen_on_out_of_fold_accuracy(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
+    """ser.seed_epochs: the seed RM and its fold models go on one epoch at a time while the out-of-fold accuracy
+    improves (patience 1). On the hand-made validation sequence 0.50, 0.60, 0.55 (epochs 1, 2, 3) epoch 2 is
+    chosen and epoch 4 never trains; iteration 0 is epoch 2's RM, `folds/0` epoch 2's fold models (their
+    out-of-fold margins are the votes file's), and iteration 1 continues from both."""
+    import torch
+
+    import ser.evolve as evolve
+    from ser.pipeline import load_splits, rm_scores
+
+    calls, weights, real_fit = [], {}, evolve.fit_rm
+
+    def fit(cfg, prompts, chosen, rejected, **kw):
+        calls.append((kw["desc"], kw.get("init"), kw.get("epochs")))
+        rm, tok, summary = real_fit(cfg, prompts, chosen, rejected, **kw)
+        weights[kw["desc"]] = {k: v.detach().clone() for k, v in rm.state_dict().items()}
+        return rm, tok, summary
+
+    sequence, real_validation = [0.50, 0.60, 0.55], evolve.oof_validation
+
+    def validation(oof, cfg):  # the seed RM's epochs see the hand-made sequence, later iterations the real one
+        out = real_validation(oof, cfg)
+        return {**out, "val/acc": sequence.pop(0)} if sequence else out
+
+    monkeypatch.setattr(evolve, "fit_rm", fit)
+    monkeypatch.setattr(evolve, "oof_validation", validation)
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{
+        "ser.rule": "ensemble", "ser.folds": 2, "ser.confidence": 0.5, "ser.max_iterations": 1, "train.epochs": 1,
+        "ser.seed_epochs": 4}))
+    run = run_evolve(cfg, str(tmp_path / "run"))
+    stage = run / "seed_epochs"
+    assert calls[:9] == [("seed RM, epoch 1", None, None), ("iteration 0 fold 1/2", None, None),
+                         ("iteration 0 fold 2/2", None, None),
+                         ("seed RM, epoch 2", str(stage / "1" / "rm"), 1.0),
+                         ("iteration 0 fold 1/2", str(stage / "1" / "folds" / "0"), 1.0),
+                         ("iteration 0 fold 2/2", str(stage / "1" / "folds" / "1"), 1.0),
+                         ("seed RM, epoch 3", str(stage / "2" / "rm"), 1.0),
+                         ("iteration 0 fold 1/2", str(stage / "2" / "folds" / "0"), 1.0),
+                         ("iteration 0 fold 2/2", str(stage / "2" / "folds" / "1"), 1.0)]
+    assert calls[9] == ("iteration 1", str(run / "iterations" / "0"), 1.0)
+    assert calls[10][1] == str(run / "folds" / "0" / "0")
+    seed_record = iteration_records(run)[0]
+    assert seed_record["ser/seed_epochs"] == 2 and seed_record["val/by_seed_epoch"] == {"1": 0.5, "2": 0.6, "3": 0.55}
+    saved = load_file(run / "iterations" / "0" / "model.safetensors")
+    assert all(torch.equal(saved[k], weights["seed RM, epoch 2"][k]) for k in saved)
+    # folds/0 are epoch 2's fold models: re-scoring the seed pairs of their own fold gives the votes' oof margins
+    z = np.load(run / "votes" / "0.npz")
+    split = load_splits(cfg.data)
+    for j in range(2):
+        rm, tok = evolve.load_rm(run / "folds" / "0" / str(j), cfg)
+        held = [p for p, f in zip(split.seed, z["folds"]) if f == j]
+        r_c, r_r = rm_scores(rm, tok, held, cfg)
+        assert np.allclose(r_c - r_r, z["oof"][z["folds"] == j], atol=1e-5)
+    assert z["margins"].shape == (2, len(split.pool)) and not stage.exists()
+
+
+def test_seed_rm_epochs_on_a_hold_out_and_shared_by_an_experiment(tiny_bert_dir, shared_data, tmp_path):
+    """Without folds the held-out seed pairs (ser.validation) choose the seed RM's epochs; `ser experiment` with
+    experiment.seed_epochs chooses them once per seed by cross-fitting (seed_only's run) and every method starts
+    from that seed RM: the ensemble also from its votes and fold models (hard links)."""
+    from ser.experiment import run_experiment
+
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"ser.validation": 8, "ser.max_iterations": 0,
+                                                             "train.epochs": 1, "ser.seed_epochs": 3}))
+    record = iteration_records(run_evolve(cfg, str(tmp_path / "holdout")))[0]
+    assert 1 <= record["ser/seed_epochs"] <= 3 and list(record["val/by_seed_epoch"])[0] == "1"
+    assert record["val/acc"] == record["val/by_seed_epoch"][f"{record['ser/seed_epochs']:g}"]
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{
+        "experiment.seeds": "[0]", "ser.max_iterations": 1, "experiment.bootstrap": 50, "train.epochs": 1,
+        "experiment.seed_epochs": 2, "experiment.methods": "[seed_only, ser_paper, ser_ensemble]"}))
+    root = run_experiment(cfg, str(tmp_path / "exp"))
+    seed_run = root / "seed0" / "seed_only"
+    record = iteration_records(seed_run)[0]
+    assert set(record["val/by_seed_epoch"]) <= {"1", "2"} and record["val/source"] == "out-of-fold"
+    for f in ("iterations/0/model.safetensors", "votes/0.npz", "folds/0/3/model.safetensors"):
+        assert (seed_run / f).stat().st_ino == (root / "seed0" / "ser_ensemble" / f).stat().st_ino
+    assert (seed_run / "iterations/0/model.safetensors").stat().st_ino == \
+        (root / "seed0" / "ser_paper" / "iterations/0/model.safetensors").stat().st_ino
+    assert "Seed RM epochs, chosen on out-of-fold accuracy" in (root / "report.md").read_text()
+
+
 def test_audit_hand_example():
     from ser.evolve import audit
 
