@@ -370,32 +370,15 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             state.pseudo = new if s.relabel else state.pseudo + new
             pool = pool if s.relabel else [p for p, t in zip(pool, take) if not t]
             record["ser/pool_left"] = len(pool)
-        # 6. (Re)train on the human seed (iteration 0) or seed + pseudo-labels: the seed RM starts from the backbone;
-        #    later ones continue from the previous RM (paper README) or restart from the backbone (released script).
+        # 6. (Re)train on the human seed (iteration 0; with ser.seed_epochs its epochs chosen on validation) or seed
+        #    + pseudo-labels; 6b. cross-fit (ser.folds): k fold models trained the same way on the seed outside
+        #    their fold; their out-of-fold margins calibrate and validate, their votes label the next iteration.
         pseudo_pairs = [as_pair(by_id[e[0]], e[1]) for e in state.pseudo] if it > 0 else []
         soft = [e[2] for e in state.pseudo] if s.soft_labels and it > 0 else None
-        human = list(seed) if it == 0 or s.keep_seed else []
-        train_pairs = human + pseudo_pairs
-        init = None if it == 0 or s.restart else str(run / "iterations" / str(it - 1))
-        epochs = None if it == 0 else s.iteration_epochs
-        cfg_it, oof, t1 = iteration_config(cfg, it), None, time.time()
-        if it == 0 and s.seed_epochs:  # the seed RM's epochs (and its fold models', 6b) chosen on validation
-            rm, tok, summary, oof, chosen = seed_rm_by_validation(cfg, run, seed, pool, val, accelerator)
-            record |= {**chosen, "time/seed_epochs_seconds": time.time() - t1}
-        else:
-            rm, tok, summary = fit_rm(cfg_it, [p.prompt for p in train_pairs], [p.chosen for p in train_pairs],
-                                      [p.rejected for p in train_pairs], accelerator=accelerator, init=init,
-                                      pseudo=[False] * len(human) + [True] * len(pseudo_pairs),
-                                      pseudo_target=None if soft is None else [1.0] * len(human) + soft,
-                                      epochs=epochs,
-                                      metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
-                                      prefix={"iteration": it}, desc=f"iteration {it}")
-            # 6b. Cross-fit (ser.folds): k fold models on the seed outside their fold + the same pseudo-labels;
-            #     their out-of-fold margins calibrate and validate, their votes on the pool label the next iteration.
-            if s.folds:
-                t1 = time.time()
-                oof = cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator)
-                record["time/crossfit_seconds"] = time.time() - t1
+        train_pairs = (list(seed) if it == 0 or s.keep_seed else []) + pseudo_pairs
+        rm, tok, summary, oof, trained = retrain(cfg, run, it, seed, train_pairs, pseudo_pairs, soft, pool, val,
+                                                 accelerator)
+        record |= trained
         # 7. Validate (human pairs the returned RM never trained on: a hold-out, else out-of-fold margins; they
         #    alone choose and stop), and evaluate on the test pairs (reported, never used for a decision).
         stop = False
@@ -434,6 +417,33 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
     else:
         state.stopped = state.stopped or f"max_iterations={s.max_iterations} reached"
     return state
+
+
+def retrain(cfg: Config, run: Path, it: int, seed: list[Pair], train_pairs: list[Pair], pseudo_pairs: list[Pair],
+            soft, pool: list[UnlabelledPair], val: list[Pair], accelerator):
+    """Steps 6 and 6b of iteration `it`: the RM trained on `train_pairs` (the human seed, then the pseudo-labelled
+    pairs, which `soft` gives targets for with ser.soft_labels). The seed RM starts from the backbone (its epochs
+    chosen on validation with ser.seed_epochs: `seed_rm_by_validation`); later ones continue from the previous RM
+    for ser.iteration_epochs (paper README) or, with ser.restart, retrain from the backbone (released script).
+    With ser.folds the fold models follow (`cross_fit`). Returns (rm, tokenizer, training summary, out-of-fold
+    margins (n_seed,) or None, record)."""
+    t0, human = time.time(), len(train_pairs) - len(pseudo_pairs)
+    if it == 0 and cfg.ser.seed_epochs:
+        rm, tok, summary, oof, record = seed_rm_by_validation(cfg, run, seed, pool, val, accelerator)
+        return rm, tok, summary, oof, {**record, "time/seed_epochs_seconds": time.time() - t0}
+    init = None if it == 0 or cfg.ser.restart else str(run / "iterations" / str(it - 1))
+    epochs = None if it == 0 else cfg.ser.iteration_epochs
+    rm, tok, summary = fit_rm(iteration_config(cfg, it), [p.prompt for p in train_pairs],
+                              [p.chosen for p in train_pairs], [p.rejected for p in train_pairs],
+                              accelerator=accelerator, init=init, pseudo=[False] * human + [True] * len(pseudo_pairs),
+                              pseudo_target=None if soft is None else [1.0] * human + soft, epochs=epochs,
+                              metrics_path=run / "metrics.jsonl" if accelerator.is_main_process else None,
+                              prefix={"iteration": it}, desc=f"iteration {it}")
+    if not cfg.ser.folds:
+        return rm, tok, summary, None, {}
+    t1 = time.time()
+    oof = cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator)
+    return rm, tok, summary, oof, {"time/crossfit_seconds": time.time() - t1}
 
 
 def stop_message(cfg: Config, it: int, record: dict) -> str:
