@@ -318,9 +318,10 @@ def validate(cfg: Config) -> None:
                         f"be 0 or at least train.epochs = {cfg.train.epochs:g}, and needs a validation signal "
                         f"(ser.folds or ser.validation); got seed_epochs={s.seed_epochs:g}, folds={s.folds}, "
                         f"validation={s.validation}")
-    if cfg.experiment.seed_epochs and cfg.experiment.seed_epochs < cfg.train.epochs:
+    if cfg.experiment.seed_epochs and (cfg.experiment.seed_epochs < cfg.train.epochs or cfg.ser.validation):
         raise UserError(f"config: 'experiment.seed_epochs' must be 0 or at least train.epochs = {cfg.train.epochs:g}, "
-                        f"got {cfg.experiment.seed_epochs:g}")
+                        f"and chooses by cross-fitting (not with ser.validation); got {cfg.experiment.seed_epochs:g}, "
+                        f"validation={cfg.ser.validation}")
     if cfg.ser.patience < 1:
         raise UserError(f"config: 'ser.patience' must be >= 1, got {cfg.ser.patience}")
     if cfg.data.limit is not None and cfg.data.limit < 1:

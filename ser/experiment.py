@@ -218,8 +218,11 @@ def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> N
         os.link(seed_run / "votes" / "0.npz", run / "votes" / "0.npz")
         if not cfg.ser.restart:
             shutil.copytree(seed_run / "folds" / "0", run / "folds" / "0", copy_function=os.link, dirs_exist_ok=True)
-    save_state(run, State(completed=0, data_hash=seed_state["data_hash"], val_acc=seed_state.get("val_acc", [])[:1]),
-               accelerator)
+    # the seed RM's validation accuracy only for a method that validates (with experiment.seed_epochs the shared seed
+    # RM has one; a method without validation returns its last iteration)
+    validated = cfg.ser.folds or cfg.ser.validation
+    save_state(run, State(completed=0, data_hash=seed_state["data_hash"],
+                          val_acc=seed_state.get("val_acc", [])[:1] if validated else []), accelerator)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

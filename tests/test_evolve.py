@@ -612,6 +612,8 @@ def test_seed_rm_epochs_on_a_hold_out_and_shared_by_an_experiment(tiny_bert_dir,
         assert (seed_run / f).stat().st_ino == (root / "seed0" / "ser_ensemble" / f).stat().st_ino
     assert (seed_run / "iterations/0/model.safetensors").stat().st_ino == \
         (root / "seed0" / "ser_paper" / "iterations/0/model.safetensors").stat().st_ino
+    # the paper's rule does not validate: it returns its last iteration, whatever the shared seed RM's val acc was
+    assert json.loads((root / "seed0" / "ser_paper" / "state.json").read_text())["val_acc"] == []
     assert "Seed RM epochs, chosen on out-of-fold accuracy" in (root / "report.md").read_text()
 
 
