@@ -91,6 +91,7 @@ class SERConfig:
     pseudo_margin: float = 1.0  # margin of the hinge loss on pseudo-labelled pairs
     validation: float | int = 0.0  # seed pairs held out of training (fraction/count): pick + stop + calibrate; 0: paper
     patience: int = 1  # with ser.validation: stop after this many iterations without a validation improvement
+    val_metric: str = "accuracy"  # what validation picks and stops on: accuracy | log_likelihood (calibrated BT)
     length_guard: bool = False  # accept pseudo-labels so their longer-answer-chosen share is at most the human seed's
     restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone
     keep_seed: bool = True  # keep the human seed pairs in every iteration's training data
@@ -275,6 +276,7 @@ def validate(cfg: Config) -> None:
         "train.mixed_precision": (cfg.train.mixed_precision, ("no", "bf16", "fp16", "auto")),
         "ser.rule": (cfg.ser.rule, ("paper", "code", "ssrm", "ensemble")),
         "ser.calibration": (cfg.ser.calibration, ("none", "center", "temperature")),
+        "ser.val_metric": (cfg.ser.val_metric, ("accuracy", "log_likelihood")),
         "ser.pseudo_loss": (cfg.ser.pseudo_loss, ("sigmoid", "hinge")),
         "ppo.reward": (cfg.ppo.reward, ("sigmoid", "normalize")),
     }

@@ -23,8 +23,8 @@ from ser.bias import length_balanced_accept, longer_chosen_share
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_write_text, check_writable,
                             save_reward_model, truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
-from ser.crossfit import (choose_iteration, fold_assignment, holdout_mask, precision_by_agreement,
-                          precision_by_decile, select_by_vote)
+from ser.crossfit import (calibrated_log_likelihood, choose_iteration, fold_assignment, holdout_mask,
+                          precision_by_agreement, precision_by_decile, select_by_vote)
 from ser.data import Pair, UnlabelledPair, drop_test_pairs, hide_labels, load_unlabelled, resolve_count
 from ser.errors import UserError
 from ser.evaluate import bootstrap_ci
@@ -49,6 +49,7 @@ class State:
     stopped: str | None = None  # why the loop stopped, once it has
     data_hash: str = ""  # hash of the split's ids: resuming on different data is an error
     val_acc: list = dataclasses.field(default_factory=list)  # validation accuracy per completed iteration
+    val_score: list = dataclasses.field(default_factory=list)  # ser.val_metric per completed iteration: it chooses
 
 
 def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config, accelerator=None) -> tuple[float, float]:
@@ -249,7 +250,7 @@ def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: 
     Returns (rm, tokenizer, summary of the chosen epoch's training, out-of-fold margins or None, record)."""
     s, stage = cfg.ser, run / "seed_epochs"
     shutil.rmtree(stage, ignore_errors=True)  # an interrupted iteration 0 starts again
-    epochs, accs, summaries, prev = cfg.train.epochs, [], [], None
+    epochs, records, summaries, prev = cfg.train.epochs, [], [], None
     while True:
         here = stage / f"{epochs:g}"
         cfg_e = cfg if prev is None else dataclasses.replace(
@@ -266,13 +267,14 @@ def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: 
         if s.folds:
             oof = cross_fit(cfg_e, run, 0, seed, [], None, [], None if prev is None else 1.0, accelerator,
                             init=prev and prev / "folds", keep=here / "folds", votes=here / "votes.npz")
-            accs.append(oof_validation(oof, cfg)["val/acc"])
+            records.append(oof_validation(oof, cfg))
         else:
-            accs.append(validate(rm, tok, val, cfg, accelerator)["val/acc"])
+            records.append(validate(rm, tok, val, cfg, accelerator))
         summaries.append(summary)
         del rm
-        log.info("seed RM after %g epochs: validation accuracy %.4f", epochs, accs[-1])
-        best, stop = choose_iteration(accs, s.patience)
+        log.info("seed RM after %g epochs: validation accuracy %.4f, log-likelihood %.4f", epochs,
+                 records[-1]["val/acc"], records[-1]["val/log_lik"])
+        best, stop = choose_iteration([val_score(r, cfg) for r in records], s.patience)
         if stop or epochs + 1 > s.seed_epochs:
             break
         prev, epochs = here, epochs + 1
@@ -295,16 +297,19 @@ def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: 
                 os.replace(chosen / "folds", run / "folds" / "0")
     accelerator.wait_for_everyone()
     record = {"ser/seed_epochs": cfg.train.epochs + best,
-              "val/by_seed_epoch": {f"{cfg.train.epochs + i:g}": a for i, a in enumerate(accs)}}
+              "val/by_seed_epoch": {f"{cfg.train.epochs + i:g}": r["val/acc"] for i, r in enumerate(records)},
+              "val/log_lik_by_seed_epoch": {f"{cfg.train.epochs + i:g}": r["val/log_lik"] for i, r in enumerate(records)}}
     return rm, tok, summaries[best], oof, record
 
 
 def validate(rm, tokenizer, val: list[Pair], cfg: Config, accelerator) -> dict:
-    """Accuracy (strict r_chosen > r_rejected) on the validation pairs, with its 95% bootstrap CI."""
+    """Accuracy (strict r_chosen > r_rejected) on the validation pairs, with its 95% bootstrap CI, and the
+    calibrated log-likelihood of their margins (`crossfit.calibrated_log_likelihood`)."""
     r_c, r_r = rm_scores(rm, tokenizer, val, cfg, accelerator)
     correct = (r_c > r_r).astype(np.float64)
     lo, hi = bootstrap_ci(correct, seed=cfg.train.seed)
-    return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(val)}
+    return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(val),
+            "val/log_lik": calibrated_log_likelihood(r_c - r_r)}
 
 
 def oof_validation(oof: np.ndarray, cfg: Config) -> dict:
@@ -314,7 +319,12 @@ def oof_validation(oof: np.ndarray, cfg: Config) -> dict:
     correct = (oof > 0).astype(np.float64)
     lo, hi = bootstrap_ci(correct, seed=cfg.train.seed)
     return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(oof),
-            "val/source": "out-of-fold"}
+            "val/log_lik": calibrated_log_likelihood(oof), "val/source": "out-of-fold"}
+
+
+def val_score(record: dict, cfg: Config) -> float:
+    """The validation number that chooses and stops (ser.val_metric) from a `validate`/`oof_validation` record."""
+    return record["val/acc" if cfg.ser.val_metric == "accuracy" else "val/log_lik"]
 
 
 def validation_split(cfg: Config, split) -> tuple[object, list[Pair]]:
@@ -333,8 +343,10 @@ def validation_split(cfg: Config, split) -> tuple[object, list[Pair]]:
 
 
 def final_iteration(cfg: Config, state: State) -> int:
-    """The iteration `final/` holds: the best on validation (ties: the earlier), else the last completed."""
-    return choose_iteration(state.val_acc, cfg.ser.patience)[0] if state.val_acc else state.completed
+    """The iteration `final/` holds: the best on validation (ties: the earlier), else the last completed. (Runs
+    from before ser.val_metric kept only their validation accuracy, which then chose.)"""
+    scores = state.val_score or state.val_acc
+    return choose_iteration(scores, cfg.ser.patience)[0] if scores else state.completed
 
 
 def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dict | None, state: State,
@@ -385,7 +397,8 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         if val or oof is not None:
             record |= validate(rm, tok, val, cfg, accelerator) if val else oof_validation(oof, cfg)
             state.val_acc.append(record["val/acc"])
-            record["ser/chosen"], stop = choose_iteration(state.val_acc, s.patience)
+            state.val_score.append(val_score(record, cfg))
+            record["ser/chosen"], stop = choose_iteration(state.val_score, s.patience)
         m = evaluate_rm(rm, tok, test, cfg, accelerator)
         record |= {"rm/acc": m["accuracy"], "rm/ece": m["ece"], "rm/brier": m["brier"],
                    "rm/mean_margin": m["mean_margin"], "bias/test_length_corr": m["length_corr"],
@@ -411,8 +424,8 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             state.stopped = f"iteration {it}: the pool is empty"
             break
         if stop:
-            state.stopped = (f"iteration {it}: validation accuracy did not improve for {s.patience} "
-                             f"iteration(s) (best: iteration {record['ser/chosen']})")
+            state.stopped = (f"iteration {it}: validation {s.val_metric.replace('_', '-')} did not improve for "
+                             f"{s.patience} iteration(s) (best: iteration {record['ser/chosen']})")
             break
     else:
         state.stopped = state.stopped or f"max_iterations={s.max_iterations} reached"
@@ -560,19 +573,21 @@ def summary_table(run: Path) -> str:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in records if "rm/acc" in r or "ser/stop" in r]
     lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'precision':>9} {'longer':>6} "
-             f"{'val_acc':>7} {'test_acc':>8} {'acc_L':>6} {'acc_S':>6}"]
+             f"{'val_acc':>7} {'val_ll':>7} {'test_acc':>8} {'acc_L':>6} {'acc_S':>6}"]
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731  (null: not measured / not finite)
     for r in rows:
         lines.append(f"{r['iteration']:>4} {r.get('ser/status', 'seed'):>6} {r.get('ser/n_status1', ''):>7} "
                      f"{r.get('ser/n_status2', ''):>7} {r.get('ser/added', ''):>6} "
                      f"{num(r.get('ser/pseudo_precision'), '.3f'):>9} {num(r.get('bias/pseudo_longer_chosen'), '.3f'):>6} "
-                     f"{num(r.get('val/acc'), '.4f'):>7} {num(r.get('rm/acc'), '.4f'):>8} "
+                     f"{num(r.get('val/acc'), '.4f'):>7} {num(r.get('val/log_lik'), '.4f'):>7} "
+                     f"{num(r.get('rm/acc'), '.4f'):>8} "
                      f"{num(r.get('bias/test_acc_chosen_longer'), '.3f'):>6} "
                      f"{num(r.get('bias/test_acc_chosen_shorter'), '.3f'):>6}")
     seed_share = next((r["bias/seed_longer_chosen"] for r in rows if "bias/seed_longer_chosen" in r), None)
     lines.append(f"longer: share of the added pseudo-labels whose chosen answer is the longer one (human seed labels: "
-                 f"{num(seed_share, '.3f')}); acc_L / acc_S: test accuracy where the human-chosen answer is the "
-                 f"longer / the shorter one")
+                 f"{num(seed_share, '.3f')}); val_acc / val_ll: validation accuracy / calibrated log-likelihood "
+                 f"(nats per pair); acc_L / acc_S: test accuracy where the human-chosen answer is the longer / the "
+                 f"shorter one")
     acc = {r["iteration"]: r["rm/acc"] for r in rows if "rm/acc" in r}
     end = next((r for r in reversed(records) if "ser/stop_reason" in r), {})
     final = end.get("ser/final", max(acc, default=0))

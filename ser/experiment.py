@@ -43,7 +43,8 @@ from ser.config import Config, to_dict, validate
 from ser.data import resolve_count
 from ser.errors import UserError
 from ser.evaluate import hierarchical_bootstrap
-from ser.evolve import State, final_iteration, iteration_config, load_iteration, run_evolve, save_state
+from ser.evolve import (State, final_iteration, iteration_config, load_iteration, oof_validation, run_evolve,
+                        save_state, val_score)
 from ser.models import load_reward_model
 from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores
 from ser.train import make_accelerator
@@ -59,7 +60,7 @@ ONE_RM = {"folds": 0, "min_agree": 0, "budget": 0.0, "soft_labels": False, "rela
 # variant above its seed RM on every seed, with the best mean, at about half the time per iteration; about half its
 # gain is the extra epochs, as the seed_continued control shows (docs/results.md).
 ENSEMBLE = {"rule": "ensemble", "folds": 4, "min_agree": 0, "confidence": 0.8, "budget": 0.2, "soft_labels": False,
-            "relabel": False, "restart": False, "length_guard": True, "patience": 1}
+            "relabel": False, "restart": False, "length_guard": True, "patience": 1, "val_metric": "log_likelihood"}
 UNGUARDED = {**ENSEMBLE, "length_guard": False}
 SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_RM, "rule": "code"},
                   "ssrm": {**ONE_RM, "rule": "ssrm"},
@@ -151,7 +152,7 @@ def seed_rm_config(cfg: Config) -> Config:
     method starts from that seed RM (the ensemble methods also from its fold models and their votes)."""
     ser = dataclasses.replace(cfg.ser, max_iterations=0)
     if cfg.experiment.seed_epochs:
-        ser = dataclasses.replace(ser, **{k: ENSEMBLE[k] for k in ("rule", "folds", "restart")},
+        ser = dataclasses.replace(ser, **{k: ENSEMBLE[k] for k in ("rule", "folds", "restart", "val_metric")},
                                   seed_epochs=cfg.experiment.seed_epochs)
     return dataclasses.replace(cfg, ser=ser)
 
@@ -218,11 +219,17 @@ def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> N
         os.link(seed_run / "votes" / "0.npz", run / "votes" / "0.npz")
         if not cfg.ser.restart:
             shutil.copytree(seed_run / "folds" / "0", run / "folds" / "0", copy_function=os.link, dirs_exist_ok=True)
-    # the seed RM's validation accuracy only for a method that validates (with experiment.seed_epochs the shared seed
-    # RM has one; a method without validation returns its last iteration)
+    # the seed RM's validation only for a method that validates (with experiment.seed_epochs the shared seed RM has
+    # one; a method without validation returns its last iteration), in the method's ser.val_metric: recomputed from
+    # the out-of-fold margins that the fold models' votes keep
     validated = cfg.ser.folds or cfg.ser.validation
-    save_state(run, State(completed=0, data_hash=seed_state["data_hash"],
-                          val_acc=seed_state.get("val_acc", [])[:1] if validated else []), accelerator)
+    val_acc, score = seed_state.get("val_acc", [])[:1] if validated else [], []
+    if val_acc and cfg.ser.rule == "ensemble":
+        score = [val_score(oof_validation(np.load(run / "votes" / "0.npz")["oof"], cfg), cfg)]
+    elif val_acc:
+        score = seed_state.get("val_score", val_acc)[:1]
+    save_state(run, State(completed=0, data_hash=seed_state["data_hash"], val_acc=val_acc, val_score=score),
+               accelerator)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -444,10 +451,15 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
                      f"{', '.join(f'{x:.3f}' for x in r['per_seed'])} | {'' if gap is None else f'{gap:+.0%}'} |")
     chosen = {s: r for s in per_seed for r in per_seed[s]["seed_only"]["metrics"] if "ser/seed_epochs" in r}
     if chosen:
-        lines += ["", f"Seed RM epochs, chosen on out-of-fold accuracy (from train.epochs = {cfg.train.epochs:g} up "
-                  f"to experiment.seed_epochs = {cfg.experiment.seed_epochs:g}): " + "; ".join(
+        metric = seed_rm_config(cfg).ser.val_metric.replace("_", "-")
+        lines += ["", f"Seed RM epochs, chosen on out-of-fold {metric} (from train.epochs = {cfg.train.epochs:g} up "
+                  f"to experiment.seed_epochs = {cfg.experiment.seed_epochs:g}; per epoch: accuracy"
+                  f"{' / log-likelihood' if any('val/log_lik_by_seed_epoch' in r for r in chosen.values()) else ''}"
+                  f"): " + "; ".join(
                       f"seed {s}: {r['ser/seed_epochs']:g} (" + ", ".join(
-                          f"{e}: {a:.3f}" for e, a in r["val/by_seed_epoch"].items()) + ")"
+                          f"{e}: {a:.3f}" + (f" / {r['val/log_lik_by_seed_epoch'][e]:.4f}"
+                                             if e in r.get("val/log_lik_by_seed_epoch", {}) else "")
+                          for e, a in r["val/by_seed_epoch"].items()) + ")"
                       for s, r in chosen.items())]
     if "accuracy.png" in plots:
         lines += ["", "Per iteration: each method's mean over seeds (a seed whose run stopped keeps its last RM; the "
@@ -459,10 +471,11 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
               "Length bias: *longer*, the share of the added pseudo-labels whose chosen answer is the longer one "
               "(beside the human seed labels' share); *acc L / acc S*, test accuracy where the human-chosen answer "
               "is the longer / the shorter one.", "",
-              "*val acc*: the validation accuracy that chooses the returned iteration (hold-out or out-of-fold human "
-              "seed pairs; marked * where chosen).", "",
+              "*val acc / log-lik*: validation accuracy and calibrated log-likelihood (nats per pair) on human seed "
+              "pairs not trained on (hold-out or out-of-fold); the method's ser.val_metric chooses the returned "
+              "iteration (marked *).", "",
               "| seed | method | iteration | status | status-1 | status-2 | added | precision | longer (seed) "
-              "| val acc | test acc | acc L / acc S |",
+              "| val acc / log-lik | test acc | acc L / acc S |",
               "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for s in per_seed:
@@ -476,7 +489,8 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
                     continue
                 if r.get("iteration", 0) == 0 and "val/acc" not in r:
                     continue
-                val = num(r.get("val/acc"), ".3f") + ("*" if "val/acc" in r and r["iteration"] == final else "")
+                val = (num(r.get("val/acc"), ".3f") + (f" / {r['val/log_lik']:.4f}" if "val/log_lik" in r else "")
+                       + ("*" if "val/acc" in r and r["iteration"] == final else ""))
                 longer = (f"{num(r.get('bias/pseudo_longer_chosen'), '.2f')} "
                           f"({num(r.get('bias/seed_longer_chosen'), '.2f')})" if "bias/seed_longer_chosen" in r else "")
                 by_length = (f"{num(r.get('bias/test_acc_chosen_longer'), '.3f')} / "

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from ser.crossfit import (accept, budget_accept, choose_iteration, ensemble_vote, fold_assignment, out_of_fold,
-                          precision_by_agreement, precision_by_decile, select_by_vote)
+from ser.crossfit import (accept, budget_accept, calibrated_log_likelihood, choose_iteration, ensemble_vote,
+                          fold_assignment, out_of_fold, precision_by_agreement, precision_by_decile, select_by_vote)
 from ser.losses import pairwise_losses, soft_pairwise_losses
 
 FAST = settings(max_examples=150, deadline=None)
@@ -101,6 +101,22 @@ def test_choose_iteration_hand_sequences():
     assert choose_iteration([0.6, 0.58, 0.59, 0.57], patience=3) == (0, True)
 
 
+def test_calibrated_log_likelihood_hand_values():
+    # n pairs at one margin m > 0: the fitted T puts σ(m / T) at Platt's (n + 1) / (n + 2), so the mean
+    # log-likelihood is log(3/4) for n = 2 (to the temperature grid's 1.25%-per-step resolution)
+    assert calibrated_log_likelihood([2.0, 2.0]) == pytest.approx(math.log(3 / 4), abs=2e-3)
+    # the same accuracy (3 of 4), but a wrong pair far on the wrong side scores worse than one near zero
+    near, far = calibrated_log_likelihood([2, 2, 2, -0.1]), calibrated_log_likelihood([2, 2, 2, -4])
+    assert near > far
+    # invariant to the margins' scale (x10 and x0.01 are whole steps of the log-spaced grid)
+    m = np.array([1.5, -0.3, 0.7, 2.2, -1.1])
+    assert calibrated_log_likelihood(10 * m) == pytest.approx(calibrated_log_likelihood(m), rel=1e-12)
+    assert calibrated_log_likelihood(0.01 * m) == pytest.approx(calibrated_log_likelihood(m), rel=1e-12)
+    for bad in ([], [1.0, math.nan], [math.inf]):
+        with pytest.raises(ValueError, match="non-empty finite"):
+            calibrated_log_likelihood(bad)
+
+
 def test_choose_iteration_min_delta_is_strict():
     # binary-exact values: 0.5 + 0.0625 == 0.5625 exactly, so 0.5625 is not an improvement over 0.5
     assert choose_iteration([0.5, 0.5625], patience=1, min_delta=0.0625) == (0, True)
@@ -109,7 +125,7 @@ def test_choose_iteration_min_delta_is_strict():
 
 
 def test_choose_iteration_errors():
-    with pytest.raises(ValueError, match="val_acc is empty"):
+    with pytest.raises(ValueError, match="val_scores is empty"):
         choose_iteration([], 1)
     with pytest.raises(ValueError, match="patience must be >= 1"):
         choose_iteration([0.5], 0)

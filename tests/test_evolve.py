@@ -466,7 +466,10 @@ def test_validation_picks_final_and_test_labels_change_no_decision(tiny_bert_dir
 
 def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
     """rule=ensemble: every seed pair's validation margin comes from a fold model that did not train on it (by the
-    pairs each model was given); the fold models' votes label the pool; validation is out of fold."""
+    pairs each model was given); the fold models' votes label the pool; validation is out of fold, and with
+    ser.val_metric = log_likelihood the out-of-fold margins' calibrated log-likelihood chooses."""
+    from ser.crossfit import calibrated_log_likelihood
+
     import ser.evolve as evolve
 
     trained_on, scored = {}, []
@@ -486,7 +489,8 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     monkeypatch.setattr(evolve, "rm_scores", scores)
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"ser.rule": "ensemble", "ser.folds": 3,
                                                              "ser.confidence": 0.5, "ser.restart": True,
-                                                             "ser.patience": 2, "ser.soft_labels": True}))
+                                                             "ser.patience": 2, "ser.soft_labels": True,
+                                                             "ser.val_metric": "log_likelihood"}))
     run = run_evolve(cfg, str(tmp_path / "run"))
     rows = iteration_records(run)
     z = np.load(run / "votes" / "0.npz")
@@ -494,6 +498,7 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     assert z["margins"].shape == (3, 64) and np.isfinite(z["oof"]).all() and float(z["temperature"]) > 0
     assert rows[0]["val/source"] == "out-of-fold" and rows[0]["val/n"] == 32
     assert rows[0]["val/acc"] == float(np.mean(z["oof"] > 0))
+    assert rows[0]["val/log_lik"] == calibrated_log_likelihood(z["oof"])
     assert len(rows) == 3 and rows[1]["ser/status"] == "vote" and rows[1]["ser/added"] > 0
     assert "audit/precision_by_decile" in rows[1] and "ser/pseudo_precision" in rows[1]
     assert any(k.startswith("ser/pseudo_precision_agree") for k in rows[1])
@@ -501,7 +506,8 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     pseudo = json.loads((run / "state.json").read_text())["pseudo"]
     assert all(0.5 <= q <= 1 for _, _, q in pseudo)  # soft targets: P of the labelled direction
     end = records(run)[-1]
-    assert end["ser/final"] == choose_iteration([r["val/acc"] for r in rows], 2)[0]
+    assert end["ser/final"] == choose_iteration([r["val/log_lik"] for r in rows], 2)[0]
+    assert json.loads((run / "state.json").read_text())["val_score"] == [r["val/log_lik"] for r in rows]
 
 
 def test_fold_models_continue_from_their_own_previous_iteration_without_restart(tiny_bert_dir, shared_data, tmp_path,
@@ -594,6 +600,7 @@ def test_seed_rm_epochs_on_a_hold_out_and_shared_by_an_experiment(tiny_bert_dir,
     """Without folds the held-out seed pairs (ser.validation) choose the seed RM's epochs; `ser experiment` with
     experiment.seed_epochs chooses them once per seed by cross-fitting (seed_only's run) and every method starts
     from that seed RM: the ensemble also from its votes and fold models (hard links)."""
+    from ser.crossfit import calibrated_log_likelihood
     from ser.experiment import run_experiment
 
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"ser.validation": 8, "ser.max_iterations": 0,
@@ -614,7 +621,13 @@ def test_seed_rm_epochs_on_a_hold_out_and_shared_by_an_experiment(tiny_bert_dir,
         (root / "seed0" / "ser_paper" / "iterations/0/model.safetensors").stat().st_ino
     # the paper's rule does not validate: it returns its last iteration, whatever the shared seed RM's val acc was
     assert json.loads((root / "seed0" / "ser_paper" / "state.json").read_text())["val_acc"] == []
-    assert "Seed RM epochs, chosen on out-of-fold accuracy" in (root / "report.md").read_text()
+    # the ensemble's metric (log-likelihood) chose the seed RM's epochs, and the fork starts from its value
+    by_epoch = list(record["val/log_lik_by_seed_epoch"].values())
+    assert record["ser/seed_epochs"] == 1 + choose_iteration(by_epoch, 1)[0]
+    oof = np.load(seed_run / "votes" / "0.npz")["oof"]
+    assert json.loads((root / "seed0" / "ser_ensemble" / "state.json").read_text())["val_score"][0] == \
+        calibrated_log_likelihood(oof) == record["val/log_lik"]
+    assert "Seed RM epochs, chosen on out-of-fold log-likelihood" in (root / "report.md").read_text()
 
 
 def test_audit_hand_example():
