@@ -343,10 +343,19 @@ def validation_split(cfg: Config, split) -> tuple[object, list[Pair]]:
 
 
 def final_iteration(cfg: Config, state: State) -> int:
-    """The iteration `final/` holds: the best on validation (ties: the earlier), else the last completed. (Runs
-    from before ser.val_metric kept only their validation accuracy, which then chose.)"""
-    scores = state.val_score or state.val_acc
-    return choose_iteration(scores, cfg.ser.patience)[0] if scores else state.completed
+    """The iteration `final/` holds: the best on validation (ties: the earlier), else the last completed."""
+    return choose_iteration(state.val_score, cfg.ser.patience)[0] if state.val_score else state.completed
+
+
+def load_state(run: Path) -> State:
+    """A run's `state.json` (a fresh State where there is none). A run from before ser.val_metric kept only
+    `val_acc`, which chose its iterations: that is its `val_score`."""
+    if not (run / "state.json").exists():
+        return State()
+    state = State(**json.loads((run / "state.json").read_text()))
+    if len(state.val_score) < len(state.val_acc):
+        state.val_score = list(state.val_acc)
+    return state
 
 
 def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dict | None, state: State,
@@ -530,7 +539,7 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
         if not (run / "config.yaml").exists():
             raise UserError(f"{run}: not a run directory (no config.yaml)")
         cfg = load_config(run / "config.yaml")
-        state = State(**json.loads((run / "state.json").read_text())) if (run / "state.json").exists() else State()
+        state = load_state(run)
     else:
         if out is None:
             raise UserError("ser evolve needs --out DIR (or --resume RUN_DIR)")

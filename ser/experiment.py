@@ -43,8 +43,8 @@ from ser.config import Config, to_dict, validate
 from ser.data import resolve_count
 from ser.errors import UserError
 from ser.evaluate import hierarchical_bootstrap
-from ser.evolve import (State, final_iteration, iteration_config, load_iteration, oof_validation, run_evolve,
-                        save_state, val_score)
+from ser.evolve import (State, final_iteration, iteration_config, load_iteration, load_state, oof_validation,
+                        run_evolve, save_state, val_score)
 from ser.models import load_reward_model
 from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores
 from ser.train import make_accelerator
@@ -140,7 +140,7 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
             else:  # the first ensemble method of this seed cross-fits the seed itself
                 run_evolve(mcfg, str(run))
         run_evolve(None, None, resume=str(run))
-        state = State(**json.loads((run / "state.json").read_text()))
+        state = load_state(run)
         rm, tok = load_iteration(run, final_iteration(mcfg, state), cfg)
         results[method] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(run)}
     return results

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ser.checkpoint import atomic_write_bytes
 from ser.config import load_config
 from ser.crossfit import choose_iteration
-from ser.evolve import run_evolve
+from ser.evolve import State, run_evolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -401,6 +401,19 @@ def test_fastest_within_picks_the_quickest_mode_within_the_tolerance():
     assert fastest_within(curves, "full", 0.01) == {10: "lora", 50: "freeze:1"}
     assert fastest_within(curves, "full", 0.0) == {10: "full", 50: "freeze:1"}
     assert fastest_within({"lora": curves["lora"]}, "full", 0.01) == {}
+
+
+def test_a_run_from_before_val_metric_resumes_choosing_on_its_accuracy(tmp_path):
+    from ser.config import Config
+    from ser.evolve import final_iteration, load_state
+
+    assert load_state(tmp_path) == State()  # no state.json yet: a fresh run
+    (tmp_path / "state.json").write_text(json.dumps({"completed": 2, "val_acc": [0.60, 0.64, 0.62]}))
+    state = load_state(tmp_path)
+    assert state.val_score == [0.60, 0.64, 0.62]  # accuracy chose those iterations
+    assert final_iteration(Config(), state) == 1  # 0.64: the best
+    (tmp_path / "state.json").write_text(json.dumps({"completed": 1, "val_acc": [0.6, 0.7], "val_score": [-0.6, -0.7]}))
+    assert load_state(tmp_path).val_score == [-0.6, -0.7]  # recorded scores stand
 
 
 def test_experiment_and_curve_refuse_several_processes(tiny_bert_dir, monkeypatch, tmp_path):
