@@ -347,6 +347,17 @@ def final_iteration(cfg: Config, state: State) -> int:
     return choose_iteration(state.val_score, cfg.ser.patience)[0] if state.val_score else state.completed
 
 
+def run_config(run: Path) -> Config:
+    """A run's resolved `config.yaml`. A run from before ser.val_metric (no such key) chose on accuracy, the
+    default then: resumed, it goes on choosing so. Raises UserError where the directory holds no run."""
+    if not (run / "config.yaml").exists():
+        raise UserError(f"{run}: not a run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    if "val_metric" not in (yaml.safe_load((run / "config.yaml").read_text()).get("ser") or {}):
+        cfg = dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, val_metric="accuracy"))
+    return cfg
+
+
 def load_state(run: Path) -> State:
     """A run's `state.json` (a fresh State where there is none). A run from before ser.val_metric kept only
     `val_acc`, which chose its iterations: that is its `val_score`."""
@@ -536,10 +547,7 @@ def build_pool(cfg: Config, split):
 def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -> Path:
     if resume:
         run = Path(resume)
-        if not (run / "config.yaml").exists():
-            raise UserError(f"{run}: not a run directory (no config.yaml)")
-        cfg = load_config(run / "config.yaml")
-        state = load_state(run)
+        cfg, state = run_config(run), load_state(run)
     else:
         if out is None:
             raise UserError("ser evolve needs --out DIR (or --resume RUN_DIR)")

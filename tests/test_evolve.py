@@ -404,10 +404,21 @@ def test_fastest_within_picks_the_quickest_mode_within_the_tolerance():
 
 
 def test_a_run_from_before_val_metric_resumes_choosing_on_its_accuracy(tmp_path):
-    from ser.config import Config
-    from ser.evolve import final_iteration, load_state
+    import yaml
+
+    from ser.config import Config, to_dict
+    from ser.errors import UserError
+    from ser.evolve import final_iteration, load_state, run_config
 
     assert load_state(tmp_path) == State()  # no state.json yet: a fresh run
+    with pytest.raises(UserError, match="not a run directory"):
+        run_config(tmp_path)
+    old = to_dict(Config())
+    del old["ser"]["val_metric"]  # written before the option existed: accuracy chose
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert Config().ser.val_metric == "log_likelihood" and run_config(tmp_path).ser.val_metric == "accuracy"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(Config())))
+    assert run_config(tmp_path).ser.val_metric == "log_likelihood"
     (tmp_path / "state.json").write_text(json.dumps({"completed": 2, "val_acc": [0.60, 0.64, 0.62]}))
     state = load_state(tmp_path)
     assert state.val_score == [0.60, 0.64, 0.62]  # accuracy chose those iterations
@@ -433,7 +444,8 @@ def test_experiment_and_curve_refuse_several_processes(tiny_bert_dir, monkeypatc
 def test_validation_picks_final_and_test_labels_change_no_decision(tiny_bert_dir, shared_data, tmp_path):
     """ser.validation: 8 of the 32 seed pairs are held out of training; they calibrate, choose `final` (the best
     validation accuracy, ties to the earlier iteration) and stop the loop. Flipping every test label changes the
-    test accuracies only: the same pseudo-labels, validation accuracies, choice and weights (the firewall)."""
+    test accuracies only: the same pseudo-labels, validation numbers, choice and weights (the firewall). The default
+    ser.val_metric, the calibrated log-likelihood of the validation margins, chooses."""
     from ser.crossfit import choose_iteration
     from ser.pipeline import load_splits
 
@@ -456,19 +468,19 @@ def test_validation_picks_final_and_test_labels_change_no_decision(tiny_bert_dir
     a, b = run_evolve(cfg, str(tmp_path / "a")), run_evolve(cfg_f, str(tmp_path / "b"))
     ra, rb = iteration_records(a), iteration_records(b)
     assert ra[0]["val/n"] == 8 and ra[0]["train/pairs"] == 24  # held out of the seed RM's training
-    val = [r["val/acc"] for r in ra]
+    val = [r["val/log_lik"] for r in ra]
     chosen, stop = choose_iteration(val, 1)
     assert [r["ser/chosen"] for r in ra] == [choose_iteration(val[: i + 1], 1)[0] for i in range(len(ra))]
     end = [r for r in records(a) if "ser/stop_reason" in r][-1]
     assert end["ser/final"] == chosen
     if stop:  # no improvement in the last iteration: the loop says so
-        assert "validation accuracy did not improve" in end["ser/stop_reason"]
+        assert "validation log-likelihood did not improve" in end["ser/stop_reason"]
     fa, fc = load_file(a / "final" / "model.safetensors"), load_file(a / "iterations" / str(chosen) / "model.safetensors")
     assert all((fa[k] == fc[k]).all() for k in fa)
     # the firewall: test labels decide nothing
     for r1, r2 in zip(ra, rb):
         assert r1["rm/acc"] == pytest.approx(1 - r2["rm/acc"])
-        for key in ("val/acc", "ser/chosen", "ser/added", "ser/offset", "ser/temperature"):
+        for key in ("val/acc", "val/log_lik", "ser/chosen", "ser/added", "ser/offset", "ser/temperature"):
             assert r1.get(key) == r2.get(key), key
     assert json.loads((a / "state.json").read_text())["pseudo"] == json.loads((b / "state.json").read_text())["pseudo"]
     for it in range(len(ra)):
@@ -581,7 +593,7 @@ def test_seed_rm_epochs_are_chosen_on_out_of_fold_accuracy(tiny_bert_dir, shared
     monkeypatch.setattr(evolve, "oof_validation", validation)
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{
         "ser.rule": "ensemble", "ser.folds": 2, "ser.confidence": 0.5, "ser.max_iterations": 1, "train.epochs": 1,
-        "ser.seed_epochs": 4}))
+        "ser.seed_epochs": 4, "ser.val_metric": "accuracy"}))
     run = run_evolve(cfg, str(tmp_path / "run"))
     stage = run / "seed_epochs"
     assert calls[:9] == [("seed RM, epoch 1", None, None), ("iteration 0 fold 1/2", None, None),
