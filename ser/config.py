@@ -155,7 +155,7 @@ class ExperimentConfig:
         default_factory=lambda: ["seed_only", "full_label", "seed_continued", "ser_paper", "ser_code", "ssrm",
                                  "ser_ensemble"])
     bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
-    seed_epochs: float = 0.0  # > 0: the shared seed RM's epochs chosen on out-of-fold accuracy, up to this many
+    seed_epochs: float = 0.0  # > 0: the shared seed RM's epochs chosen on out-of-fold validation, up to this many
 
 
 @dataclass

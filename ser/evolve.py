@@ -239,7 +239,7 @@ def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: 
     stopping; Prechelt, 1998). The seed RM trains train.epochs from the backbone, then goes on one epoch at a
     time (a one-epoch schedule from its own weights, training seed train.seed + 50 + the epoch), up to
     ser.seed_epochs, while validation improves within ser.patience; the best epoch (ties: the fewer) is iteration
-    0. With ser.folds the fold models train and go on the same way and their out-of-fold accuracy is the
+    0. With ser.folds the fold models train and go on the same way and their out-of-fold margins are the
     validation (`cross_fit`); the chosen epoch's fold models become `folds/0` and vote on the pool
     (`votes/0.npz`), also with ser.max_iterations = 0, so that `ser experiment` can share them. Else the held-out
     pairs (ser.validation) score the RM itself. Each epoch's candidates live in `seed_epochs/E/` until the choice.

@@ -10,8 +10,8 @@ Methods (all on the same seed/pool/test split of a given seed):
   ser_code    SER with the released code's one-pass rule  (ser.rule = code)
   ssrm        plain confidence-threshold self-training     (ser.rule = ssrm), same number of iterations
   ser_ensemble  the validated, ensemble-guarded loop: k = 4 fold models cross-fitted on the human seed calibrate
-              (out of fold), validate (out-of-fold accuracy picks the returned iteration and stops the loop) and
-              vote (a pair is pseudo-labelled only where all agree, the most confident 20% of those per
+              (out of fold), validate (the out-of-fold log-likelihood picks the returned iteration and stops
+              the loop) and vote (a pair is pseudo-labelled only where all agree, the most confident 20% of those per
               iteration); the length guard keeps the pseudo-labels' longer-answer-chosen share at the human
               seed's; each iteration continues the previous RM for ser.iteration_epochs, and each fold model
               its own previous one (so their accuracy estimates the returned RM's)
@@ -148,7 +148,7 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
 
 def seed_rm_config(cfg: Config) -> Config:
     """The seed_only run's config: iteration 0 alone. With experiment.seed_epochs the seed RM's epochs are chosen on
-    the out-of-fold accuracy of the ensemble methods' fold models (`evolve.seed_rm_by_validation`), and every
+    the out-of-fold validation (ser.val_metric) of the ensemble methods' fold models (`evolve.seed_rm_by_validation`), and every
     method starts from that seed RM (the ensemble methods also from its fold models and their votes)."""
     ser = dataclasses.replace(cfg.ser, max_iterations=0)
     if cfg.experiment.seed_epochs:
@@ -203,7 +203,7 @@ def ensemble_source(base: Path, cfg: Config) -> Path | None:
 
 def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> None:
     """A new run directory whose iteration 0 is the shared seed RM (hard links, no copy); for the ensemble rule
-    also its fold models' votes and out-of-fold validation accuracy, and (without ser.restart) the fold models."""
+    also its fold models' votes and out-of-fold validation, and (without ser.restart) the fold models."""
     import yaml
 
     run.mkdir(parents=True, exist_ok=True)
