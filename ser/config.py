@@ -91,9 +91,7 @@ class SERConfig:
     pseudo_margin: float = 1.0  # margin of the hinge loss on pseudo-labelled pairs
     validation: float | int = 0.0  # seed pairs held out of training (fraction/count): pick + stop + calibrate; 0: paper
     patience: int = 1  # with ser.validation: stop after this many iterations without a validation improvement
-    # what validation chooses and stops on: log_likelihood (calibrated Bradley-Terry, a proper scoring rule: it sees
-    # small gains that accuracy on a few hundred pairs cannot, docs/results.md) | accuracy
-    val_metric: str = "log_likelihood"
+    val_metric: str = "log_likelihood"  # what validation picks/stops on: log_likelihood (calibrated BT) | accuracy
     length_guard: bool = False  # accept pseudo-labels so their longer-answer-chosen share is at most the human seed's
     restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone
     keep_seed: bool = True  # keep the human seed pairs in every iteration's training data

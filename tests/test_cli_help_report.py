@@ -185,7 +185,7 @@ def test_experiment_report_is_a_web_page(experiment_results):
         ("Test accuracy", ["method", "test accuracy", "95% CI", "per seed", "gap closed"]),
         ("Pseudo-label precision per iteration (against the hidden human labels)",
          ["seed", "method", "iteration", "status", "status-1", "status-2", "added", "precision", "longer (seed)",
-          "val acc", "test acc", "acc L / acc S"])]
+          "val acc / log-lik", "test acc", "acc L / acc S"])]
     methods = [t.find("tbody")[i][0].text for t, i in [(tables[0][1], i) for i in range(5)]]
     assert methods == ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm"]
     stop_cells = ["".join(td.itertext()) for td in tables[1][1].iter("td")]
