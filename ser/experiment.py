@@ -214,7 +214,7 @@ def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> N
     seed_metrics = [line for line in (seed_run / "metrics.jsonl").read_text().splitlines()
                     if line.strip() and json.loads(line).get("iteration") == 0 and "ser/stop_reason" not in line]
     atomic_write_text(run / "metrics.jsonl", "".join(line + "\n" for line in seed_metrics))
-    seed_state = json.loads((seed_run / "state.json").read_text())
+    seed_state = load_state(seed_run)
     if cfg.ser.rule == "ensemble":
         (run / "votes").mkdir(exist_ok=True)
         (run / "votes" / "0.npz").unlink(missing_ok=True)  # a fork interrupted before its config.yaml
@@ -225,12 +225,12 @@ def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> N
     # one; a method without validation returns its last iteration), in the method's ser.val_metric: recomputed from
     # the out-of-fold margins that the fold models' votes keep
     validated = cfg.ser.folds or cfg.ser.validation
-    val_acc, score = seed_state.get("val_acc", [])[:1] if validated else [], []
+    val_acc, score = seed_state.val_acc[:1] if validated else [], []
     if val_acc and cfg.ser.rule == "ensemble":
         score = [val_score(oof_validation(np.load(run / "votes" / "0.npz")["oof"], cfg), cfg)]
     elif val_acc:
-        score = seed_state.get("val_score", val_acc)[:1]
-    save_state(run, State(completed=0, data_hash=seed_state["data_hash"], val_acc=val_acc, val_score=score),
+        score = seed_state.val_score[:1]
+    save_state(run, State(completed=0, data_hash=seed_state.data_hash, val_acc=val_acc, val_score=score),
                accelerator)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
