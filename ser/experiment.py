@@ -19,6 +19,8 @@ Methods (all on the same seed/pool/test split of a given seed):
               targets; re-labelling the whole pool each iteration; retraining from the backbone for train.epochs;
               calibrated confidence >= 0.8 instead of the 20% budget; no length guard)
   ser_ensemble_unguarded_soft / _relabel / _restart: ser_ensemble_unguarded with that one option changed
+  ser_ensemble_unguarded_top10: ser_ensemble_unguarded pseudo-labelling the most confident 10% of the unanimous
+              pairs per iteration instead of 20% (fewer pairs, more precise)
 The paper, code and ssrm methods share the seed RM (iteration 0), so their differences come from selection only;
 the ensemble methods train their own (the same seed RM: same data and training seed) plus its fold models.
 """
@@ -76,7 +78,8 @@ SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_R
                   # (on HH-RLHF with MiniLM it drops nearly every selected pair: docs/results.md).
                   "ser_ensemble_unguarded_soft": {**UNGUARDED, "soft_labels": True},
                   "ser_ensemble_unguarded_relabel": {**UNGUARDED, "relabel": True},
-                  "ser_ensemble_unguarded_restart": {**UNGUARDED, "restart": True}}
+                  "ser_ensemble_unguarded_restart": {**UNGUARDED, "restart": True},
+                  "ser_ensemble_unguarded_top10": {**UNGUARDED, "budget": 0.1}}
 
 
 def method_config(cfg: Config, method: str) -> Config:
