@@ -299,6 +299,25 @@ def precision_by_agreement(a_wins: ArrayLike, take: ArrayLike, truth: ArrayLike,
     return out
 
 
+def expected_precision(take: ArrayLike, target: ArrayLike) -> float | None:
+    """The label-free estimate of the accepted pseudo-labels' precision: the mean calibrated probability of
+    the labelled direction over the taken pairs, sum(target[take]) / sum(take); None if nothing is taken.
+
+    take: (n,) bool; target: (n,) probabilities in [0, 1] (`select_by_vote`'s target, or the one-RM rules'
+    calibrated P of the labelled direction). If the calibration holds on the pool (the temperature is fitted
+    out of fold on the seed, Guo et al., 2017), the expected fraction of correct pseudo-labels among the taken
+    pairs is exactly this mean; it is the only precision figure a run without hidden pool labels has
+    (docs/results.md compares it with the audited precision).
+
+    Raises ValueError on length mismatches or a target outside [0, 1].
+    """
+    take, target = _as_1d("take", take, bool), _as_1d("target", target, np.float64)
+    _same_length(take=take, target=target)
+    if np.isnan(target).any() or (target < 0).any() or (target > 1).any():
+        raise ValueError("target must be probabilities in [0, 1]")
+    return float(target[take].mean()) if take.any() else None
+
+
 def precision_by_decile(confidence: ArrayLike, a_wins: ArrayLike, truth: ArrayLike,
                         bins: int = 10) -> list[dict[str, float | int]]:
     """Precision of the majority direction against truth per confidence quantile bin (a reliability table;

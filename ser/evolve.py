@@ -23,8 +23,8 @@ from ser.bias import length_balanced_accept, longer_chosen_share
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_write_text, check_writable,
                             save_reward_model, truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
-from ser.crossfit import (calibrated_log_likelihood, choose_iteration, fold_assignment, holdout_mask,
-                          precision_by_agreement, precision_by_decile, select_by_vote)
+from ser.crossfit import (calibrated_log_likelihood, choose_iteration, expected_precision, fold_assignment,
+                          holdout_mask, precision_by_agreement, precision_by_decile, select_by_vote)
 from ser.data import Pair, UnlabelledPair, drop_test_pairs, hide_labels, load_unlabelled, resolve_count
 from ser.errors import UserError
 from ser.evaluate import bootstrap_ci
@@ -388,6 +388,7 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             # 4b. Length audit (and guard): does self-labelling pick "the longer answer wins" pairs?
             take, bias = length_audit(sel["take"], sel["a_wins"], sel["target"] - 0.5, pool, seed, s.length_guard)
             record |= {**sel["record"], "ser/added": int(take.sum()), **bias,
+                       "ser/expected_precision": expected_precision(take, sel["target"]),
                        **audit(take, sel["a_wins"], sel["groups"], sel["group_name"], sel["confidence"], hidden)}
             save_scores(run, it, accelerator, ids=np.array([p.id for p in pool]), take=take, a_wins=sel["a_wins"],
                         truth=hidden if hidden is not None else np.zeros(0), **sel["scores"])
@@ -589,18 +590,21 @@ def summary_table(run: Path) -> str:
     """The per-iteration table printed at the end of `ser evolve`."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in records if "rm/acc" in r or "ser/stop" in r]
-    lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'precision':>9} {'longer':>6} "
+    lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'expected':>8} {'precision':>9} "
+             f"{'longer':>6} "
              f"{'val_acc':>7} {'val_ll':>7} {'test_acc':>8} {'acc_L':>6} {'acc_S':>6}"]
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731  (null: not measured / not finite)
     for r in rows:
         lines.append(f"{r['iteration']:>4} {r.get('ser/status', 'seed'):>6} {r.get('ser/n_status1', ''):>7} "
                      f"{r.get('ser/n_status2', ''):>7} {r.get('ser/added', ''):>6} "
-                     f"{num(r.get('ser/pseudo_precision'), '.3f'):>9} {num(r.get('bias/pseudo_longer_chosen'), '.3f'):>6} "
+                     f"{num(r.get('ser/expected_precision'), '.3f'):>8} {num(r.get('ser/pseudo_precision'), '.3f'):>9} {num(r.get('bias/pseudo_longer_chosen'), '.3f'):>6} "
                      f"{num(r.get('val/acc'), '.4f'):>7} {num(r.get('val/log_lik'), '.4f'):>7} "
                      f"{num(r.get('rm/acc'), '.4f'):>8} "
                      f"{num(r.get('bias/test_acc_chosen_longer'), '.3f'):>6} "
                      f"{num(r.get('bias/test_acc_chosen_shorter'), '.3f'):>6}")
     seed_share = next((r["bias/seed_longer_chosen"] for r in rows if "bias/seed_longer_chosen" in r), None)
+    lines.append("expected: the pseudo-labels' precision the calibrated scores predict (no labels needed); precision: "
+                 "measured against the pool's hidden human labels, where it has them")
     lines.append(f"longer: share of the added pseudo-labels whose chosen answer is the longer one (human seed labels: "
                  f"{num(seed_share, '.3f')}); val_acc / val_ll: validation accuracy / calibrated log-likelihood "
                  f"(nats per pair); acc_L / acc_S: test accuracy where the human-chosen answer is the longer / the "

@@ -476,10 +476,13 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
               "Length bias: *longer*, the share of the added pseudo-labels whose chosen answer is the longer one "
               "(beside the human seed labels' share); *acc L / acc S*, test accuracy where the human-chosen answer "
               "is the longer / the shorter one.", "",
+              "*precision (expected)*: the added pseudo-labels' precision against the pool's hidden human labels, "
+              "and in brackets the precision their calibrated probabilities predict (the only figure a pool "
+              "without labels has).", "",
               "*val acc / log-lik*: validation accuracy and calibrated log-likelihood (nats per pair) on human seed "
               "pairs not trained on (hold-out or out-of-fold); the method's ser.val_metric chooses the returned "
               "iteration (marked *).", "",
-              "| seed | method | iteration | status | status-1 | status-2 | added | precision | longer (seed) "
+              "| seed | method | iteration | status | status-1 | status-2 | added | precision (expected) | longer (seed) "
               "| val acc / log-lik | test acc | acc L / acc S |",
               "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
@@ -501,9 +504,11 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
                 by_length = (f"{num(r.get('bias/test_acc_chosen_longer'), '.3f')} / "
                              f"{num(r.get('bias/test_acc_chosen_shorter'), '.3f')}"
                              if "bias/test_acc_chosen_longer" in r else "")
+                precision = num(r.get("ser/pseudo_precision"), ".3f") + (
+                    f" ({r['ser/expected_precision']:.3f})" if r.get("ser/expected_precision") is not None else "")
                 lines.append(f"| {s} | {m} | {r['iteration']} | {r.get('ser/status', '')} | "
                              f"{r.get('ser/n_status1', '')} | {r.get('ser/n_status2', '')} | {r.get('ser/added', '')} | "
-                             f"{num(r.get('ser/pseudo_precision'), '.3f')} | {longer} | {val} | {num(r.get('rm/acc'), '.4f')} | "
+                             f"{precision} | {longer} | {val} | {num(r.get('rm/acc'), '.4f')} | "
                              f"{by_length} |")
     lines += [""] + images("precision.png", "selected.png", "status_counts.png")
     if "pool_rewards.png" in plots:

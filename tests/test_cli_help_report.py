@@ -113,7 +113,8 @@ def _records(seed, method, accs, stop_at=None):
     out = [{"iteration": 0, "rm/acc": accs[0]}]
     for it, acc in enumerate(accs[1:], 1):
         out.append({"iteration": it, "rm/acc": acc, "ser/status": "1", "ser/n_status1": 40 - 10 * it,
-                    "ser/n_status2": 5, "ser/added": 12, "ser/pseudo_precision": 0.8 + 0.01 * seed})
+                    "ser/n_status2": 5, "ser/added": 12, "ser/pseudo_precision": 0.8 + 0.01 * seed,
+                    "ser/expected_precision": 0.75})
     if stop_at is not None:
         out.append({"iteration": stop_at, "ser/status": "stop", "ser/n_status1": 1, "ser/n_status2": 0,
                     "ser/added": 0, "ser/stop": f"iteration {stop_at}: too few confident pairs"})
@@ -184,12 +185,13 @@ def test_experiment_report_is_a_web_page(experiment_results):
     assert [(h, _header_cells(t)) for h, t in tables] == [
         ("Test accuracy", ["method", "test accuracy", "95% CI", "per seed", "gap closed"]),
         ("Pseudo-label precision per iteration (against the hidden human labels)",
-         ["seed", "method", "iteration", "status", "status-1", "status-2", "added", "precision", "longer (seed)",
-          "val acc / log-lik", "test acc", "acc L / acc S"])]
+         ["seed", "method", "iteration", "status", "status-1", "status-2", "added", "precision (expected)",
+          "longer (seed)", "val acc / log-lik", "test acc", "acc L / acc S"])]
     methods = [t.find("tbody")[i][0].text for t, i in [(tables[0][1], i) for i in range(5)]]
     assert methods == ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm"]
     stop_cells = ["".join(td.itertext()) for td in tables[1][1].iter("td")]
     assert "stop: iteration 3: too few | confident pairs" in stop_cells  # a '|' in a cell stays in its cell
+    assert "0.800 (0.750)" in stop_cells  # seed 0: the audited precision, the calibrated estimate in brackets
     images = [(h, el.get("alt")) for h, el in items if el.tag == "img"]
     assert images == [
         ("Test accuracy", "Test accuracy per iteration (mean over seeds, 95% CI)"),

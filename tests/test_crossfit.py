@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from ser.crossfit import (accept, budget_accept, calibrated_log_likelihood, choose_iteration, ensemble_vote,
-                          fold_assignment, out_of_fold, precision_by_agreement, precision_by_decile, select_by_vote)
+                          expected_precision, fold_assignment, out_of_fold, precision_by_agreement,
+                          precision_by_decile, select_by_vote)
 from ser.losses import pairwise_losses, soft_pairwise_losses
 
 FAST = settings(max_examples=150, deadline=None)
@@ -270,6 +271,16 @@ def test_budget_accept_properties(rows, fraction):
 
 
 # --- the audit -------------------------------------------------------------------------------------------
+
+
+def test_expected_precision_hand_values():
+    """Mean calibrated P over the taken pairs: (0.9 + 0.7) / 2 = 0.8; the untaken 0.6 does not count."""
+    assert expected_precision([True, False, True], [0.9, 0.6, 0.7]) == pytest.approx(0.8)
+    assert expected_precision([False, False], [0.9, 0.6]) is None
+    with pytest.raises(ValueError, match="length mismatch"):
+        expected_precision([True], [0.9, 0.6])
+    with pytest.raises(ValueError, match="probabilities"):
+        expected_precision([True], [1.2])
 
 
 def test_precision_by_agreement_hand_example():

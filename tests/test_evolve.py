@@ -52,7 +52,7 @@ def test_evolve_files_keys_and_determinism(tiny_bert_dir, shared_data, tmp_path)
     assert rows[0]["iteration"] == 0 and "ser/status" not in rows[0]
     for r in rows[1:]:
         for key in ("ser/status", "ser/n_status1", "ser/n_status2", "ser/added", "ser/pool_left",
-                    "ser/pseudo_precision", "rm/acc", "rm/ece", "train/pairs", "bias/seed_longer_chosen",
+                    "ser/pseudo_precision", "ser/expected_precision", "rm/acc", "rm/ece", "train/pairs", "bias/seed_longer_chosen",
                     "bias/pseudo_longer_chosen", "bias/test_length_corr", "bias/test_acc_chosen_longer",
                     "bias/test_acc_chosen_shorter"):
             assert key in r, key
@@ -530,6 +530,8 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     assert sum(n for n, _ in rows[1]["audit/precision_by_agree"].values()) == rows[1]["ser/candidates"] == 64
     pseudo = json.loads((run / "state.json").read_text())["pseudo"]
     assert all(0.5 <= q <= 1 for _, _, q in pseudo)  # soft targets: P of the labelled direction
+    # the label-free precision estimate is the mean calibrated P of iteration 1's pseudo-labels (stored in order)
+    assert rows[1]["ser/expected_precision"] == pytest.approx(np.mean([q for _, _, q in pseudo[:rows[1]["ser/added"]]]))
     end = records(run)[-1]
     assert end["ser/final"] == choose_iteration([r["val/log_lik"] for r in rows], 2)[0]
     assert json.loads((run / "state.json").read_text())["val_score"] == [r["val/log_lik"] for r in rows]
