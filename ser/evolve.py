@@ -591,13 +591,13 @@ def summary_table(run: Path) -> str:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in records if "rm/acc" in r or "ser/stop" in r]
     lines = [f"{'iter':>4} {'status':>6} {'status1':>7} {'status2':>7} {'added':>6} {'expected':>8} {'precision':>9} "
-             f"{'longer':>6} "
-             f"{'val_acc':>7} {'val_ll':>7} {'test_acc':>8} {'acc_L':>6} {'acc_S':>6}"]
+             f"{'longer':>6} {'val_acc':>7} {'val_ll':>7} {'test_acc':>8} {'acc_L':>6} {'acc_S':>6}"]
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731  (null: not measured / not finite)
     for r in rows:
         lines.append(f"{r['iteration']:>4} {r.get('ser/status', 'seed'):>6} {r.get('ser/n_status1', ''):>7} "
                      f"{r.get('ser/n_status2', ''):>7} {r.get('ser/added', ''):>6} "
-                     f"{num(r.get('ser/expected_precision'), '.3f'):>8} {num(r.get('ser/pseudo_precision'), '.3f'):>9} {num(r.get('bias/pseudo_longer_chosen'), '.3f'):>6} "
+                     f"{num(r.get('ser/expected_precision'), '.3f'):>8} {num(r.get('ser/pseudo_precision'), '.3f'):>9} "
+                     f"{num(r.get('bias/pseudo_longer_chosen'), '.3f'):>6} "
                      f"{num(r.get('val/acc'), '.4f'):>7} {num(r.get('val/log_lik'), '.4f'):>7} "
                      f"{num(r.get('rm/acc'), '.4f'):>8} "
                      f"{num(r.get('bias/test_acc_chosen_longer'), '.3f'):>6} "

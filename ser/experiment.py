@@ -482,8 +482,8 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
               "*val acc / log-lik*: validation accuracy and calibrated log-likelihood (nats per pair) on human seed "
               "pairs not trained on (hold-out or out-of-fold); the method's ser.val_metric chooses the returned "
               "iteration (marked *).", "",
-              "| seed | method | iteration | status | status-1 | status-2 | added | precision (expected) | longer (seed) "
-              "| val acc / log-lik | test acc | acc L / acc S |",
+              "| seed | method | iteration | status | status-1 | status-2 | added | precision (expected) "
+              "| longer (seed) | val acc / log-lik | test acc | acc L / acc S |",
               "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for s in per_seed:

@@ -52,9 +52,9 @@ def test_evolve_files_keys_and_determinism(tiny_bert_dir, shared_data, tmp_path)
     assert rows[0]["iteration"] == 0 and "ser/status" not in rows[0]
     for r in rows[1:]:
         for key in ("ser/status", "ser/n_status1", "ser/n_status2", "ser/added", "ser/pool_left",
-                    "ser/pseudo_precision", "ser/expected_precision", "rm/acc", "rm/ece", "train/pairs", "bias/seed_longer_chosen",
-                    "bias/pseudo_longer_chosen", "bias/test_length_corr", "bias/test_acc_chosen_longer",
-                    "bias/test_acc_chosen_shorter"):
+                    "ser/pseudo_precision", "ser/expected_precision", "rm/acc", "rm/ece", "train/pairs",
+                    "bias/seed_longer_chosen", "bias/pseudo_longer_chosen", "bias/test_length_corr",
+                    "bias/test_acc_chosen_longer", "bias/test_acc_chosen_shorter"):
             assert key in r, key
     assert any("ser/stop_reason" in r for r in records(a))
     assert rows == iteration_records(b)  # same seed, same metrics
