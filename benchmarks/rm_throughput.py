@@ -286,7 +286,8 @@ def ser_run_seconds(backbone: str, prompts, chosen, rejected, pool, tcfg: TrainC
     return out
 
 
-def main() -> None:
+def main() -> str:
+    """Runs the measurement; returns the JSON text."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", default="minilm,smollm2-135m")
     p.add_argument("--steps", type=int, default=None,
@@ -334,7 +335,7 @@ def main() -> None:
               f"{r['test_accuracy_freeze']:.3f}), first epoch {r['train_pairs_per_s_freeze_first_epoch']:.2f}; "
               f"SER run {r['ser_run_seconds_full']:.0f} s full vs {r['ser_run_seconds_freeze']:.0f} s freeze "
               f"(x{r['ser_run_speedup_freeze_vs_full']:.2f})", file=sys.stderr)
-    print(json.dumps(out, indent=None if args.json else 2))
+    return json.dumps(out, indent=None if args.json else 2)
 
 
 def _cpu_name() -> str:
@@ -348,4 +349,6 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' prints (DeepSpeed's accelerator notice) stay off stdout
+        text = main()
+    print(text)  # stdout holds the JSON alone: `python benchmarks/rm_throughput.py --json > out.json` parses

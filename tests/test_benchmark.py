@@ -15,7 +15,7 @@ def test_rm_throughput_smoke(shared_data):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rm_throughput.py"), "--smoke", "--json",
                         "--backbones", "minilm"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out = json.loads(p.stdout)  # stdout is the JSON alone (library notices go to stderr)
     r = out["backbones"]["minilm"]
     for key in ("train_pairs_per_s_ser", "train_pairs_per_s_trl", "train_speedup_vs_trl", "score_pairs_per_s_ser",
                 "score_pairs_per_s_pipeline", "score_speedup_vs_pipeline", "train_mfu", "train_pairs_per_s_freeze",
