@@ -286,8 +286,7 @@ def ser_run_seconds(backbone: str, prompts, chosen, rejected, pool, tcfg: TrainC
     return out
 
 
-def main() -> str:
-    """Runs the measurement; returns the JSON text."""
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", default="minilm,smollm2-135m")
     p.add_argument("--steps", type=int, default=None,
@@ -303,7 +302,11 @@ def main() -> str:
     p.add_argument("--ser-iterations", type=int, default=2, help="iterations of the SER-run figure")
     p.add_argument("--smoke", action="store_true", help="a few pairs: checks the code path, not the speed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main(args: argparse.Namespace) -> str:
+    """Runs the measurement; returns the JSON text."""
     fast_bf16 = resolve_precision("auto") == "bf16"
     args.precision = resolve_precision(args.precision)
     if args.smoke:
@@ -349,6 +352,9 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    with contextlib.redirect_stdout(sys.stderr):  # libraries' prints (DeepSpeed's accelerator notice) stay off stdout
-        text = main()
+    arguments = parse_args()  # --help prints to stdout, before the redirect
+    # Libraries' prints (DeepSpeed's accelerator notice) stay off stdout. This works because deepspeed is imported
+    # lazily, inside main (ser.models), after the redirect: its log handler keeps the sys.stdout of its creation.
+    with contextlib.redirect_stdout(sys.stderr):
+        text = main(arguments)
     print(text)  # stdout holds the JSON alone: `python benchmarks/rm_throughput.py --json > out.json` parses

@@ -303,19 +303,23 @@ def expected_precision(take: ArrayLike, target: ArrayLike) -> float | None:
     """The label-free estimate of the accepted pseudo-labels' precision: the mean calibrated probability of
     the labelled direction over the taken pairs, sum(target[take]) / sum(take); None if nothing is taken.
 
-    take: (n,) bool; target: (n,) probabilities in [0, 1] (`select_by_vote`'s target, or the one-RM rules'
-    calibrated P of the labelled direction). If the calibration holds on the pool (the temperature is fitted
-    out of fold on the seed, Guo et al., 2017), the expected fraction of correct pseudo-labels among the taken
-    pairs is exactly this mean; it is the only precision figure a run without hidden pool labels has
-    (docs/results.md compares it with the audited precision).
+    take: (n,) bool; target: (n,) probabilities (`select_by_vote`'s target, or the one-RM rules' P of the
+    labelled direction); only the taken pairs' are read, so an untaken pair with no probability (NaN: a
+    non-finite reward) does not matter. If the calibration holds on the pool, the expected fraction of correct
+    pseudo-labels among the taken pairs is exactly this mean: the only precision figure a run without hidden pool
+    labels has. How calibrated it is depends on the rule (Guo et al., 2017): the ensemble's temperature is fitted
+    on out-of-fold seed margins (docs/results.md compares the estimate with the audit: within 0.1); the one-RM
+    rules' on `ser.validation` pairs, else on the seed pairs the RM trained on (in sample, so over-confident);
+    with ser.calibration none or center there is no temperature and it is a plain σ(margin).
 
-    Raises ValueError on length mismatches or a target outside [0, 1].
+    Raises ValueError on length mismatches or a taken pair's target outside [0, 1] or not finite.
     """
     take, target = _as_1d("take", take, bool), _as_1d("target", target, np.float64)
     _same_length(take=take, target=target)
-    if np.isnan(target).any() or (target < 0).any() or (target > 1).any():
-        raise ValueError("target must be probabilities in [0, 1]")
-    return float(target[take].mean()) if take.any() else None
+    taken = target[take]
+    if not np.isfinite(taken).all() or (taken < 0).any() or (taken > 1).any():
+        raise ValueError("target must be probabilities in [0, 1] where take is True")
+    return float(taken.mean()) if taken.size else None
 
 
 def precision_by_decile(confidence: ArrayLike, a_wins: ArrayLike, truth: ArrayLike,

@@ -281,6 +281,10 @@ def test_expected_precision_hand_values():
         expected_precision([True], [0.9, 0.6])
     with pytest.raises(ValueError, match="probabilities"):
         expected_precision([True], [1.2])
+    with pytest.raises(ValueError, match="probabilities"):
+        expected_precision([True, False], [float("nan"), 0.7])
+    # an untaken pair without a probability (a non-finite reward's NaN) is not read
+    assert expected_precision([False, True], [float("nan"), 0.7]) == pytest.approx(0.7)
 
 
 def test_precision_by_agreement_hand_example():
