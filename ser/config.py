@@ -102,6 +102,7 @@ class SERConfig:
     min_agree: int = 0  # rule=ensemble: fold models that must agree on a pair's direction (0 = all of them)
     confidence: float = 0.8  # rule=ensemble: accept where the ensemble's calibrated max(p, 1 - p) >= this
     budget: float = 0.0  # rule=ensemble: > 0 accepts this top fraction of the agreeing pairs by confidence instead
+    target_precision: float = 0.0  # > 0: keep the most confident accepted pairs while their expected precision >= this
     soft_labels: bool = False  # train pseudo-labelled pairs towards the ensemble's calibrated p (soft Bradley-Terry)
     relabel: bool = False  # re-label the whole pool each iteration (earlier pseudo-labels revised or dropped)
 
@@ -312,6 +313,8 @@ def validate(cfg: Config) -> None:
     if not 0.5 <= s.confidence <= 1 or not 0 <= s.budget <= 1:
         raise UserError(f"config: need 0.5 <= ser.confidence <= 1 and 0 <= ser.budget <= 1, got {s.confidence}, "
                         f"{s.budget}")
+    if not (s.target_precision == 0 or 0.5 <= s.target_precision <= 1):
+        raise UserError(f"config: 'ser.target_precision' must be 0 (off) or in [0.5, 1], got {s.target_precision}")
     if s.soft_labels and (s.rule != "ensemble" or s.pseudo_loss != "sigmoid"):
         raise UserError("config: 'ser.soft_labels' needs ser.rule=ensemble (its calibrated p is the target) and "
                         "ser.pseudo_loss=sigmoid")

@@ -322,6 +322,37 @@ def expected_precision(take: ArrayLike, target: ArrayLike) -> float | None:
     return float(taken.mean()) if taken.size else None
 
 
+def trim_to_expected_precision(take: ArrayLike, target: ArrayLike, precision: float) -> np.ndarray:
+    """(n,) bool: the largest top part of the taken pairs, ranked by target (the calibrated probability of the
+    labelled direction, highest first; equal ones go to the lower index), whose mean target, the
+    `expected_precision`, is at least `precision`. All of them if the whole set clears it; none if even the most
+    confident pair does not (the loop then stops: nothing it could add is expected to be right often enough).
+
+    This is Bayesian false-discovery-rate control (Newton et al., 2004, Biostatistics 5(2); Müller et al., 2004):
+    with calibrated posteriors, rejecting the hypotheses in order of posterior while their mean posterior error
+    stays <= alpha controls the expected FDR at alpha; here alpha = 1 - precision and a "discovery" is a
+    pseudo-label. Ranked by target, the running mean never rises, so the largest qualifying prefix is the count of
+    prefixes that qualify. Unlike a fixed budget, the number taken follows the labeller: when the next
+    iteration's votes are less sure, fewer pairs (or none) pass. The guarantee is only as good as the calibration
+    (`expected_precision` says how calibrated each rule's target is).
+
+    Raises ValueError on length mismatches, precision outside [0.5, 1], or a taken pair's target outside [0, 1]
+    or not finite.
+    """
+    if not 0.5 <= precision <= 1.0:
+        raise ValueError(f"precision must lie in [0.5, 1], got {precision}")
+    take, target = _as_1d("take", take, bool), _as_1d("target", target, np.float64)
+    _same_length(take=take, target=target)
+    idx = np.flatnonzero(take)
+    if not np.isfinite(target[idx]).all() or (target[idx] < 0).any() or (target[idx] > 1).any():
+        raise ValueError("target must be probabilities in [0, 1] where take is True")
+    ranked = idx[np.argsort(-target[idx], kind="stable")]
+    running = np.cumsum(target[ranked]) / np.arange(1, len(ranked) + 1)  # non-increasing
+    kept = np.zeros(len(take), dtype=bool)
+    kept[ranked[:int((running >= precision - 1e-12).sum())]] = True  # 1e-12: a mean equal to it in floats
+    return kept
+
+
 def precision_by_decile(confidence: ArrayLike, a_wins: ArrayLike, truth: ArrayLike,
                         bins: int = 10) -> list[dict[str, float | int]]:
     """Precision of the majority direction against truth per confidence quantile bin (a reliability table;

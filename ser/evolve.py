@@ -24,7 +24,8 @@ from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_w
                             save_reward_model, truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.crossfit import (calibrated_log_likelihood, choose_iteration, expected_precision, fold_assignment,
-                          holdout_mask, precision_by_agreement, precision_by_decile, select_by_vote)
+                          holdout_mask, precision_by_agreement, precision_by_decile, select_by_vote,
+                          trim_to_expected_precision)
 from ser.data import Pair, UnlabelledPair, drop_test_pairs, hide_labels, load_unlabelled, resolve_count
 from ser.errors import UserError
 from ser.evaluate import bootstrap_ci
@@ -385,9 +386,13 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             #      the votes of the last iteration's fold models (ensemble).
             sel = label_pool(cfg, run, it, pool, seed, val, accelerator)
             hidden = np.array([truth[p.id] == 0 for p in pool]) if truth else None  # True: A is human-chosen
-            # 4b. Length audit (and guard): does self-labelling pick "the longer answer wins" pairs?
-            take, bias = length_audit(sel["take"], sel["a_wins"], sel["target"] - 0.5, pool, seed, s.length_guard)
+            # 4b. With ser.target_precision, keep the most confident of them while their expected precision clears it.
+            take = sel["take"] if not s.target_precision else trim_to_expected_precision(
+                sel["take"], sel["target"], s.target_precision)
+            # 4c. Length audit (and guard): does self-labelling pick "the longer answer wins" pairs?
+            take, bias = length_audit(take, sel["a_wins"], sel["target"] - 0.5, pool, seed, s.length_guard)
             record |= {**sel["record"], "ser/added": int(take.sum()), **bias,
+                       "ser/precision_trimmed": int(sel["take"].sum() - take.sum() - bias.get("bias/guard_dropped", 0)),
                        "ser/expected_precision": expected_precision(take, sel["target"]),
                        **audit(take, sel["a_wins"], sel["groups"], sel["group_name"], sel["confidence"], hidden)}
             save_scores(run, it, accelerator, ids=np.array([p.id for p in pool]), take=take, a_wins=sel["a_wins"],
@@ -483,6 +488,9 @@ def retrain(cfg: Config, run: Path, it: int, seed: list[Pair], train_pairs: list
 def stop_message(cfg: Config, it: int, record: dict) -> str:
     if record.get("bias/guard_dropped") and not record["ser/added"]:
         return f"iteration {it}: the length guard dropped all {record['bias/guard_dropped']} selected pairs"
+    if record.get("ser/precision_trimmed") and not record["ser/added"]:
+        return (f"iteration {it}: no part of the {record['ser/precision_trimmed']} selected pairs is expected to be "
+                f"right at least {cfg.ser.target_precision:g} of the time (ser.target_precision)")
     if cfg.ser.rule == "paper":
         return (f"iteration {it}: too few confident pairs (status-1: {record['ser/n_status1']}, status-2: "
                 f"{record['ser/n_status2']}, need {resolve_min_pairs(cfg.ser.min_pairs, record['ser/pool'])})")

@@ -79,7 +79,11 @@ SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_R
                   "ser_ensemble_unguarded_soft": {**UNGUARDED, "soft_labels": True},
                   "ser_ensemble_unguarded_relabel": {**UNGUARDED, "relabel": True},
                   "ser_ensemble_unguarded_restart": {**UNGUARDED, "restart": True},
-                  "ser_ensemble_unguarded_top10": {**UNGUARDED, "budget": 0.1}}
+                  "ser_ensemble_unguarded_top10": {**UNGUARDED, "budget": 0.1},
+                  # The 20% budget trimmed to its most confident pairs whose expected precision is >= 0.8 (Bayesian
+                  # FDR control at 20%): fewer pairs when the votes are less sure, none (the loop stops) when no set
+                  # clears it.
+                  "ser_ensemble_unguarded_precision80": {**UNGUARDED, "target_precision": 0.8}}
 
 
 def method_config(cfg: Config, method: str) -> Config:

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from ser.crossfit import (accept, budget_accept, calibrated_log_likelihood, choose_iteration, ensemble_vote,
                           expected_precision, fold_assignment, out_of_fold, precision_by_agreement,
-                          precision_by_decile, select_by_vote)
+                          precision_by_decile, select_by_vote, trim_to_expected_precision)
 from ser.losses import pairwise_losses, soft_pairwise_losses
 
 FAST = settings(max_examples=150, deadline=None)
@@ -271,6 +271,39 @@ def test_budget_accept_properties(rows, fraction):
 
 
 # --- the audit -------------------------------------------------------------------------------------------
+
+
+def test_trim_to_expected_precision_hand_values():
+    # taken 0, 1, 3, 4 ranked by target: 0.9, 0.8 (3), 0.7 (4), 0.6 (1); running means 0.9, 0.85, 0.8, 0.75.
+    # Pair 2 (0.99) was not taken and is never added; its NaN-free value does not matter, nor would a NaN.
+    take, target = [True, True, False, True, True], [0.9, 0.6, 0.99, 0.8, 0.7]
+    trim = lambda p, t=take, q=target: np.flatnonzero(trim_to_expected_precision(t, q, p)).tolist()  # noqa: E731
+    assert trim(0.8) == [0, 3, 4]  # a mean exactly at the target (0.8 in floats) qualifies
+    assert trim(0.85) == [0, 3] and trim(0.9) == [0] and trim(0.95) == [] and trim(0.5) == [0, 1, 3, 4]
+    assert trim(0.8, q=[0.9, 0.6, float("nan"), 0.8, 0.7]) == [0, 3, 4]
+    # ties go to the lower index: ranked 0.9 (1), 0.6 (0), 0.6 (2); running 0.9, 0.75, 0.7
+    assert trim(0.75, [True, True, True], [0.6, 0.9, 0.6]) == [0, 1]
+    assert trim(0.8, [False, False], [0.9, 0.9]) == []
+    with pytest.raises(ValueError, match="precision"):
+        trim_to_expected_precision([True], [0.9], 0.4)
+    with pytest.raises(ValueError, match="probabilities"):
+        trim_to_expected_precision([True], [1.5], 0.8)
+    with pytest.raises(ValueError, match="length mismatch"):
+        trim_to_expected_precision([True], [0.9, 0.8], 0.8)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.floats(0.5, 1.0)), max_size=40), st.floats(0.5, 1.0))
+@FAST
+def test_trim_to_expected_precision_properties(rows, precision):
+    take = np.array([t for t, _ in rows], dtype=bool)
+    target = np.array([q for _, q in rows], dtype=np.float64)
+    kept = trim_to_expected_precision(take, target, precision)
+    assert not (kept & ~take).any()  # a subset of the taken pairs
+    if kept.any():  # its expected precision clears the target, and every kept pair is at least as sure as a dropped one
+        assert target[kept].mean() >= precision - 1e-9
+        assert not (take & ~kept).any() or target[kept].min() >= target[take & ~kept].max()
+    if take.any() and target[take].mean() >= precision:
+        assert (kept == take).all()  # nothing is trimmed from a set that already clears it
 
 
 def test_expected_precision_hand_values():

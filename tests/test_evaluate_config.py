@@ -104,7 +104,7 @@ def test_experiment_variants_change_one_setting_of_their_base():
     cfg = Config()
     ser = {m: dataclasses.asdict(method_config(cfg, m).ser) for m in SELF_LABELLING}
     expected = {"soft": {"soft_labels"}, "relabel": {"relabel"}, "restart": {"restart"}, "threshold": {"budget"},
-                "top10": {"budget"}, "unguarded": {"length_guard"}}
+                "top10": {"budget"}, "precision80": {"target_precision"}, "unguarded": {"length_guard"}}
     for m in SELF_LABELLING:
         if not m.startswith("ser_ensemble_"):
             continue
@@ -113,3 +113,4 @@ def test_experiment_variants_change_one_setting_of_their_base():
         # continuing trains ser.iteration_epochs, restarting the seed recipe's train.epochs (method_config)
         assert changed - {"iteration_epochs"} == expected[option], (m, changed)
     assert (ser["ser_ensemble_unguarded"]["budget"], ser["ser_ensemble_unguarded_top10"]["budget"]) == (0.2, 0.1)
+    assert ser["ser_ensemble_unguarded_precision80"]["target_precision"] == 0.8

@@ -567,6 +567,22 @@ def test_fold_models_continue_from_their_own_previous_iteration_without_restart(
     assert (run / "folds" / "0" / "1" / "model.safetensors").exists()
 
 
+def test_target_precision_stops_the_loop_when_no_set_of_votes_clears_it(tiny_bert_dir, shared_data, tmp_path):
+    """ser.target_precision: the selected pairs are trimmed to the most confident ones whose expected precision
+    clears it; a tiny random RM's votes are nowhere near 0.99 sure, so the loop stops at iteration 1, saying why,
+    and returns the seed RM. A target of 0.5 trims nothing (a unanimous vote's P of its direction is >= 0.5)."""
+    overrides = {"ser.rule": "ensemble", "ser.folds": 2, "ser.confidence": 0.5, "ser.max_iterations": 1}
+    run = run_evolve(load_config(None, tiny_overrides(tiny_bert_dir, **overrides, **{"ser.target_precision": 0.99})),
+                     str(tmp_path / "strict"))
+    stop = records(run)[-2]
+    assert stop["iteration"] == 1 and stop["ser/added"] == 0 and stop["ser/precision_trimmed"] > 0
+    assert "ser.target_precision" in stop["ser/stop"] and records(run)[-1]["ser/final"] == 0
+    lax = records(run_evolve(load_config(None, tiny_overrides(tiny_bert_dir, **overrides,
+                                                              **{"ser.target_precision": 0.5})),
+                             str(tmp_path / "lax")))
+    assert lax[-2]["ser/added"] == stop["ser/precision_trimmed"] and lax[-2]["ser/precision_trimmed"] == 0
+
+
 def test_seed_rm_epochs_are_chosen_on_out_of_fold_accuracy(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
     """ser.seed_epochs: the seed RM and its fold models go on one epoch at a time while the out-of-fold accuracy
     improves (patience 1). On the hand-made validation sequence 0.50, 0.60, 0.55 (epochs 1, 2, 3) epoch 2 is
