@@ -315,6 +315,9 @@ def validate(cfg: Config) -> None:
                         f"{s.budget}")
     if not (s.target_precision == 0 or 0.5 <= s.target_precision <= 1):
         raise UserError(f"config: 'ser.target_precision' must be 0 (off) or in [0.5, 1], got {s.target_precision}")
+    if s.target_precision and s.rule != "ensemble" and s.calibration != "temperature":
+        raise UserError(f"config: 'ser.target_precision' reads calibrated probabilities: with rule={s.rule} it needs "
+                        f"ser.calibration=temperature, got {s.calibration}")
     if s.soft_labels and (s.rule != "ensemble" or s.pseudo_loss != "sigmoid"):
         raise UserError("config: 'ser.soft_labels' needs ser.rule=ensemble (its calibrated p is the target) and "
                         "ser.pseudo_loss=sigmoid")

@@ -328,16 +328,17 @@ def trim_to_expected_precision(take: ArrayLike, target: ArrayLike, precision: fl
     `expected_precision`, is at least `precision`. All of them if the whole set clears it; none if even the most
     confident pair does not (the loop then stops: nothing it could add is expected to be right often enough).
 
-    This is Bayesian false-discovery-rate control (Newton et al., 2004, Biostatistics 5(2); Müller et al., 2004):
-    with calibrated posteriors, rejecting the hypotheses in order of posterior while their mean posterior error
-    stays <= alpha controls the expected FDR at alpha; here alpha = 1 - precision and a "discovery" is a
-    pseudo-label. Ranked by target, the running mean never rises, so the largest qualifying prefix is the count of
-    prefixes that qualify. Unlike a fixed budget, the number taken follows the labeller: when the next
-    iteration's votes are less sure, fewer pairs (or none) pass. The guarantee is only as good as the calibration
-    (`expected_precision` says how calibrated each rule's target is).
+    This is Bayesian false-discovery-rate control (Newton et al., 2004, Biostatistics 5(2):155-176; Müller et al.,
+    2004, JASA 99:990-1001): the largest list, ranked by posterior, whose mean posterior error is <= alpha has a
+    posterior expected FDR <= alpha; here alpha = 1 - precision and a "discovery" is a pseudo-label. It is a
+    frequentist guarantee only as far as the target is calibrated (`expected_precision` says how calibrated each
+    rule's is: out of fold for the ensemble, in sample on the seed for the one-RM rules without ser.validation).
+    Ranked by target, the running mean never rises, so the largest qualifying prefix is the count of prefixes that
+    qualify. Unlike a fixed budget, the number taken follows the labeller: when the next iteration's votes are less
+    sure, fewer pairs (or none) pass.
 
-    Raises ValueError on length mismatches, precision outside [0.5, 1], or a taken pair's target outside [0, 1]
-    or not finite.
+    Raises ValueError if take or target is not 1-D or their lengths differ, precision is outside [0.5, 1], or a
+    taken pair's target is outside [0, 1] or not finite.
     """
     if not 0.5 <= precision <= 1.0:
         raise ValueError(f"precision must lie in [0.5, 1], got {precision}")

@@ -98,6 +98,30 @@ def length_audit(take, a_wins, margin, pool: list[UnlabelledPair], seed: list[Pa
     return take, record
 
 
+def trim_and_guard(sel: dict, pool: list[UnlabelledPair], seed: list[Pair], s) -> tuple[np.ndarray, dict]:
+    """Step 4b: the selected pairs (sel["take"], (n,) bool) cut by ser.target_precision (`crossfit.
+    trim_to_expected_precision` on sel["target"]) and by the length guard (`length_audit`), each applied again
+    until neither removes a pair: the guard can drop a confident pair and so pull the set's expected precision
+    under the target, and the trim can drop a shorter-chosen pair and so lift the longer-chosen share over the
+    seed's. Both only remove pairs, so this ends. Returns (take, record): `length_audit`'s record with
+    bias/guard_dropped summed over the rounds, and ser/precision_trimmed (with ser.target_precision)."""
+    take, trimmed, dropped = sel["take"], 0, 0
+    while True:
+        if s.target_precision:
+            kept = trim_to_expected_precision(take, sel["target"], s.target_precision)
+            trimmed, take = trimmed + int(take.sum() - kept.sum()), kept
+        guarded, record = length_audit(take, sel["a_wins"], sel["target"] - 0.5, pool, seed, s.length_guard)
+        dropped += record.pop("bias/guard_dropped", 0)
+        if (guarded == take).all() or not s.target_precision:
+            break
+        take = guarded
+    if s.length_guard:
+        record["bias/guard_dropped"] = dropped
+    if s.target_precision:
+        record["ser/precision_trimmed"] = trimmed
+    return guarded, record
+
+
 def audit(take, a_wins, groups, group_name: str, confidence, truth: np.ndarray | None) -> dict:
     """Precision of this iteration's pseudo-labels against the hidden human labels: of the accepted ones, overall
     and per group (the paper's status 1/2, or the number of agreeing fold models); and of every candidate's
@@ -386,13 +410,10 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             #      the votes of the last iteration's fold models (ensemble).
             sel = label_pool(cfg, run, it, pool, seed, val, accelerator)
             hidden = np.array([truth[p.id] == 0 for p in pool]) if truth else None  # True: A is human-chosen
-            # 4b. With ser.target_precision, keep the most confident of them while their expected precision clears it.
-            take = sel["take"] if not s.target_precision else trim_to_expected_precision(
-                sel["take"], sel["target"], s.target_precision)
-            # 4c. Length audit (and guard): does self-labelling pick "the longer answer wins" pairs?
-            take, bias = length_audit(take, sel["a_wins"], sel["target"] - 0.5, pool, seed, s.length_guard)
+            # 4b. Trim to ser.target_precision and audit (and guard) length: does self-labelling pick "the longer
+            #     answer wins" pairs?
+            take, bias = trim_and_guard(sel, pool, seed, s)
             record |= {**sel["record"], "ser/added": int(take.sum()), **bias,
-                       "ser/precision_trimmed": int(sel["take"].sum() - take.sum() - bias.get("bias/guard_dropped", 0)),
                        "ser/expected_precision": expected_precision(take, sel["target"]),
                        **audit(take, sel["a_wins"], sel["groups"], sel["group_name"], sel["confidence"], hidden)}
             save_scores(run, it, accelerator, ids=np.array([p.id for p in pool]), take=take, a_wins=sel["a_wins"],
@@ -486,11 +507,13 @@ def retrain(cfg: Config, run: Path, it: int, seed: list[Pair], train_pairs: list
 
 
 def stop_message(cfg: Config, it: int, record: dict) -> str:
-    if record.get("bias/guard_dropped") and not record["ser/added"]:
-        return f"iteration {it}: the length guard dropped all {record['bias/guard_dropped']} selected pairs"
-    if record.get("ser/precision_trimmed") and not record["ser/added"]:
-        return (f"iteration {it}: no part of the {record['ser/precision_trimmed']} selected pairs is expected to be "
-                f"right at least {cfg.ser.target_precision:g} of the time (ser.target_precision)")
+    trimmed, dropped = record.get("ser/precision_trimmed", 0), record.get("bias/guard_dropped", 0)
+    if dropped and not trimmed and not record["ser/added"]:
+        return f"iteration {it}: the length guard dropped all {dropped} selected pairs"
+    if trimmed and not record["ser/added"]:
+        guard = f", and the length guard dropped the other {dropped}" if dropped else ""
+        return (f"iteration {it}: of the {trimmed + dropped} selected pairs, no part is expected to be right at least "
+                f"{cfg.ser.target_precision:g} of the time (ser.target_precision trimmed {trimmed}){guard}")
     if cfg.ser.rule == "paper":
         return (f"iteration {it}: too few confident pairs (status-1: {record['ser/n_status1']}, status-2: "
                 f"{record['ser/n_status2']}, need {resolve_min_pairs(cfg.ser.min_pairs, record['ser/pool'])})")

@@ -21,6 +21,9 @@ Methods (all on the same seed/pool/test split of a given seed):
   ser_ensemble_unguarded_soft / _relabel / _restart: ser_ensemble_unguarded with that one option changed
   ser_ensemble_unguarded_top10: ser_ensemble_unguarded pseudo-labelling the most confident 10% of the unanimous
               pairs per iteration instead of 20% (fewer pairs, more precise)
+  ser_ensemble_unguarded_precision80: ser_ensemble_unguarded with its 20% cut to the most confident pairs whose
+              expected precision is >= 0.8 (ser.target_precision): fewer pairs as the votes grow less sure, and a
+              stop when no set clears it
 The paper, code and ssrm methods share the seed RM (iteration 0), so their differences come from selection only;
 the ensemble methods train their own (the same seed RM: same data and training seed) plus its fold models.
 """

@@ -278,7 +278,9 @@ def test_trim_to_expected_precision_hand_values():
     # Pair 2 (0.99) was not taken and is never added; its NaN-free value does not matter, nor would a NaN.
     take, target = [True, True, False, True, True], [0.9, 0.6, 0.99, 0.8, 0.7]
     trim = lambda p, t=take, q=target: np.flatnonzero(trim_to_expected_precision(t, q, p)).tolist()  # noqa: E731
-    assert trim(0.8) == [0, 3, 4]  # a mean exactly at the target (0.8 in floats) qualifies
+    assert trim(0.8) == [0, 3, 4]  # a mean exactly at the target qualifies
+    # (1.0 + 0.9 + 0.5) / 3 is 0.7999999999999999 in floats: still "at least 0.8"
+    assert trim(0.8, [True] * 3, [1.0, 0.9, 0.5]) == [0, 1, 2]
     assert trim(0.85) == [0, 3] and trim(0.9) == [0] and trim(0.95) == [] and trim(0.5) == [0, 1, 3, 4]
     assert trim(0.8, q=[0.9, 0.6, float("nan"), 0.8, 0.7]) == [0, 3, 4]
     # ties go to the lower index: ranked 0.9 (1), 0.6 (0), 0.6 (2); running 0.9, 0.75, 0.7
@@ -304,6 +306,10 @@ def test_trim_to_expected_precision_properties(rows, precision):
         assert not (take & ~kept).any() or target[kept].min() >= target[take & ~kept].max()
     if take.any() and target[take].mean() >= precision:
         assert (kept == take).all()  # nothing is trimmed from a set that already clears it
+    dropped = take & ~kept
+    if dropped.any():  # the largest such set: adding the most confident dropped pair pulls the mean under
+        best = np.flatnonzero(dropped)[np.argmax(target[dropped])]
+        assert np.append(target[kept], target[best]).mean() < precision + 1e-9
 
 
 def test_expected_precision_hand_values():

@@ -44,6 +44,8 @@ def test_yaml_and_overrides(tmp_path):
     ("model:\n  mode: half\n", "'model.mode' must be one of full, lora, head"),
     ("data: [1, 2]\n", "section 'data' must be a mapping"),
     ("data:\n  train: [\n", "not valid YAML"),
+    ("ser:\n  target_precision: 0.3\n", "'ser.target_precision' must be 0 (off) or in [0.5, 1], got 0.3"),
+    ("ser:\n  target_precision: 0.8\n  calibration: none\n", "with rule=paper it needs ser.calibration=temperature"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, needle):
     f = tmp_path / "bad.yaml"

@@ -82,6 +82,36 @@ def test_length_audit_and_guard_hand_example():
     assert kept.tolist() == [True, False, False, True] and rec["bias/pseudo_longer_chosen"] == 0.5
 
 
+def test_trim_and_guard_repeat_until_neither_removes_a_pair():
+    """Target 0.8, seed share 0.5. Selected: pairs 0 and 1 longer-chosen (P 0.95, 0.9), pair 2 shorter-chosen
+    (0.6). Trim: mean 0.817 keeps all three. Guard: share 2/3 > 0.5 drops the less sure longer-chosen pair (0.9),
+    leaving mean (0.95 + 0.6) / 2 = 0.775 < 0.8. Trim again: {0.95}. Guard again: share 1 > 0.5 drops it. Nothing
+    is left: 1 pair trimmed, 2 dropped by the guard; the stop message names both."""
+    import dataclasses
+
+    from ser.config import SERConfig
+    from ser.data import Pair, UnlabelledPair
+    from ser.evolve import stop_message, trim_and_guard
+
+    seed = [Pair("s1", "q", "long answer", "short", "x"), Pair("s2", "q", "no", "a longer one", "x")]
+    pool = [UnlabelledPair(f"p{i}", "q", a, b, "x") for i, (a, b) in enumerate([("aaaa", "b"), ("a", "bbbb"),
+                                                                                  ("a", "bb")])]
+    sel = {"take": np.ones(3, bool), "a_wins": np.array([True, False, True]), "target": np.array([0.95, 0.9, 0.6])}
+    s = SERConfig(target_precision=0.8, length_guard=True)
+    take, rec = trim_and_guard(sel, pool, seed, s)
+    assert not take.any() and rec["ser/precision_trimmed"] == 1 and rec["bias/guard_dropped"] == 2
+    cfg = load_config(None, [])
+    cfg = dataclasses.replace(cfg, ser=s)
+    msg = stop_message(cfg, 3, {**rec, "ser/added": 0})
+    assert msg.startswith("iteration 3: of the 3 selected pairs") and "trimmed 1" in msg and "other 2" in msg
+    # without the guard the first trim is final: all three (mean 0.817); without the target the guard alone
+    take, rec = trim_and_guard(sel, pool, seed, dataclasses.replace(s, length_guard=False))
+    assert take.all() and rec["ser/precision_trimmed"] == 0 and "bias/guard_dropped" not in rec
+    take, rec = trim_and_guard(sel, pool, seed, dataclasses.replace(s, target_precision=0.0))
+    assert take.tolist() == [True, False, True] and rec["bias/guard_dropped"] == 1
+    assert "ser/precision_trimmed" not in rec
+
+
 def _pool_ids(cfg):
     from ser.pipeline import load_splits
 
