@@ -511,9 +511,11 @@ def stop_message(cfg: Config, it: int, record: dict) -> str:
     if dropped and not trimmed and not record["ser/added"]:
         return f"iteration {it}: the length guard dropped all {dropped} selected pairs"
     if trimmed and not record["ser/added"]:
-        guard = f", and the length guard dropped the other {dropped}" if dropped else ""
-        return (f"iteration {it}: of the {trimmed + dropped} selected pairs, no part is expected to be right at least "
-                f"{cfg.ser.target_precision:g} of the time (ser.target_precision trimmed {trimmed}){guard}")
+        if dropped:
+            return (f"iteration {it}: none of the {trimmed + dropped} selected pairs is left: ser.target_precision="
+                    f"{cfg.ser.target_precision:g} trimmed {trimmed} and the length guard dropped {dropped}")
+        return (f"iteration {it}: no set of the {trimmed} selected pairs is expected to be right at least "
+                f"{cfg.ser.target_precision:g} of the time (ser.target_precision)")
     if cfg.ser.rule == "paper":
         return (f"iteration {it}: too few confident pairs (status-1: {record['ser/n_status1']}, status-2: "
                 f"{record['ser/n_status2']}, need {resolve_min_pairs(cfg.ser.min_pairs, record['ser/pool'])})")

@@ -103,7 +103,8 @@ def test_trim_and_guard_repeat_until_neither_removes_a_pair():
     cfg = load_config(None, [])
     cfg = dataclasses.replace(cfg, ser=s)
     msg = stop_message(cfg, 3, {**rec, "ser/added": 0})
-    assert msg.startswith("iteration 3: of the 3 selected pairs") and "trimmed 1" in msg and "other 2" in msg
+    assert msg == ("iteration 3: none of the 3 selected pairs is left: ser.target_precision=0.8 trimmed 1 and the "
+                   "length guard dropped 2")
     # without the guard the first trim is final: all three (mean 0.817); without the target the guard alone
     take, rec = trim_and_guard(sel, pool, seed, dataclasses.replace(s, length_guard=False))
     assert take.all() and rec["ser/precision_trimmed"] == 0 and "bias/guard_dropped" not in rec
