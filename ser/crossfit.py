@@ -220,6 +220,12 @@ def ensemble_vote(margins: np.ndarray, temperatures: np.ndarray) -> dict[str, np
             "unanimous": agree == m}
 
 
+def _most_confident_first(mask: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Indices where mask is True, highest score first; equal scores keep index order (a stable sort)."""
+    idx = np.flatnonzero(mask)
+    return idx[np.argsort(-score[idx], kind="stable")]
+
+
 def _eligible(p: ArrayLike, agree: ArrayLike, n_members: int, min_agree: int | None,
               a_wins: ArrayLike | None) -> tuple[np.ndarray, np.ndarray]:
     """(eligible mask, confidence in the labelled direction) shared by accept and budget_accept."""
@@ -269,9 +275,8 @@ def budget_accept(p: ArrayLike, agree: ArrayLike, n_members: int, fraction: floa
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
     eligible, conf = _eligible(p, agree, n_members, min_agree, a_wins)
-    idx = np.flatnonzero(eligible)
-    budget = math.floor(fraction * len(idx) + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996 in floats
-    ranked = idx[np.argsort(-conf[idx], kind="stable")]  # stable: ties keep index order
+    ranked = _most_confident_first(eligible, conf)
+    budget = math.floor(fraction * len(ranked) + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996 in floats
     take = np.zeros(len(eligible), dtype=bool)
     take[ranked[:budget]] = True
     return take
@@ -299,6 +304,17 @@ def precision_by_agreement(a_wins: ArrayLike, take: ArrayLike, truth: ArrayLike,
     return out
 
 
+def _taken_probabilities(take: ArrayLike, target: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(take, target) as 1-D bool / float64 arrays of one length, the taken pairs' targets checked to be finite
+    probabilities (an untaken pair's is never read). Raises ValueError otherwise."""
+    take, target = _as_1d("take", take, bool), _as_1d("target", target, np.float64)
+    _same_length(take=take, target=target)
+    taken = target[take]
+    if not np.isfinite(taken).all() or (taken < 0).any() or (taken > 1).any():
+        raise ValueError("target must be probabilities in [0, 1] where take is True")
+    return take, target
+
+
 def expected_precision(take: ArrayLike, target: ArrayLike) -> float | None:
     """The label-free estimate of the accepted pseudo-labels' precision: the mean calibrated probability of
     the labelled direction over the taken pairs, sum(target[take]) / sum(take); None if nothing is taken.
@@ -314,12 +330,8 @@ def expected_precision(take: ArrayLike, target: ArrayLike) -> float | None:
 
     Raises ValueError on length mismatches or a taken pair's target outside [0, 1] or not finite.
     """
-    take, target = _as_1d("take", take, bool), _as_1d("target", target, np.float64)
-    _same_length(take=take, target=target)
-    taken = target[take]
-    if not np.isfinite(taken).all() or (taken < 0).any() or (taken > 1).any():
-        raise ValueError("target must be probabilities in [0, 1] where take is True")
-    return float(taken.mean()) if taken.size else None
+    take, target = _taken_probabilities(take, target)
+    return float(target[take].mean()) if take.any() else None
 
 
 def trim_to_expected_precision(take: ArrayLike, target: ArrayLike, precision: float) -> np.ndarray:
@@ -342,12 +354,8 @@ def trim_to_expected_precision(take: ArrayLike, target: ArrayLike, precision: fl
     """
     if not 0.5 <= precision <= 1.0:
         raise ValueError(f"precision must lie in [0.5, 1], got {precision}")
-    take, target = _as_1d("take", take, bool), _as_1d("target", target, np.float64)
-    _same_length(take=take, target=target)
-    idx = np.flatnonzero(take)
-    if not np.isfinite(target[idx]).all() or (target[idx] < 0).any() or (target[idx] > 1).any():
-        raise ValueError("target must be probabilities in [0, 1] where take is True")
-    ranked = idx[np.argsort(-target[idx], kind="stable")]
+    take, target = _taken_probabilities(take, target)
+    ranked = _most_confident_first(take, target)
     running = np.cumsum(target[ranked]) / np.arange(1, len(ranked) + 1)  # non-increasing
     kept = np.zeros(len(take), dtype=bool)
     kept[ranked[:int((running >= precision - 1e-12).sum())]] = True  # 1e-12: a mean equal to it in floats
