@@ -34,6 +34,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part: a uniquely
     named temporary file in the same directory, fsync'd, then os.replace (atomic on POSIX)."""
@@ -41,6 +48,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename: the mode `open` would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -152,6 +160,7 @@ def atomic_dir(target: str | Path):
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, as for atomic_write_bytes
         yield tmp
         write_manifest(tmp)
         for p in tmp.rglob("*"):
@@ -213,8 +222,76 @@ def save_reward_model(model, tokenizer, target: str | Path, ser_config: dict) ->
 
 
 def read_ser_config(directory: str | Path) -> dict:
+    """The directory's ser_config.json as a dict ({} when there is none). Raises UserError if it is not a
+    JSON object."""
     path = Path(directory) / SER_CONFIG
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: corrupt ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: corrupt (expected a JSON object, got {type(data).__name__})")
+    return data
+
+
+def run_kind(run: str | Path) -> str | None:
+    """Which command wrote the run directory `run`, from the files only it writes: "evolve", "ppo", "train-rm",
+    or None (none of them yet)."""
+    run = Path(run)
+    if any((run / name).exists() for name in ("state.json", "iterations", "folds", "seed_epochs")):
+        return "evolve"
+    if (run / "checkpoint" / "ppo_state.pt").exists():
+        return "ppo"
+    if (run / "result.json").exists() or (run / "rm").exists() or (run / "checkpoint").exists():
+        return "train-rm"
+    return None
+
+
+def check_resumable(run: str | Path, kind: str) -> Path:
+    """`run` as a Path if it is a run directory of `ser {kind}` (config.yaml, and no other command's files);
+    else UserError naming what it is."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a `ser {kind}` run directory (no config.yaml)")
+    found = run_kind(run)
+    if found not in (None, kind):
+        raise UserError(f"{run}: a `ser {found}` run, not a `ser {kind}` run")
+    return run
+
+
+# What a run writes before its first checkpoint: a directory holding only these may be started over.
+EARLY_RUN_FILES = {"config.yaml", "data_hash", "metrics.jsonl"}
+
+
+def refuse_existing_run(out: str | Path) -> None:
+    """A new run never writes into a directory that holds a run (any command's checkpoint or result, or a
+    config.yaml beside other files): UserError pointing to --resume or another --out. A directory with nothing
+    but a run's first files (`EARLY_RUN_FILES`: it stopped before its first checkpoint) is started over.
+    Called before anything is written."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir()}
+    if run_kind(out) or ("config.yaml" in names and not names <= EARLY_RUN_FILES):
+        raise UserError(f"{out}: already holds a run; use --resume {out} to continue it, or another --out")
+
+
+def check_out_file(out_file: str | Path, *inputs: str | Path) -> Path:
+    """`out_file` as a Path if a command may write it: a file name (not an existing directory, not ending in a
+    slash) whose nearest existing parent is a directory, and not one of `inputs` (the paths the same command
+    reads; those that are not local files are ignored). Raises UserError naming what is wrong; writes nothing."""
+    out = Path(out_file)
+    if not out.name or str(out_file).endswith(("/", "\\")) or out.is_dir():
+        raise UserError(f"{out_file}: --out is a directory; give a file name, e.g. {out / 'out.jsonl'}")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"{out_file}: cannot write there ({parent} is a file, not a directory)")
+    for path in map(Path, inputs):
+        if out.exists() and path.exists() and out.samefile(path):
+            raise UserError(f"{out_file}: --out would overwrite the input {path}; give another file name")
+    return out
 
 
 def check_writable(out: str | Path) -> Path:

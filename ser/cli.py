@@ -58,6 +58,28 @@ def _config_unless_resume(args, extra: list[str]):
     return None if args.resume else load_config(args.config, _split_overrides(extra))
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a number of pairs or tokens)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _margin(text: str) -> float:
+    """argparse type: a finite number >= 0 (a reward margin)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'") from None
+    if not (x >= 0 and x != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return x
+
+
 def _yaml_value(value) -> str:
     """A default as it is written in a YAML preset or an override (quoted where YAML would read another type:
     `no` is false in YAML, `'no'` the string)."""
@@ -115,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rm", required=True, help="saved reward-model directory")
     p.add_argument("--data", required=True, help="data spec: hh-rlhf:helpful-base, a file, or a Hub id")
     p.add_argument("--out", required=True, help="output .jsonl file")
-    p.add_argument("--limit", type=int, help="score only the first N pairs")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=_count, help="score only the first N pairs")
+    p.add_argument("--batch-size", type=_count, default=64, help="pairs per forward pass")
 
     p = sub.add_parser("eval", help="accuracy, margin and calibration of a saved reward model")
     p.add_argument("--rm", required=True, help="saved reward-model directory")
     p.add_argument("--data", required=True, help="data spec: hh-rlhf:helpful-base, a file, or a Hub id")
-    p.add_argument("--limit", type=int, help="evaluate only the first N pairs")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=_count, help="evaluate only the first N pairs")
+    p.add_argument("--batch-size", type=_count, default=64, help="pairs per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _config_parser(sub, "evolve", "the SER loop: seed RM, then self-labelling iterations")
@@ -144,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-b", help="policy for answer_b (default: a second sample of --policy)")
     p.add_argument("--prompts", required=True, help="data spec whose prompts are used")
     p.add_argument("--out", required=True, help="output .jsonl (prompt, answer_a, answer_b)")
-    p.add_argument("--limit", type=int, help="first N unique prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--limit", type=_count, help="first N unique prompts")
+    p.add_argument("--max-new-tokens", type=_count, default=128)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("judge", help="win / tie / lose of policy A against B, judged by a gold RM")
@@ -154,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="data spec of held-out prompts")
     p.add_argument("--judge", required=True, help="saved RM directory used as the judge")
     p.add_argument("--out", required=True, help="output .jsonl with both answers, scores and verdicts")
-    p.add_argument("--limit", type=int, help="first N unique prompts")
-    p.add_argument("--tie-margin", type=float, default=0.0, help="|r_a - r_b| <= margin counts as a tie")
+    p.add_argument("--limit", type=_count, help="first N unique prompts")
+    p.add_argument("--tie-margin", type=_margin, default=0.0, help="|r_a - r_b| <= margin counts as a tie")
     p.add_argument("--llm-url", help="also judge with an LLM behind an OpenAI-compatible endpoint (e.g. "
                    "http://localhost:8000/v1); the API key is read from $OPENAI_API_KEY")
     p.add_argument("--llm-model", help="model name for --llm-url")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_count, default=128)
     p.add_argument("--seed", type=int, default=0)
 
     p = _config_parser(sub, "curve", "learning curve: RM test accuracy vs number of human labels, with CIs")
@@ -310,7 +332,11 @@ def run(argv: list[str]) -> int:
 
         cfg = load_config(args.config, _split_overrides(extra))
         modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
-        out = run_curve(cfg, args.out, [s.strip() for s in args.sizes.split(",") if s.strip()], modes)
+        sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+        if not sizes or modes == []:
+            raise UserError(f"curve: --sizes {args.sizes!r}{f' / --modes {args.modes!r}' if modes == [] else ''} "
+                            f"names nothing to train (e.g. --sizes 100,0.15,all)")
+        out = run_curve(cfg, args.out, sizes, modes)
         print((out / "curve.md").read_text())
         print(f"wrote {out}")
     return 0

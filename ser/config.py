@@ -336,6 +336,57 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: 'data.limit' must be >= 1 or null, got {cfg.data.limit}")
     if cfg.train.epochs <= 0 or cfg.train.lr <= 0:
         raise UserError("config: 'train.epochs' and 'train.lr' must be > 0")
+    _check_ranges(cfg)
+
+
+# Numeric settings and the interval each must lie in: (low, high, low included, high included); None = unbounded.
+RANGES = {
+    "train.weight_decay": (0, None, True, False), "train.warmup_ratio": (0, 1, True, True),
+    "train.max_grad_norm": (0, None, True, False), "train.seed": (0, 2**32 - 1, True, True),
+    "model.lora_r": (1, None, True, False), "model.lora_alpha": (0, None, False, False),
+    "model.lora_dropout": (0, 1, True, False),
+    "ser.max_iterations": (0, None, True, False), "ser.tau_delta": (0, 1, True, True),
+    "ser.pseudo_margin": (0, None, True, False), "ser.iteration_epochs": (0, None, False, False),
+    "ser.seed_epochs": (0, None, True, False), "ser.ssrm_threshold": (0.5, 1, True, True),
+    "policy.max_prompt_length": (1, None, True, False), "policy.temperature": (0, None, False, False),
+    "policy.top_k": (0, None, True, False), "policy.top_p": (0, 1, False, True),
+    "ppo.steps": (1, None, True, False), "ppo.lr": (0, None, False, False), "ppo.kl_coef": (0, None, True, False),
+    "ppo.kl_target": (0, None, False, False), "ppo.kl_horizon": (1, None, True, False),
+    "ppo.gamma": (0, 1, True, True), "ppo.lam": (0, 1, True, True), "ppo.clip": (0, None, False, False),
+    "ppo.clip_value": (0, None, False, False), "ppo.vf_coef": (0, None, True, False),
+    "ppo.no_eos_penalty": (0, None, True, False), "ppo.seed": (0, 2**32 - 1, True, True),
+    "experiment.bootstrap": (1, None, True, False), "experiment.seed_epochs": (0, None, True, False),
+}
+# What `data.columns` may map to: the fields the record formats read (ser/data.py).
+COLUMN_TARGETS = ("prompt", "chosen", "rejected", "answer_a", "answer_b", "label", "score_chosen", "score_rejected")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Each of `RANGES` inside its interval (None is allowed where the field is optional), `data.columns`
+    onto known fields, and `experiment.seeds` a non-empty list of distinct seeds. Raises UserError naming the key."""
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        below = low is not None and (value < low if low_in else value <= low)
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            interval = f"{'[' if low_in else '('}{low}, {'∞' if high is None else high}{']' if high_in else ')'}"
+            raise UserError(f"config: '{key}' must lie in {interval}, got {value}")
+    columns = cfg.data.columns or {}
+    for ours, theirs in columns.items():
+        if ours not in COLUMN_TARGETS or not isinstance(theirs, str):
+            raise UserError(f"config: 'data.columns' maps a field ({', '.join(COLUMN_TARGETS)}) to the file's column "
+                            f"name (a string); got {ours!r}: {theirs!r}")
+    seeds = cfg.experiment.seeds
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in seeds):
+        raise UserError(f"config: 'experiment.seeds' must be a non-empty list of integers in [0, 2**32), got {seeds}")
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"config: 'experiment.seeds' names a seed twice: {seeds}")
+    methods = cfg.experiment.methods
+    if not methods or not all(isinstance(m, str) for m in methods):
+        raise UserError(f"config: 'experiment.methods' must be a non-empty list of method names, got {methods}")
 
 
 def to_dict(cfg: Config) -> dict:

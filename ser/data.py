@@ -39,7 +39,7 @@ DEFAULT_SPLIT = {"ultrafeedback": "train"}  # the local HH files are the test sp
 # KB, and more text than any model's context means a corrupt or wrong file. Checked while reading: bounded memory.
 MAX_RECORD_BYTES = 16 << 20
 # A record's own id, carried into `ser score` output as `input_id` so it joins back: the first of these columns
-# present (with a string or integer value).
+# present (with a string or integer value; `_input_id`).
 ID_COLUMNS = ("id", "sample_id", "example_id", "uid", "prompt_id")
 
 
@@ -124,6 +124,20 @@ def resolve_data_spec(spec: str) -> str:
 # ---------------------------------------------------------------- reading records
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice (json.loads would keep the last value silently)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: the object as a dict, or _DuplicateKey naming the repeated key."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _read_records(path: str):
     """Yield (record number, dict) from a local file; record = line for jsonl/csv, index for json/parquet."""
     p = Path(path)
@@ -141,7 +155,10 @@ def _read_records(path: str):
                     if not raw.strip():
                         continue
                     try:
-                        rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                        text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                        rec = json.loads(text, object_pairs_hook=_unique_keys)
+                    except _DuplicateKey as e:
+                        raise UserError(f"{where(p, n)}: key '{e.args[0]}' appears twice in the record") from None
                     except UnicodeDecodeError:
                         raise UserError(f"{where(p, n)}: invalid UTF-8") from None
                     except json.JSONDecodeError as e:
@@ -151,7 +168,9 @@ def _read_records(path: str):
                     yield n, rec
         elif name.endswith(".json"):
             try:
-                data = json.loads(p.read_bytes().decode("utf-8-sig"))
+                data = json.loads(p.read_bytes().decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+            except _DuplicateKey as e:
+                raise UserError(f"{p}: key '{e.args[0]}' appears twice in one record") from None
             except UnicodeDecodeError:
                 raise UserError(f"{p}: invalid UTF-8") from None
             except json.JSONDecodeError as e:
@@ -214,10 +233,15 @@ def _hub_records(spec: str):
     if spec in KNOWN or spec.rsplit(":", 1)[0] in KNOWN:
         name, split = (spec, "test") if spec in KNOWN else spec.rsplit(":", 1)
         _, hub_id, data_dir = KNOWN[name]
-        ds = datasets.load_dataset(hub_id, data_dir=data_dir, split=split)
+        args, kwargs = (hub_id,), {"data_dir": data_dir, "split": split}
     else:
         name, _, split = spec.partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
+        args, kwargs = (name,), {"split": split or "train"}
+    try:
+        ds = datasets.load_dataset(*args, **kwargs)
+    except Exception as e:  # offline, no such dataset or split, a gated repo, a broken script: the datasets library's
+        raise UserError(f"{spec}: cannot load the Hub dataset ({type(e).__name__}: "  # many error types
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
     yield from enumerate(ds)
 
 
@@ -339,9 +363,15 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
         if rec.get("input"):
             prompt += "\n\n" + _text(rec, "input", loc)
         # The PandaLM release stores a few one-word answers as JSON booleans (true for "True"): keep them as text.
+        for k in ("response1", "response2"):
+            if isinstance(rec.get(k), float) and not math.isfinite(rec[k]):
+                raise UserError(f"{loc}: field '{k}' is {rec[k]}, expected a string")
         r1, r2 = (str(rec[k]) if isinstance(rec.get(k), (bool, int, float)) else _text(rec, k, loc)
                   for k in ("response1", "response2"))
         return ("pair", prompt, r1, r2) if label == 1 else ("pair", prompt, r2, r1)
+    if {"answer_a", "answer_b"} <= keys and {"chosen", "rejected"} & keys:
+        raise UserError(f"{loc}: the record has both answer_a/answer_b (unlabelled) and chosen/rejected (labelled) "
+                        f"fields; keep one kind")
     if {"answer_a", "answer_b"} <= keys:
         return ("unlabelled", _text(rec, "prompt", loc), _text(rec, "answer_a", loc), _text(rec, "answer_b", loc))
     if {"chosen", "rejected"} <= keys:
@@ -367,9 +397,22 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
 
 
 def _input_id(rec):
-    """The record's own id: the value of the first of `ID_COLUMNS` it has (a string or an integer), else None."""
-    return next((rec[k] for k in ID_COLUMNS if isinstance(rec.get(k), (str, int)) and not isinstance(rec[k], bool)),
-                None)
+    """The record's own id: the value of the first of `ID_COLUMNS` it has (a string or an integer), else None.
+    Parquet and pandas store integer ids with a missing value as floats (3.0: given as 3) and dates as date
+    objects (given as their ISO text)."""
+    import datetime
+
+    for k in ID_COLUMNS:
+        v = rec.get(k)
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            return int(v)
+        if isinstance(v, (datetime.date, datetime.time)):
+            return v.isoformat()
+        if isinstance(v, (str, int)):
+            return v
+    return None
 
 
 def _load(spec, columns, limit, chat_template, want, drop_ties=True) -> Loaded:
@@ -384,12 +427,18 @@ def _load(spec, columns, limit, chat_template, want, drop_ties=True) -> Loaded:
         key = _input_id(rec)
         skipped.append({"record": n, **({"input_id": key} if key is not None else {}), "reason": reason, **extra})
 
+    first_kind = None  # (record number, kind) of the first labelled or unlabelled record: one file holds one kind
     for n, rec in records:
         total += 1
         kind, *fields = _parse(rec, where(path, n), columns, chat_template, drop_ties)
         if kind == "drop":
             skip(n, rec, fields[0])
             continue
+        first_kind = first_kind or (n, kind)
+        if kind != first_kind[1]:
+            names = {"pair": "labelled (chosen/rejected)", "unlabelled": "unlabelled (answer_a/answer_b)"}
+            raise UserError(f"{where(path, n)}: a {names[kind]} record in a file whose record {first_kind[0]} is "
+                            f"{names[first_kind[1]]}; one file holds one kind")
         if kind == "unlabelled" and want == "pair":
             raise UserError(f"{where(path, n)}: the file has no labels (prompt, answer_a, answer_b); use it as "
                             f"an unlabelled pool (data.pool)")
@@ -451,17 +500,18 @@ def load_records(spec: str, *, labelled: bool = True, columns=None, limit=None, 
     return _load(spec, columns, limit, chat_template, "pair" if labelled else "unlabelled", drop_ties)
 
 
-def drop_test_pairs(pairs: list, test: list[Pair], what: str) -> list:
-    """`pairs` without the ones that are also test pairs (the same prompt and answers in either order: ids do not
-    depend on the answer order), so that no pair is both trained on and evaluated on. The count is logged; none
-    left is a UserError naming `what`."""
+def drop_test_pairs(pairs: list, test: list[Pair], what: str, other: str = "the test set") -> list:
+    """`pairs` without the ones that are also in `test` (the same prompt and answers in either order: ids do not
+    depend on the answer order), so that no pair is both trained on and evaluated on (or, with `other` = the
+    human seed, both human-labelled and pseudo-labelled). The count is logged; none left is a UserError naming
+    `what`."""
     test_ids = {p.id for p in test}
     kept = [p for p in pairs if p.id not in test_ids]
     if len(kept) < len(pairs):
-        log.warning("removed %d of %d %s pairs that also appear in the test set", len(pairs) - len(kept), len(pairs),
-                    what)
+        log.warning("removed %d of %d %s pairs that also appear in %s", len(pairs) - len(kept), len(pairs), what,
+                    other)
     if pairs and not kept:
-        raise UserError(f"{what}: all {len(pairs)} pairs also appear in the test set; nothing left to train on")
+        raise UserError(f"{what}: all {len(pairs)} pairs also appear in {other}; none left")
     return kept
 
 

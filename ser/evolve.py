@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 
 from ser.bias import length_balanced_accept, longer_chosen_share
-from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_write_text, check_writable,
-                            save_reward_model, truncate_jsonl, verify_manifest)
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_write_text, check_resumable,
+                            check_writable, refuse_existing_run, save_reward_model, truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.crossfit import (calibrated_log_likelihood, choose_iteration, expected_precision, fold_assignment,
                           holdout_mask, precision_by_agreement, precision_by_decile, select_by_vote,
@@ -31,7 +31,8 @@ from ser.errors import UserError
 from ser.evaluate import bootstrap_ci
 from ser.frozen import attach_cache, shared_cache
 from ser.models import check_backbone, full_parameters
-from ser.pipeline import data_hash, evaluate_rm, fit_rm, load_splits, rm_scores, ser_config_for
+from ser.pipeline import (data_hash, evaluate_rm, fit_rm, load_splits, require_seed_and_test, rm_scores,
+                          ser_config_for)
 from ser.scoring import score_pairs
 from ser.selection import (STOP, fit_temperature, learning_status, orient, pair_status, probabilities,
                            resolve_min_pairs, select, ssrm_select)
@@ -386,9 +387,17 @@ def run_config(run: Path) -> Config:
 def load_state(run: Path) -> State:
     """A run's `state.json` (a fresh State where there is none). A run from before ser.val_metric kept only
     `val_acc`, which chose its iterations: that is its `val_score`."""
-    if not (run / "state.json").exists():
+    path = run / "state.json"
+    if not path.exists():
         return State()
-    state = State(**json.loads((run / "state.json").read_text()))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        state = State(**raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"{path}: corrupt ({str(e).splitlines()[0]}); start a new run") from None
+    if not (isinstance(state.completed, int) and isinstance(state.pseudo, list) and isinstance(state.val_score, list)
+            and isinstance(state.val_acc, list)):
+        raise UserError(f"{path}: corrupt (a field has the wrong type); start a new run")
     if len(state.val_score) < len(state.val_acc):
         state.val_score = list(state.val_acc)
     return state
@@ -570,36 +579,40 @@ def save_state(run: Path, state: State, accelerator) -> None:
 
 def build_pool(cfg: Config, split):
     """The unlabelled pool: a file of (prompt, answer_a, answer_b) when `data.pool` is set (no audit possible;
-    its pairs that are also test pairs are removed, with a count), else the rest of the labelled data with its
+    its pairs that are also test or seed pairs are removed, with a count), else the rest of the labelled data with its
     labels hidden (kept apart, for the audit only)."""
     if cfg.data.pool:
-        return drop_test_pairs(load_unlabelled(cfg.data.pool, columns=cfg.data.columns), split.test,
-                               f"pool ({cfg.data.pool})"), None
+        if split.pool:
+            log.info("data.pool is set: the %d labelled pairs left after the seed and test split are not used",
+                     len(split.pool))
+        pool = drop_test_pairs(load_unlabelled(cfg.data.pool, columns=cfg.data.columns), split.test,
+                               f"pool ({cfg.data.pool})")
+        return drop_test_pairs(pool, split.seed, f"pool ({cfg.data.pool})", "the human-labelled seed"), None
     return hide_labels(split.pool)
 
 
 def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -> Path:
     if resume:
-        run = Path(resume)
+        run = check_resumable(resume, "evolve")
         cfg, state = run_config(run), load_state(run)
     else:
         if out is None:
             raise UserError("ser evolve needs --out DIR (or --resume RUN_DIR)")
         run, state = Path(out), State()
     split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
+    require_seed_and_test(split, cfg.data)
     pool, truth = build_pool(cfg, split)
     split, val = validation_split(cfg, split)
     if cfg.ser.folds > len(split.seed):
         raise UserError(f"config: 'ser.folds' = {cfg.ser.folds} folds need at least as many training seed pairs, "
                         f"got {len(split.seed)}")
-    check_backbone(cfg.model.backbone)
+    check_backbone(cfg.model)
     accelerator = make_accelerator(cfg.train)
     digest = data_hash(split, pool)
     if resume and state.data_hash and state.data_hash != digest:
         raise UserError(f"{run}: the data differ from the run's (split hash {digest} != {state.data_hash})")
     if not resume:
-        if (run / "state.json").exists():
-            raise UserError(f"{run}: already holds a run; use --resume {run} or another --out")
+        refuse_existing_run(run)
         check_writable(run)
         atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run / "metrics.jsonl").unlink(missing_ok=True)

@@ -51,7 +51,7 @@ from ser.evaluate import hierarchical_bootstrap
 from ser.evolve import (State, final_iteration, iteration_config, load_iteration, load_state, oof_validation,
                         run_evolve, save_state, val_score)
 from ser.models import load_reward_model
-from ser.pipeline import evaluate_rm, fit_rm, load_splits, rm_scores
+from ser.pipeline import evaluate_rm, fit_rm, load_splits, require_seed_and_test, rm_scores
 from ser.train import make_accelerator
 
 log = logging.getLogger(__name__)
@@ -583,6 +583,7 @@ def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int
     for seed in cfg.experiment.seeds:
         scfg = seed_config(cfg, seed)
         split = load_splits(scfg.data)
+        require_seed_and_test(split, scfg.data, need_seed=False)  # the sizes take seed + pool
         labelled = split.seed + split.pool
         all_labels = len(labelled)
         total, done = len(labelled) + len(split.test), set()

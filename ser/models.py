@@ -93,9 +93,32 @@ def resolve_backbone(name: str) -> str:
     raise UserError(f"unknown backbone '{name}': not a short name ({', '.join(PACKAGED)}), directory or Hub id")
 
 
-def check_backbone(name: str) -> None:
-    """Fail before a job writes anything if the backbone cannot be found or has no usable tokenizer."""
-    load_tokenizer(resolve_backbone(name))
+def check_backbone(model_cfg) -> None:
+    """Fail before a job writes anything if the backbone (`ModelConfig.backbone`) cannot be found, has no usable
+    tokenizer or config.json, or the ModelConfig does not fit it: model.mode=freeze with more trainable layers
+    than the backbone has, or model.max_length beyond what learned absolute position embeddings cover (BERT
+    family). Raises UserError."""
+    from transformers import AutoConfig
+
+    path = resolve_backbone(model_cfg.backbone)
+    tokenizer = load_tokenizer(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the model's config ({str(e).splitlines()[0]})") from None
+    layers = getattr(config, "num_hidden_layers", None)
+    if model_cfg.mode == "freeze" and isinstance(layers, int) and not 1 <= model_cfg.trainable_layers <= layers:
+        raise UserError(f"config: 'model.trainable_layers' must be between 1 and the backbone's {layers} layers, "
+                        f"got {model_cfg.trainable_layers}")
+    absolute = (getattr(config, "position_embedding_type", "absolute") == "absolute"  # BERT, RoBERTa, GPT-2, ...
+                and getattr(config, "position_biased_input", True)  # DeBERTa-v2/3: relative positions
+                and not any(hasattr(config, a) for a in ("rope_parameters", "rope_scaling", "rope_theta")))
+    positions = getattr(config, "max_position_embeddings", None)
+    if absolute and isinstance(positions, int):
+        limit = min(positions, tokenizer.model_max_length)  # RoBERTa: 514 positions, 512 tokens
+        if model_cfg.max_length > limit:
+            raise UserError(f"config: 'model.max_length' = {model_cfg.max_length} exceeds the {limit} positions "
+                            f"{path} was trained with")
 
 
 def load_tokenizer(path: str):
@@ -147,7 +170,11 @@ def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = Non
         config = LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("alpha", 32),
                             lora_dropout=lora.get("dropout", 0.1), target_modules=lora.get("targets"),
                             modules_to_save=[h.rstrip(".") for h in head], task_type="SEQ_CLS")
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as e:  # e.g. no module matches model.lora_targets
+            raise UserError(f"config: model.mode=lora on {path} with model.lora_targets={lora.get('targets')}: "
+                            f"{str(e).splitlines()[0]}") from None
     return model, tokenizer
 
 
@@ -203,6 +230,27 @@ def head_prefixes(model) -> tuple[str, ...]:
     heads = tuple(f"{n}." for n, m in model.named_children() if n != base and next(m.parameters(), None) is not None)
     pooler = tuple(f"{base}.pooler." for n, m in model.named_modules() if n == f"{base}.pooler")
     return heads + pooler
+
+
+def check_reward_head(model, directory: str | Path) -> None:
+    """Raise UserError if the safetensors checkpoint in `directory` has no weights for `model`'s scalar head:
+    the directory is a backbone or base LM, and transformers would give it a randomly initialised head (random
+    rewards). Checkpoints in *.bin format are not checked (reading their keys means loading them)."""
+    from safetensors import safe_open
+
+    base = model.base_model_prefix
+    heads = tuple(f"{n}." for n, m in model.named_children() if n != base and next(m.parameters(), None) is not None)
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files or not heads:
+        return
+    keys = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            keys.update(st.keys())
+    if not any(k.startswith(heads) for k in keys):
+        names = ", ".join(h.rstrip(".") for h in heads)
+        raise UserError(f"{directory}: not a reward model: its weights have no reward head ({names}); a backbone or "
+                        f"base LM would score with a random head (train one with `ser train-rm`)")
 
 
 def unwrap_for_saving(model):

@@ -15,14 +15,16 @@ import yaml
 from accelerate.utils import DistributedType, set_seed
 
 from ser.bias import accuracy_by_length, length_reward_correlation, longer_chosen_share
-from ser.checkpoint import (append_jsonl, atomic_write_text, check_writable, json_text, read_ser_config,
-                            save_reward_model, truncate_jsonl, verify_manifest)
+from ser.checkpoint import (append_jsonl, atomic_write_text, check_out_file, check_resumable, check_writable,
+                            json_text, read_ser_config, refuse_existing_run, save_reward_model, truncate_jsonl,
+                            verify_manifest)
 from ser.config import Config, DataConfig, TrainConfig, load_config, to_dict
 from ser.data import Pair, Split, drop_test_pairs, load_pairs, load_records, split_pairs
 from ser.errors import UserError
 from ser.evaluate import pair_metrics
 from ser.frozen import attach_cache, shared_cache
-from ser.models import check_backbone, full_parameters, load_reward_model, unwrap_for_saving
+from ser.models import (check_backbone, check_reward_head, full_parameters, load_reward_model,
+                        unwrap_for_saving)
 from ser.scoring import score_pairs
 from ser.train import checkpoint_step, make_accelerator, resolve_precision, train_reward_model
 
@@ -41,6 +43,16 @@ def load_splits(dcfg: DataConfig) -> Split:
     train = drop_test_pairs(pairs, test, f"training ({dcfg.train})")
     split = split_pairs(train, seed_size=dcfg.seed_size, test_size=0, pool_size=dcfg.pool_size, seed=dcfg.split_seed)
     return Split(seed=split.seed, pool=split.pool, test=test)
+
+
+def require_seed_and_test(split: Split, dcfg: DataConfig, need_seed: bool = True) -> None:
+    """UserError unless the split has human-labelled pairs to train on (when `need_seed`) and test pairs to evaluate
+    on (data.seed_size = 0 has none of the first, data.test_size = 0 without data.test none of the second)."""
+    if need_seed and not split.seed:
+        raise UserError(f"data: no human-labelled pairs to train on (data.seed_size = {dcfg.seed_size})")
+    if not split.test:
+        raise UserError(f"data: no test pairs to evaluate on (data.test_size = {dcfg.test_size}, data.test = "
+                        f"{dcfg.test}); set data.test_size > 0 or data.test")
 
 
 def data_hash(split: Split, pool=()) -> str:
@@ -140,19 +152,18 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
     A resumable state goes to `OUT/checkpoint` every `train.save_every` steps; `resume=OUT` continues from it
     with the run's saved config and gives the result of an uninterrupted run."""
     if resume:
-        out = Path(resume)
-        if not (out / "config.yaml").exists():
-            raise UserError(f"{out}: not a `ser train-rm` run directory (no config.yaml)")
-        if (out / "state.json").exists() or (out / "checkpoint" / "ppo_state.pt").exists():
-            raise UserError(f"{out}: a `ser evolve` or `ser ppo` run, not a `ser train-rm` run")
+        out = check_resumable(resume, "train-rm")
         cfg = load_config(out / "config.yaml")
         if (out / "result.json").exists():
             log.info("%s: already complete", out)
             return json.loads((out / "result.json").read_text())
     elif out is None:
         raise UserError("train-rm: give --out DIR (or --resume RUN_DIR)")
+    else:
+        refuse_existing_run(out)
     split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
-    check_backbone(cfg.model.backbone)
+    require_seed_and_test(split, cfg.data)
+    check_backbone(cfg.model)
     digest = data_hash(split)
     if resume and (out / "data_hash").exists() and (out / "data_hash").read_text() != digest:
         raise UserError(f"{out}: the data changed since this run started (different pairs); start a new run")
@@ -163,11 +174,7 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
     if accelerator.is_main_process:
         if resume:  # work after the checkpoint is redone
             truncate_jsonl(metrics_path, "step", checkpoint_step(checkpoint))
-        else:  # a new run: nothing of an older run in OUT may be taken for this one's
-            for stale in (metrics_path, out / "result.json"):
-                stale.unlink(missing_ok=True)
-            for stale in (checkpoint, out / "rm"):
-                shutil.rmtree(stale, ignore_errors=True)
+        else:  # a new run (refuse_existing_run: OUT holds no older one)
             atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
             atomic_write_text(out / "data_hash", digest)
     accelerator.wait_for_everyone()
@@ -199,9 +206,15 @@ def load_saved_rm(directory: str | Path):
         raise UserError(f"{directory}: no such reward-model directory")
     if (directory / "manifest.json").exists():
         verify_manifest(directory)
+    saved = read_ser_config(directory)
     rm, tokenizer = load_reward_model(str(directory), "full")
+    check_reward_head(rm, directory)
     rm.eval()
-    max_length = read_ser_config(directory).get("config", {}).get("model", {}).get("max_length", 512)
+    model_cfg = saved.get("config", {}).get("model", {}) if isinstance(saved.get("config"), dict) else {}
+    max_length = model_cfg.get("max_length", 512) if isinstance(model_cfg, dict) else 512
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise UserError(f"{directory / 'ser_config.json'}: corrupt (config.model.max_length must be an integer >= 1, "
+                        f"got {max_length!r})")
     return rm, tokenizer, max_length
 
 
@@ -250,7 +263,10 @@ def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = 
     hash), `source` and the two rewards. `skipped_path(OUT)` gets one line per record left out, with `record`,
     `input_id` and `reason` (identical answers, empty answer, a tie, duplicate + `duplicate_of`, non-finite
     reward). Both are written atomically after scoring; a model with no finite reward is a UserError and writes
-    nothing. Returns {"scored": pairs written, "skipped": {reason: count}, "skipped_file": path}."""
+    nothing. Returns {"scored": pairs written, "skipped": {reason: count}, "skipped_file": path}.
+    Raises UserError (before any work) for an --out that `check_out_file` refuses."""
+    for path in (out_file, skipped_path(out_file)):
+        check_out_file(path, spec, rm_dir)
     try:
         loaded = load_records(spec, limit=limit)
         keys = ("chosen", "rejected")
@@ -260,6 +276,11 @@ def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = 
         loaded = load_records(spec, labelled=False, limit=limit)
         keys = ("answer_a", "answer_b")
     pairs = loaded.pairs
+    seen = {}
+    for n, key in zip(loaded.records, loaded.input_ids):
+        if key is not None and seen.setdefault(key, n) != n:
+            raise UserError(f"{loaded.path}:{n}: id {key!r} is also the id of record {seen[key]}; the scores could not "
+                            f"be joined back to the input (ids must be unique)")
     rm, tokenizer, max_length = load_saved_rm(rm_dir)
     accelerator = _scoring_accelerator(rm)
     r_a, r_b = score_pairs(rm, tokenizer, [p.prompt for p in pairs], [getattr(p, keys[0]) for p in pairs],

@@ -8,7 +8,6 @@ on the policy's last hidden state. The math (GAE, clipped losses, KL, adaptive c
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,8 +16,8 @@ import torch
 import yaml
 from torch.distributed.fsdp import register_fsdp_forward_method
 
-from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_whole, check_writable, json_text,
-                            truncate_jsonl, verify_manifest)
+from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_resumable, check_whole, check_writable,
+                            json_text, read_ser_config, refuse_existing_run, truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.data import load_pairs, split_pairs
 from ser.errors import UserError
@@ -97,28 +96,26 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     from ser.train import compute_dtype, make_accelerator, prepare_for_training, sharded_engine
 
     if resume:
-        root = Path(resume)
-        if not (root / "config.yaml").exists():
-            raise UserError(f"{root}: not a `ser ppo` run directory (no config.yaml)")
+        root = check_resumable(resume, "ppo")
         cfg = load_config(root / "config.yaml")
         state = None
         if (root / "checkpoint").exists():
             if not (root / "checkpoint" / "ppo_state.pt").exists():
                 raise UserError(f"{root}: not a `ser ppo` run directory (its checkpoint has no ppo_state.pt)")
             verify_manifest(root / "checkpoint")
-            state = json.loads((root / "checkpoint" / "ser_config.json").read_text()).get("ppo_state")
+            state = read_ser_config(root / "checkpoint").get("ppo_state")
             if state is None:
                 raise UserError(f"{root / 'checkpoint'}: not a `ser ppo` checkpoint (no ppo_state)")
         truncate_jsonl(root / "metrics.jsonl", "step", state["step"] if state else 0)
     else:
-        root, state = check_writable(out), None
         if not cfg.ppo.rm:
             raise UserError("ppo: set ppo.rm to a saved reward-model directory")
-        atomic_write_text(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        refuse_existing_run(Path(out))
+        state = None
     pc, gen = cfg.ppo, cfg.policy
     set_seed(pc.seed)
-    rm, rm_tok, rm_max_len = load_saved_rm(pc.rm)
-    stats = json.loads((Path(pc.rm) / "ser_config.json").read_text()) if (Path(pc.rm) / "ser_config.json").exists() else {}
+    rm, rm_tok, rm_max_len = load_saved_rm(pc.rm)  # a bad RM fails here, before anything is written
+    stats = read_ser_config(pc.rm)
     if pc.reward == "normalize" and not {"reward_mean", "reward_std"} <= set(stats):
         raise UserError(f"{pc.rm}: ppo.reward=normalize needs the RM's reward_mean/reward_std in ser_config.json "
                         f"(saved by ser train-rm / ser evolve); use ppo.reward=sigmoid for other RMs")
@@ -159,6 +156,9 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     rm.to(device)
     prompts = ppo_prompts(cfg)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(pc.seed)).tolist()
+    if not resume:  # everything above checked the inputs: only now does the run directory get its first file
+        root = check_writable(out)
+        atomic_write_text(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     for step in range(start, pc.steps):
         t0 = time.time()

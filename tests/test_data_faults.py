@@ -221,7 +221,7 @@ def test_drop_test_pairs_in_either_answer_order(caplog):
     kept = drop_test_pairs([mk("a", "b"), mk("b", "a"), mk("a", "c")], test, "pool (p.jsonl)")
     assert [(p.chosen, p.rejected) for p in kept] == [("a", "c")]
     assert "removed 2 of 3 pool (p.jsonl) pairs that also appear in the test set" in caplog.text
-    with pytest.raises(UserError, match="pool: all 1 pairs also appear in the test set"):
+    with pytest.raises(UserError, match="pool: all 1 pairs also appear in the test set; none left"):
         drop_test_pairs([mk("b", "a")], test, "pool")
 
 
