@@ -236,10 +236,25 @@ def read_ser_config(directory: str | Path) -> dict:
     return data
 
 
+RUN_COMMAND = "command"  # a run directory's first file: the command that writes it (train-rm, evolve, ppo)
+
+
+def start_run(out: str | Path, command: str, config_yaml: str) -> None:
+    """A new run's first files: `RUN_COMMAND` (so that --resume can tell the run's command before its first
+    checkpoint) and the resolved config.yaml. Old metrics of a run that stopped before its first checkpoint
+    (`refuse_existing_run` lets a new run start over there) go."""
+    out = Path(out)
+    atomic_write_text(out / RUN_COMMAND, command + "\n")
+    atomic_write_text(out / "config.yaml", config_yaml)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
 def run_kind(run: str | Path) -> str | None:
-    """Which command wrote the run directory `run`, from the files only it writes: "evolve", "ppo", "train-rm",
-    or None (none of them yet)."""
+    """Which command wrote the run directory `run`: its `RUN_COMMAND` file, else (runs from before it) the files
+    only that command writes: "evolve", "ppo", "train-rm", or None (none of them yet)."""
     run = Path(run)
+    if (run / RUN_COMMAND).is_file():
+        return (run / RUN_COMMAND).read_text(encoding="utf-8", errors="replace").strip() or None
     if any((run / name).exists() for name in ("state.json", "iterations", "folds", "seed_epochs")):
         return "evolve"
     if (run / "checkpoint" / "ppo_state.pt").exists():
@@ -262,7 +277,7 @@ def check_resumable(run: str | Path, kind: str) -> Path:
 
 
 # What a run writes before its first checkpoint: a directory holding only these may be started over.
-EARLY_RUN_FILES = {"config.yaml", "data_hash", "metrics.jsonl"}
+EARLY_RUN_FILES = {RUN_COMMAND, "config.yaml", "data_hash", "metrics.jsonl"}
 
 
 def refuse_existing_run(out: str | Path) -> None:
@@ -273,25 +288,37 @@ def refuse_existing_run(out: str | Path) -> None:
     out = Path(out)
     if not out.is_dir():
         return
-    names = {p.name for p in out.iterdir()}
-    if run_kind(out) or ("config.yaml" in names and not names <= EARLY_RUN_FILES):
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".")}  # not another process's temporary files
+    if (run_kind(out) or "config.yaml" in names) and not names <= EARLY_RUN_FILES:
         raise UserError(f"{out}: already holds a run; use --resume {out} to continue it, or another --out")
 
 
 def check_out_file(out_file: str | Path, *inputs: str | Path) -> Path:
     """`out_file` as a Path if a command may write it: a file name (not an existing directory, not ending in a
-    slash) whose nearest existing parent is a directory, and not one of `inputs` (the paths the same command
-    reads; those that are not local files are ignored). Raises UserError naming what is wrong; writes nothing."""
+    slash) in a directory that is or can be made writable (`check_can_write`), and neither one of `inputs` (the
+    local files and directories the same command reads; other specs are ignored) nor inside one of them (a
+    reward-model directory). Raises UserError naming what is wrong; writes nothing."""
     out = Path(out_file)
     if not out.name or str(out_file).endswith(("/", "\\")) or out.is_dir():
         raise UserError(f"{out_file}: --out is a directory; give a file name, e.g. {out / 'out.jsonl'}")
-    parent = next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise UserError(f"{out_file}: cannot write there ({parent} is a file, not a directory)")
+    check_can_write(out.parent, str(out_file))
     for path in map(Path, inputs):
-        if out.exists() and path.exists() and out.samefile(path):
+        if not path.exists():
+            continue
+        if (out.exists() and out.samefile(path)) or (path.is_dir() and out.resolve().is_relative_to(path.resolve())):
             raise UserError(f"{out_file}: --out would overwrite the input {path}; give another file name")
     return out
+
+
+def check_can_write(directory: str | Path, what: str | None = None) -> None:
+    """UserError unless `directory` is a writable directory or could be created as one (its nearest existing
+    ancestor is a writable directory). Creates nothing. `what` names the output in the message."""
+    directory = Path(directory).absolute()
+    nearest = next(p for p in (directory, *directory.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{what or directory}: cannot write there ({nearest} is a file, not a directory)")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{what or directory}: cannot write there ({nearest} is not writable)")
 
 
 def check_writable(out: str | Path) -> Path:

@@ -95,6 +95,15 @@ def data_dirs() -> list[Path]:
     return dirs + [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
 
 
+def local_path(spec: str) -> str | None:
+    """The local file a data spec reads (a known name resolved), or None (a Hub dataset, or no such data)."""
+    try:
+        path = resolve_data_spec(spec)
+    except UserError:
+        return None
+    return None if path.startswith("hub:") else path
+
+
 def resolve_data_spec(spec: str) -> str:
     """A known name (`hh-rlhf:helpful-base[:train]`, `ultrafeedback[:eval]`, `pandalm`) -> a local file, else
     the spec itself when it is an existing file or a Hub dataset id."""
@@ -436,12 +445,12 @@ def _load(spec, columns, limit, chat_template, want, drop_ties=True) -> Loaded:
             continue
         first_kind = first_kind or (n, kind)
         if kind != first_kind[1]:
-            names = {"pair": "labelled (chosen/rejected)", "unlabelled": "unlabelled (answer_a/answer_b)"}
-            raise UserError(f"{where(path, n)}: a {names[kind]} record in a file whose record {first_kind[0]} is "
-                            f"{names[first_kind[1]]}; one file holds one kind")
+            names = {"pair": "a labelled (chosen/rejected)", "unlabelled": "an unlabelled (answer_a/answer_b)"}
+            raise UserError(f"{where(path, n)}: {names[kind]} record, but record {first_kind[0]} is {names[first_kind[1]]} "
+                            f"one; one file holds one kind")
         if kind == "unlabelled" and want == "pair":
-            raise UserError(f"{where(path, n)}: the file has no labels (prompt, answer_a, answer_b); use it as "
-                            f"an unlabelled pool (data.pool)")
+            raise UserError(f"{where(path, n)}: the record has no labels (prompt, answer_a, answer_b); use such a file "
+                            f"as an unlabelled pool (data.pool)")
         prompt, a, b = fields
         if a == b:
             skip(n, rec, "identical answers")

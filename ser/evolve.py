@@ -21,7 +21,8 @@ import yaml
 
 from ser.bias import length_balanced_accept, longer_chosen_share
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_write_text, check_resumable,
-                            check_writable, refuse_existing_run, save_reward_model, truncate_jsonl, verify_manifest)
+                            check_writable, refuse_existing_run, save_reward_model, start_run, truncate_jsonl,
+                            verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.crossfit import (calibrated_log_likelihood, choose_iteration, expected_precision, fold_assignment,
                           holdout_mask, precision_by_agreement, precision_by_decile, select_by_vote,
@@ -607,15 +608,15 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
         raise UserError(f"config: 'ser.folds' = {cfg.ser.folds} folds need at least as many training seed pairs, "
                         f"got {len(split.seed)}")
     check_backbone(cfg.model)
+    if not resume:
+        refuse_existing_run(run)  # every process; before the first collective the others write only early files
     accelerator = make_accelerator(cfg.train)
     digest = data_hash(split, pool)
     if resume and state.data_hash and state.data_hash != digest:
         raise UserError(f"{run}: the data differ from the run's (split hash {digest} != {state.data_hash})")
     if not resume:
-        refuse_existing_run(run)
         check_writable(run)
-        atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (run / "metrics.jsonl").unlink(missing_ok=True)
+        start_run(run, "evolve", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     state.data_hash = digest
     log.info("SER: %d seed pairs, %d validation pairs, %d pool pairs (%s), %d test pairs", len(split.seed), len(val),
              len(pool), "labels hidden, audited" if truth else "unlabelled", len(split.test))

@@ -121,7 +121,7 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
     base = root / f"seed{seed}"
     # Seed RM once: it is iteration 0 of every self-labelling run (evolve's own iteration 0, same seed).
     seed_run = base / "seed_only"
-    if not (seed_run / "state.json").exists() or json.loads((seed_run / "state.json").read_text())["completed"] < 0:
+    if load_state(seed_run).completed < 0:
         run_evolve(seed_rm_config(cfg), str(seed_run), resume=str(seed_run) if (seed_run / "config.yaml").exists()
                    else None)
     rm, tok = load_iteration(seed_run, 0, cfg)
@@ -206,9 +206,8 @@ def ensemble_source(base: Path, cfg: Config) -> Path | None:
     for method, settings in {**seed_rm, **SELF_LABELLING}.items():
         run = base / method
         if settings.get("rule") == "ensemble" and settings["folds"] == cfg.ser.folds and \
-                (run / "votes" / "0.npz").exists() and (run / "state.json").exists() and \
-                (cfg.ser.restart or (run / "folds" / "0").is_dir()) and \
-                json.loads((run / "state.json").read_text())["completed"] >= 0:
+                (run / "votes" / "0.npz").exists() and (cfg.ser.restart or (run / "folds" / "0").is_dir()) and \
+                load_state(run).completed >= 0:
             return run
     return None
 

@@ -13,7 +13,7 @@ import torch
 
 from ser.checkpoint import atomic_write_text, check_out_file, json_text
 from ser.config import PolicyConfig
-from ser.data import load_pairs
+from ser.data import load_pairs, local_path
 from ser.errors import UserError
 from ser.policy import generate, load_policy
 
@@ -50,7 +50,7 @@ def generate_pairs(policy_a: str, policy_b: str | None, spec: str, out: str, *, 
                    max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8) -> int:
     """Two answers per prompt, from two checkpoints or two samples of one; writes prompt/answer_a/answer_b
     JSONL (what `data.pool` accepts). Returns the number of rows."""
-    check_out_file(out, spec)
+    check_out_file(out, *filter(None, (local_path(spec),)))
     prompts = load_prompts(spec, limit)
     pcfg = PolicyConfig(max_new_tokens=max_new_tokens, **PAIR_SAMPLING)
     a = _answers(policy_a, prompts, pcfg, seed, batch_size)
@@ -138,7 +138,7 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
     from ser.scoring import score_pairs
 
     for path in (out, Path(out).with_suffix(".summary.json")):
-        check_out_file(path, spec, judge_rm)
+        check_out_file(path, *filter(None, (local_path(spec), judge_rm)))
     if llm:  # an unreachable endpoint fails now, not after the generation
         _llm_choice(llm["url"], llm["model"], llm.get("api_key"), "Answer with one word: A", 30.0)
     check_out_file(out, spec)

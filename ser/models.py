@@ -115,7 +115,9 @@ def check_backbone(model_cfg) -> None:
                 and not any(hasattr(config, a) for a in ("rope_parameters", "rope_scaling", "rope_theta")))
     positions = getattr(config, "max_position_embeddings", None)
     if absolute and isinstance(positions, int):
-        limit = min(positions, tokenizer.model_max_length)  # RoBERTa: 514 positions, 512 tokens
+        # RoBERTa-style embeddings number positions from padding_idx + 1 (514 positions, 512 tokens)
+        limit = positions - (config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert")
+                             else 0)
         if model_cfg.max_length > limit:
             raise UserError(f"config: 'model.max_length' = {model_cfg.max_length} exceeds the {limit} positions "
                             f"{path} was trained with")

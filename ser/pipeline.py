@@ -16,10 +16,10 @@ from accelerate.utils import DistributedType, set_seed
 
 from ser.bias import accuracy_by_length, length_reward_correlation, longer_chosen_share
 from ser.checkpoint import (append_jsonl, atomic_write_text, check_out_file, check_resumable, check_writable,
-                            json_text, read_ser_config, refuse_existing_run, save_reward_model, truncate_jsonl,
-                            verify_manifest)
+                            json_text, read_ser_config, refuse_existing_run, save_reward_model, start_run,
+                            truncate_jsonl, verify_manifest)
 from ser.config import Config, DataConfig, TrainConfig, load_config, to_dict
-from ser.data import Pair, Split, drop_test_pairs, load_pairs, load_records, split_pairs
+from ser.data import Pair, Split, drop_test_pairs, load_pairs, load_records, local_path, split_pairs
 from ser.errors import UserError
 from ser.evaluate import pair_metrics
 from ser.frozen import attach_cache, shared_cache
@@ -119,7 +119,9 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
         # merging the adapters needs whole weights, and a merged sharded model no longer gathers its own
         raise UserError(f"model.mode=lora is not supported under {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'}; use "
                         "ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml: LoRA trains few parameters)")
-    set_seed(cfg.train.seed)  # the score head's initialisation and the shuffling are seeded
+    # the score head's initialisation and the shuffling are seeded; seeds derived from train.seed (per experiment
+    # seed, iteration, fold) may pass 2**32 - 1, numpy's limit
+    set_seed(cfg.train.seed % 2**32)
     lora = {"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "dropout": cfg.model.lora_dropout,
             "targets": cfg.model.lora_targets}
     rm, tokenizer = load_reward_model(init or cfg.model.backbone, cfg.model.mode, lora,
@@ -175,7 +177,7 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
         if resume:  # work after the checkpoint is redone
             truncate_jsonl(metrics_path, "step", checkpoint_step(checkpoint))
         else:  # a new run (refuse_existing_run: OUT holds no older one)
-            atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            start_run(out, "train-rm", yaml.safe_dump(to_dict(cfg), sort_keys=False))
             atomic_write_text(out / "data_hash", digest)
     accelerator.wait_for_everyone()
     t0 = time.time()
@@ -266,7 +268,7 @@ def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = 
     nothing. Returns {"scored": pairs written, "skipped": {reason: count}, "skipped_file": path}.
     Raises UserError (before any work) for an --out that `check_out_file` refuses."""
     for path in (out_file, skipped_path(out_file)):
-        check_out_file(path, spec, rm_dir)
+        check_out_file(path, *filter(None, (local_path(spec), rm_dir)))
     try:
         loaded = load_records(spec, limit=limit)
         keys = ("chosen", "rejected")
@@ -276,11 +278,14 @@ def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = 
         loaded = load_records(spec, labelled=False, limit=limit)
         keys = ("answer_a", "answer_b")
     pairs = loaded.pairs
-    seen = {}
+    seen, shared = {}, []
     for n, key in zip(loaded.records, loaded.input_ids):
         if key is not None and seen.setdefault(key, n) != n:
-            raise UserError(f"{loaded.path}:{n}: id {key!r} is also the id of record {seen[key]}; the scores could not "
-                            f"be joined back to the input (ids must be unique)")
+            shared.append((n, key, seen[key]))
+    if shared:  # several pairs per prompt share a prompt_id by design; `record` joins back in every case
+        n, key, first = shared[0]
+        log.warning("%s: %d records share their id with an earlier record (first: record %d, id %r, as record %d); "
+                    "join the scores back on `record`", loaded.path, len(shared), n, key, first)
     rm, tokenizer, max_length = load_saved_rm(rm_dir)
     accelerator = _scoring_accelerator(rm)
     r_a, r_b = score_pairs(rm, tokenizer, [p.prompt for p in pairs], [getattr(p, keys[0]) for p in pairs],

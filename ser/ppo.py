@@ -16,8 +16,9 @@ import torch
 import yaml
 from torch.distributed.fsdp import register_fsdp_forward_method
 
-from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_text, check_resumable, check_whole, check_writable,
-                            json_text, read_ser_config, refuse_existing_run, truncate_jsonl, verify_manifest)
+from ser.checkpoint import (append_jsonl, atomic_dir, check_can_write, check_resumable, check_whole, check_writable,
+                            json_text, read_ser_config, refuse_existing_run, start_run, truncate_jsonl,
+                            verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.data import load_pairs, split_pairs
 from ser.errors import UserError
@@ -110,7 +111,8 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     else:
         if not cfg.ppo.rm:
             raise UserError("ppo: set ppo.rm to a saved reward-model directory")
-        refuse_existing_run(Path(out))
+        refuse_existing_run(out)
+        check_can_write(out)  # an output directory that cannot be written is an error before any work
         state = None
     pc, gen = cfg.ppo, cfg.policy
     set_seed(pc.seed)
@@ -158,7 +160,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(pc.seed)).tolist()
     if not resume:  # everything above checked the inputs: only now does the run directory get its first file
         root = check_writable(out)
-        atomic_write_text(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        start_run(root, "ppo", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     for step in range(start, pc.steps):
         t0 = time.time()

@@ -151,7 +151,7 @@ CASES = [
     ("no-such-data-file", None, train("nope.jsonl"), ["{t}/nope.jsonl: no such file"]),
     ("unsupported-file-type", file("x.txt", "hello\n"), train("x.txt"), ["{t}/x.txt: unsupported file type"]),
     ("unlabelled-file-for-training", file("u.jsonl", '{"prompt": "q", "answer_a": "x", "answer_b": "y"}\n'),
-     train("u.jsonl"), ["{t}/u.jsonl:1: the file has no labels"]),
+     train("u.jsonl"), ["{t}/u.jsonl:1: the record has no labels"]),
     ("only-blank-answers", file("w.jsonl", '{"prompt": "q", "chosen": " ", "rejected": "b"}\n' * 2),
      train("w.jsonl"), ["{t}/w.jsonl: no usable pairs (all 2 records dropped", "empty answer"]),
     ("dialogues-without-shared-prefix",
@@ -161,7 +161,7 @@ CASES = [
      train("k.jsonl"), ["{t}/k.jsonl:13: key 'chosen' appears twice in the record"]),
     ("labelled-and-unlabelled-records",
      file("mix.jsonl", '{"prompt": "q", "answer_a": "x", "answer_b": "y"}\n' + GOOD), score("mix.jsonl"),
-     ["{t}/mix.jsonl:2: a labelled (chosen/rejected) record in a file whose record 1 is unlabelled"]),
+     ["{t}/mix.jsonl:2: a labelled (chosen/rejected) record, but record 1 is an unlabelled (answer_a/answer_b) one"]),
     ("score-out-is-its-input", good, ["score", "--rm", "{t}/no-rm", "--data", "{t}/good.jsonl", "--out",
                                       "{t}/good.jsonl"], ["{t}/good.jsonl: --out would overwrite the input"]),
     # config: fails at parse time, before any data or model

@@ -67,6 +67,18 @@ def test_out_file_must_be_a_new_file_name(tmp_path):
             check_out_file(out, str(data), "hh-rlhf:helpful-base")
     assert data.read_text() == "x\n"
     assert check_out_file(tmp_path / "a" / "b" / "scores.jsonl", str(data)) == tmp_path / "a" / "b" / "scores.jsonl"
+    rm = make_run(tmp_path / "rm", "model.safetensors")  # --out inside the reward model read by the same command
+    with pytest.raises(UserError, match="would overwrite the input"):
+        check_out_file(rm / "model.safetensors", str(data), str(rm))
+
+
+def test_out_file_may_not_be_a_known_dataset_file(shared_data):
+    from ser.data import local_path
+
+    path = local_path("hh-rlhf:helpful-base")
+    assert path and path.startswith(str(shared_data)) and local_path("nobody/no-such-dataset") is None
+    with pytest.raises(UserError, match="would overwrite the input"):
+        check_out_file(path, path)
 
 
 def test_score_refuses_to_overwrite_its_input(tmp_path):
@@ -118,6 +130,21 @@ def test_train_rm_leaves_a_finished_run_intact(tmp_path):
     with pytest.raises(UserError, match="already holds a run"):
         run_train_rm(cfg, old)
     assert sorted(p.name for p in old.iterdir()) == ["config.yaml", "result.json", "rm"]
+
+
+def test_a_run_that_stopped_early_starts_over_clean(tmp_path):
+    """What a run killed before its first checkpoint leaves may be started over: its old metrics go, and the
+    command it was started with is recorded; another process's temporary files never count as a run."""
+    from ser.checkpoint import start_run
+
+    d = make_run(tmp_path / "early", "config.yaml", "data_hash", ".data_hash.ab12.tmp", ".write-probe-x")
+    (d / "metrics.jsonl").write_text('{"step": 1, "OLD_RUN": true}\n')
+    refuse_existing_run(d)
+    start_run(d, "train-rm", "train: {}\n")
+    assert not (d / "metrics.jsonl").exists() and run_kind(d) == "train-rm"
+    refuse_existing_run(d)  # still only early files: a second attempt may start over too
+    with pytest.raises(UserError, match="a `ser train-rm` run, not a `ser evolve` run"):
+        check_resumable(d, "evolve")  # before its first checkpoint, told apart by its command file
 
 
 def test_resume_names_the_kind_of_run_it_was_given(tmp_path):
@@ -229,12 +256,12 @@ def test_one_file_holds_one_kind_of_record(tmp_path):
     """A labelled record in an unlabelled file used to be scored as r_a/r_b in hash order, its label lost."""
     unl = {"prompt": "p", "answer_a": "a", "answer_b": "b"}
     mixed = write_jsonl(tmp_path / "m.jsonl", [unl, GOOD[0]])
-    with pytest.raises(UserError, match="m.jsonl:2: a labelled \\(chosen/rejected\\) record in a file whose record 1 "
-                                        "is unlabelled"):
+    with pytest.raises(UserError, match="m.jsonl:2: a labelled \\(chosen/rejected\\) record, but record 1 is an "
+                                        "unlabelled \\(answer_a/answer_b\\) one; one file holds one kind"):
         load_unlabelled(mixed)
     mixed = write_jsonl(tmp_path / "n.jsonl", [GOOD[0], GOOD[1], unl])
-    with pytest.raises(UserError, match="n.jsonl:3: a unlabelled \\(answer_a/answer_b\\) record in a file whose "
-                                        "record 1 is labelled"):
+    with pytest.raises(UserError, match="n.jsonl:3: an unlabelled \\(answer_a/answer_b\\) record, but record 1 is a "
+                                        "labelled"):
         load_records(mixed, labelled=False)
     both = write_jsonl(tmp_path / "b.jsonl", [{**unl, "chosen": "a", "rejected": "b"}])
     with pytest.raises(UserError, match="b.jsonl:1: the record has both answer_a/answer_b .* and chosen/rejected"):
@@ -248,12 +275,18 @@ def test_pandalm_answer_that_is_not_a_number_is_an_error(tmp_path):
         load_pairs(write_jsonl(tmp_path / "p.jsonl", [rec]))
 
 
-def test_score_refuses_ids_that_cannot_join_back(tmp_path):
-    data = write_jsonl(tmp_path / "ids.jsonl", [{**GOOD[0], "id": "A"}, {**GOOD[1], "id": "B"},
-                                                 {**GOOD[2], "id": "A"}])
-    with pytest.raises(UserError, match="ids.jsonl:3: id 'A' is also the id of record 1"):
-        run(["score", "--rm", str(tmp_path / "no-rm"), "--data", data, "--out", str(tmp_path / "s.jsonl")])
-    assert not (tmp_path / "s.jsonl").exists()
+def test_score_warns_of_shared_ids_and_joins_back_on_record(tmp_path, tiny_bert_dir, caplog):
+    """Several pairs per prompt share a prompt_id by design: a warning, and every row carries its `record`."""
+    from ser.checkpoint import save_reward_model
+    from ser.models import load_reward_model
+
+    rm = save_reward_model(*load_reward_model(str(tiny_bert_dir)), tmp_path / "rm", {})
+    data = write_jsonl(tmp_path / "ids.jsonl", [{**GOOD[0], "prompt_id": "A"}, {**GOOD[1], "prompt_id": "B"},
+                                                 {**GOOD[2], "prompt_id": "A"}])
+    assert run(["score", "--rm", str(rm), "--data", data, "--out", str(tmp_path / "s.jsonl")]) == 0
+    assert "1 records share their id with an earlier record (first: record 3, id 'A', as record 1)" in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [(r["record"], r["input_id"]) for r in rows] == [(1, "A"), (2, "B"), (3, "A")]
 
 
 def test_an_unreachable_hub_dataset_is_a_user_error():
