@@ -35,7 +35,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it: set it straight back)."""
+    """The process's umask: from /proc/self/status where Linux has it (reading it with os.umask means setting it,
+    for a moment, for every thread), else by setting it and straight back."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -177,8 +177,10 @@ def _coerce(value, tp, key: str, origin: str):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        # Prefer the member type that matches exactly (so 500 stays an int in `float | int`).
-        for t in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value)):
+        # Prefer the member type that matches exactly (so 500 stays an int in `float | int`), and int for a quoted
+        # integer ("12" is 12 pairs, not a fraction of 12.0).
+        exact = type(value) if not isinstance(value, str) or not value.strip().lstrip("+-").isdigit() else int
+        for t in sorted((a for a in args if a is not type(None)), key=lambda a: a is not exact):
             try:
                 return _coerce(value, t, key, origin)
             except UserError:
@@ -196,6 +198,8 @@ def _coerce(value, tp, key: str, origin: str):
             if not math.isfinite(number):  # nan and inf (".nan", 1e999) are never a meaningful setting
                 raise UserError(f"{origin}: '{key}' must be a finite number, got {value!r}")
             return number
+    if tp is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)  # a quoted integer: YAML `seed_size: "12"`, an override --data.seed_size="12"
     if tp in (list, dict) and isinstance(value, tp):
         return value
     if isinstance(tp, type) and isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool):
@@ -223,13 +227,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             text = path.read_text(encoding="utf-8")
             _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), path, set())
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.safe_load(text)
         except FileNotFoundError:
             raise UserError(f"{path}: no such config file") from None
         except IsADirectoryError:
             raise UserError(f"{path}: is a directory, expected a YAML config file") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if raw is None:  # an empty file (or comments only): most likely the wrong file
+            raise UserError(f"{path}: no settings (an empty config file); leave out --config for the defaults")
         if not isinstance(raw, dict):
             raise UserError(f"{path}: expected a mapping of sections at the top level")
         for section, values in raw.items():

@@ -199,7 +199,7 @@ def _read_records(path: str):
             csv.field_size_limit(MAX_RECORD_BYTES)  # the default (128K characters) is below long-context records
             rows = csv.reader(io.StringIO(text))
             try:
-                header = next(rows, [])
+                header = next((row for row in rows if row), [])  # blank lines before the header: skipped
                 if len(set(header)) < len(header):
                     dup = next(h for h in header if header.count(h) > 1)
                     raise UserError(f"{where(p, 1)}: the header names column '{dup}' twice")

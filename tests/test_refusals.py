@@ -353,3 +353,17 @@ def test_float_and_date_ids_join_back():
     assert _input_id({"id": 3.0}) == 3 and _input_id({"id": 2.5}) is None and _input_id({"id": float("nan")}) is None
     assert _input_id({"id": datetime.date(2026, 12, 2)}) == "2026-12-02"
     assert _input_id({"id": True, "uid": "u1"}) == "u1" and _input_id({"prompt": "p"}) is None
+
+
+def test_config_file_details(tmp_path):
+    """A quoted integer is a count (it read as the fraction 12.0); an empty file is refused, not all defaults."""
+    (tmp_path / "q.yaml").write_text('data:\n  seed_size: "12"\n')
+    assert load_config(tmp_path / "q.yaml").data.seed_size == 12
+    (tmp_path / "e.yaml").write_text("# nothing set\n")
+    with pytest.raises(UserError, match="e.yaml: no settings \\(an empty config file\\)"):
+        load_config(tmp_path / "e.yaml")
+
+
+def test_csv_blank_lines_before_the_header_are_skipped(tmp_path):
+    (tmp_path / "b.csv").write_text("\n\nprompt,chosen,rejected\nq,a,b\n")
+    assert [(p.prompt, p.chosen) for p in load_pairs(str(tmp_path / "b.csv"))] == [("q", "a")]
