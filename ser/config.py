@@ -220,8 +220,9 @@ def _set(cfg: Config, key: str, value, origin: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `section.field=value` overrides (values parsed as YAML)."""
-    cfg = Config()
+    """Defaults, then the YAML file, then `section.field=value` overrides (values parsed as YAML). Raises UserError
+    naming the file (and line) or "command line" and the key of a bad setting."""
+    cfg, origins = Config(), {}
     if path is not None:
         path = Path(path)
         try:
@@ -243,6 +244,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 raise UserError(f"{path}: section '{section}' must be a mapping, got {values!r}")
             for name, value in values.items():
                 _set(cfg, f"{section}.{name}", value, str(path))
+                origins[f"{section}.{name}"] = str(path)
     for item in overrides:
         key, eq, text = item.removeprefix("--").partition("=")
         if not eq:
@@ -252,7 +254,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError:
             value = text
         _set(cfg, key, value, "command line")
-    validate(cfg)
+        origins[key] = "command line"
+    try:
+        validate(cfg)
+    except UserError as e:  # name where the offending value came from (the YAML file or the command line)
+        text = str(e)
+        key = next((k for k in origins if f"'{k}'" in text), None)
+        if key is None or not text.startswith("config:"):
+            raise
+        raise UserError(origins[key] + text.removeprefix("config")) from None
     return cfg
 
 
