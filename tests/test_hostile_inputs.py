@@ -3,13 +3,16 @@ nothing written. Bad data fails before any model is loaded: the data cases name 
 does not exist, so bad data that got through would fail with the wrong message (and never train). Config errors
 fail at parse time."""
 
+import contextlib
 import gzip
 import importlib.util
+import io
 import json
 import re
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -243,15 +246,37 @@ def _ser(argv, t, timeout=120):
     return p
 
 
+def _ser_in_process(argv, t, monkeypatch):
+    """What `_ser` checks, with the console script's `main()` called in this process: the same exit code, stdout
+    and stderr lines (ser's log records go to pytest's handlers, not to stderr), without a new interpreter's
+    import of torch and transformers (seconds per case; `SUBPROCESS` keeps a few cases end to end)."""
+    from ser.cli import main
+
+    cwd = t / "cwd"
+    cwd.mkdir(exist_ok=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["ser", *(_fill(a, t) for a in argv)])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        main()
+    assert not any(cwd.iterdir()), f"wrote into the working directory: {list(cwd.iterdir())}"
+    return types.SimpleNamespace(returncode=e.value.code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+# One case of each kind (data, config, model directory) also runs as its own `python -m ser` process.
+SUBPROCESS = {"invalid-utf8", "yaml-syntax-error", "rm-without-weights"}
+
+
 def test_enough_distinct_cases():
     assert len({_id(c) for c in CASES}) == len(CASES) >= 20
+    assert SUBPROCESS <= {_id(c) for c in CASES}
 
 
 @pytest.mark.parametrize("name, setup, argv, needles", CASES, ids=[_id(c) for c in CASES])
-def test_hostile_input_exit_2_one_line_nothing_written(tmp_path, tiny_rm, name, setup, argv, needles):
+def test_hostile_input_exit_2_one_line_nothing_written(tmp_path, tiny_rm, monkeypatch, name, setup, argv, needles):
     if setup is not None:
         setup(tmp_path, tiny_rm)
-    p = _ser(argv, tmp_path)
+    p = _ser(argv, tmp_path) if name in SUBPROCESS else _ser_in_process(argv, tmp_path, monkeypatch)
     output = p.stdout + p.stderr
     assert "Traceback" not in output, output[-3000:]
     assert p.returncode == 2, output[-3000:]
