@@ -141,7 +141,6 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
         check_out_file(path, *filter(None, (local_path(spec), judge_rm)))
     if llm:  # an unreachable endpoint fails now, not after the generation
         _llm_choice(llm["url"], llm["model"], llm.get("api_key"), "Answer with one word: A", 30.0)
-    check_out_file(out, spec)
     prompts = load_prompts(spec, limit)
     pcfg = PolicyConfig(max_new_tokens=max_new_tokens, **PAIR_SAMPLING)
     a = _answers(policy_a, prompts, pcfg, seed, batch_size)

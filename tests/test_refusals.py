@@ -72,6 +72,17 @@ def test_out_file_must_be_a_new_file_name(tmp_path):
         check_out_file(rm / "model.safetensors", str(data), str(rm))
 
 
+def test_generate_pairs_and_judge_refuse_to_overwrite_their_prompts(tmp_path):
+    from ser.judge import generate_pairs, judge
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", GOOD)
+    with pytest.raises(UserError, match="would overwrite the input"):
+        generate_pairs("no-policy", None, data, data)
+    with pytest.raises(UserError, match="would overwrite the input"):
+        judge("no-a", "no-b", data, str(tmp_path / "no-rm"), data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
 def test_out_file_may_not_be_a_known_dataset_file(shared_data):
     from ser.data import local_path
 
