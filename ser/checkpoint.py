@@ -295,7 +295,9 @@ def refuse_existing_run(out: str | Path) -> None:
         return
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}  # not another process's temporary files
     if (run_kind(out) or "config.yaml" in names) and not names <= EARLY_RUN_FILES:
-        raise UserError(f"{out}: already holds a run; use --resume {out} to continue it, or another --out")
+        kind = run_kind(out)
+        how = f"`ser {kind} --resume {out}` continues it" if kind else f"--resume {out} continues it"
+        raise UserError(f"{out}: already holds a run; {how}, or give another --out")
 
 
 def check_out_file(out_file: str | Path, *inputs: str | Path) -> Path:

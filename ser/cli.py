@@ -258,9 +258,11 @@ def run(argv: list[str]) -> int:
 
         cfg = _config_unless_resume(args, extra)
         result = run_train_rm(cfg, args.out, resume=args.resume)
+        left_out = result.get("no_preference", 0)
         print(f"test accuracy: {result['test/accuracy']:.4f} on {result['test/n']} pairs "
-              f"(strict r_chosen > r_rejected); trained on {result['train_pairs']} pairs in "
-              f"{result['train_seconds']:.0f}s")
+              f"(strict r_chosen > r_rejected); trained on {result['train_pairs'] - left_out} pairs"
+              + (f" ({left_out} of {result['train_pairs']} left out: identical after tokenization)" if left_out else "")
+              + f" in {result['train_seconds']:.0f}s")
         print(f"wrote {args.resume or args.out}")
     elif args.command == "score":
         from ser.pipeline import run_score

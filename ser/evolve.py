@@ -600,6 +600,7 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
         if out is None:
             raise UserError("ser evolve needs --out DIR (or --resume RUN_DIR)")
         run, state = Path(out), State()
+        refuse_existing_run(run)  # every process, first; before the first collective the others write only early files
     split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
     require_seed_and_test(split, cfg.data)
     pool, truth = build_pool(cfg, split)
@@ -608,8 +609,6 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
         raise UserError(f"config: 'ser.folds' = {cfg.ser.folds} folds need at least as many training seed pairs, "
                         f"got {len(split.seed)}")
     check_backbone(cfg.model)
-    if not resume:
-        refuse_existing_run(run)  # every process; before the first collective the others write only early files
     accelerator = make_accelerator(cfg.train)
     digest = data_hash(split, pool)
     if resume and state.data_hash and state.data_hash != digest:

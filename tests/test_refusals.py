@@ -124,8 +124,10 @@ def test_a_new_run_never_writes_into_another_run(tmp_path):
               make_run(tmp_path / "b", "config.yaml", "state.json"),  # an evolve run
               make_run(tmp_path / "c", "rm/"),  # a directory with an `rm` folder of the user's
               make_run(tmp_path / "d", "config.yaml", "notes.txt")):  # a config.yaml beside the user's files
-        with pytest.raises(UserError, match=f"{d}: already holds a run; use --resume {d}"):
+        with pytest.raises(UserError, match=f"{d}: already holds a run; (`ser .* )?--resume {d}`? continues it"):
             refuse_existing_run(d)
+    with pytest.raises(UserError, match=f"already holds a run; `ser evolve --resume {tmp_path / 'b'}` continues it"):
+        refuse_existing_run(tmp_path / "b")
     # a run that stopped before its first checkpoint starts over; so does an empty or a new directory
     refuse_existing_run(make_run(tmp_path / "e", *EARLY_RUN_FILES))
     refuse_existing_run(make_run(tmp_path / "f"))
