@@ -240,8 +240,8 @@ def check_reward_head(model, directory: str | Path) -> None:
     rewards). Checkpoints in *.bin format are not checked (reading their keys means loading them)."""
     from safetensors import safe_open
 
-    base = model.base_model_prefix
-    heads = tuple(f"{n}." for n, m in model.named_children() if n != base and next(m.parameters(), None) is not None)
+    pooler = f"{model.base_model_prefix}.pooler."  # part of a backbone's own checkpoint (BERT), not the head
+    heads = tuple(h for h in head_prefixes(model) if h != pooler)
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files or not heads:
         return
