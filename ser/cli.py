@@ -199,7 +199,8 @@ def _print_eval(m: dict) -> None:
           f"ties: {m['ties']})")
     print(f"mean margin: {m['mean_margin']:.4f}   ECE: {m['ece']:.4f}   Brier: {m['brier']:.4f}")
     if m.get("non_finite"):
-        print(f"left out: {m['non_finite']} pairs with a non-finite reward (NaN or inf), records "
+        n = m["non_finite"]
+        print(f"left out: {n} pair{'s' * (n != 1)} with a non-finite reward (NaN or inf), record{'s' * (n != 1)} "
               f"{', '.join(map(str, m['non_finite_records']))}")
     for source, acc in m.get("accuracy_by_source", {}).items():
         print(f"  {source}: {acc:.4f}")

@@ -147,6 +147,26 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
+def _duplicate_key_record(text: str) -> int | None:
+    """The index of the record of a .json list (or {"data": [...]}) that names a key twice, None if the repeat is
+    outside the list. Parses again with a hook that marks such objects instead of raising (errors only)."""
+    mark = object()
+
+    def marking(pairs):
+        return mark if len({k for k, _ in pairs}) < len(pairs) else dict(pairs)
+
+    def marked(x) -> bool:
+        if x is mark:
+            return True
+        values = x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()
+        return any(marked(v) for v in values)
+
+    data = json.loads(text, object_pairs_hook=marking)
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    return next((i for i, rec in enumerate(data) if marked(rec)), None) if isinstance(data, list) else None
+
+
 def _read_records(path: str):
     """Yield (record number, dict) from a local file; record = line for jsonl/csv, index for json/parquet."""
     p = Path(path)
@@ -177,9 +197,12 @@ def _read_records(path: str):
                     yield n, rec
         elif name.endswith(".json"):
             try:
-                data = json.loads(p.read_bytes().decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+                text = p.read_bytes().decode("utf-8-sig")
+                data = json.loads(text, object_pairs_hook=_unique_keys)
             except _DuplicateKey as e:
-                raise UserError(f"{p}: key '{e.args[0]}' appears twice in one record") from None
+                i = _duplicate_key_record(text)
+                raise UserError(f"{where(p, i)}: key '{e.args[0]}' appears twice in "
+                                f"{'one object' if i is None else 'the record'}") from None
             except UnicodeDecodeError:
                 raise UserError(f"{p}: invalid UTF-8") from None
             except json.JSONDecodeError as e:
@@ -327,8 +350,8 @@ def _scores_tie(rec, loc) -> bool:
     """Whether the record's own ratings of the two answers are equal (UltraFeedback: `score_chosen`,
     `score_rejected`, at the top level as on the Hub or under `metadata`): no preference. False without ratings."""
     scores = rec if "score_chosen" in rec else rec.get("metadata")
-    if not isinstance(scores, dict) or scores.get("score_chosen") is None or scores.get("score_rejected") is None:
-        return False
+    if not isinstance(scores, dict) or any(scores.get(k) in (None, "") for k in ("score_chosen", "score_rejected")):
+        return False  # no rating: JSON null, or an empty CSV cell
     values = []
     for k in ("score_chosen", "score_rejected"):
         v = scores[k]

@@ -108,7 +108,7 @@ def test_eval_and_score_name_and_leave_out_non_finite_rewards(tiny_rm, tmp_path,
     assert f"1 of 4 pairs have a non-finite reward (NaN or inf) from the reward model: {data}:1" in caplog.text
     assert all(v is None or math.isfinite(v) for v in (m["mean_margin"], m["ece"], m["brier"]))
     run(["eval", "--rm", str(rm), "--data", data])
-    assert "left out: 1 pairs with a non-finite reward (NaN or inf), records 1" in capsys.readouterr().out
+    assert "left out: 1 pair with a non-finite reward (NaN or inf), record 1\n" in capsys.readouterr().out
     out = tmp_path / "s.jsonl"
     assert run(["score", "--rm", str(rm), "--data", data, "--out", str(out)]) == 0
     rows = [strict_loads(line) for line in out.read_text().splitlines()]
@@ -301,8 +301,10 @@ def test_rating_ties_are_dropped_with_a_count(tmp_path, caplog):
     assert "t: dropped 2 of 4 records (tie: score_chosen == score_rejected)" in caplog.text
     assert len(load_pairs(f, drop_ties=False)) == 4
     csv = tmp_path / "t.csv"
-    csv.write_text("prompt,chosen,rejected,score_chosen,score_rejected\nq,a,b,5,5.0\nq2,a,b,6,5\n")
-    assert [p.prompt for p in load_pairs(str(csv))] == ["q2"]
+    csv.write_text("prompt,chosen,rejected,score_chosen,score_rejected\nq,a,b,5,5.0\nq2,a,b,6,5\nq3,a,b,,5\n")
+    assert [p.prompt for p in load_pairs(str(csv))] == ["q2", "q3"]  # an empty cell is no rating, as JSON null is
+    unrated = write_jsonl(tmp_path / "u.jsonl", [qa(0, score_chosen=None, score_rejected=5), qa(1, score_chosen="")])
+    assert len(load_pairs(unrated)) == 2
     bad = write_jsonl(tmp_path / "b.jsonl", [qa(0, score_chosen="high", score_rejected=1)])
     with pytest.raises(UserError, match="b.jsonl:1: 'score_chosen' must be a finite number, got 'high'"):
         load_pairs(bad)

@@ -260,9 +260,16 @@ def test_a_key_twice_in_a_record_is_an_error(tmp_path):
     bad = write_jsonl(tmp_path / "d.jsonl", [GOOD[0], line])
     with pytest.raises(UserError, match="d.jsonl:2: key 'chosen' appears twice in the record"):
         load_pairs(bad)
-    (tmp_path / "d.json").write_text("[" + line + "]")
-    with pytest.raises(UserError, match="d.json: key 'chosen' appears twice in one record"):
+    (tmp_path / "d.json").write_text("[" + json.dumps(GOOD[0]) + ", " + line + "]")  # a .json record is its index: 1
+    with pytest.raises(UserError, match="d.json:1: key 'chosen' appears twice in the record"):
         load_pairs(str(tmp_path / "d.json"))
+    nested = '{"data": [' + json.dumps(GOOD[0]) + ', {"prompt": "p", "chosen": [{"role": "user", "role": "x"}], "rejected": "b"}]}'
+    (tmp_path / "n.json").write_text(nested)  # inside a message of record 1, under {"data": [...]}
+    with pytest.raises(UserError, match="n.json:1: key 'role' appears twice in the record"):
+        load_pairs(str(tmp_path / "n.json"))
+    (tmp_path / "top.json").write_text('{"data": [], "data": []}')  # outside any record: the file alone
+    with pytest.raises(UserError, match="top.json: key 'data' appears twice in one object"):
+        load_pairs(str(tmp_path / "top.json"))
 
 
 def test_one_file_holds_one_kind_of_record(tmp_path):
