@@ -148,23 +148,35 @@ def _unique_keys(pairs: list) -> dict:
 
 
 def _duplicate_key_record(text: str) -> int | None:
-    """The index of the record of a .json list (or {"data": [...]}) that names a key twice, None if the repeat is
-    outside the list. Parses again with a hook that marks such objects instead of raising (errors only)."""
-    mark = object()
+    """The index of the record of a .json list (or {"data": [...]}) holding the object that _unique_keys raised on
+    (the first one the parser closes with a key twice), None if that object is outside the list or the text cannot
+    be parsed again. Parses again with a hook that marks such objects instead of raising (errors only)."""
+    marks = []
 
     def marking(pairs):
-        return mark if len({k for k, _ in pairs}) < len(pairs) else dict(pairs)
+        if len({k for k, _ in pairs}) < len(pairs):
+            marks.append(object())
+            return marks[-1]
+        return dict(pairs)
 
-    def marked(x) -> bool:
-        if x is mark:
-            return True
-        values = x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()
-        return any(marked(v) for v in values)
+    def holds(x, mark) -> bool:  # iterative: a record nested deeper than Python's recursion limit is still searched
+        stack = [x]
+        while stack:
+            y = stack.pop()
+            if y is mark:
+                return True
+            stack.extend(y.values() if isinstance(y, dict) else y if isinstance(y, list) else ())
+        return False
 
-    data = json.loads(text, object_pairs_hook=marking)
+    try:
+        data = json.loads(text, object_pairs_hook=marking)
+    except (ValueError, RecursionError):  # malformed later in the file: the message names the file alone
+        return None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
-    return next((i for i, rec in enumerate(data) if marked(rec)), None) if isinstance(data, list) else None
+    if not marks or not isinstance(data, list):
+        return None
+    return next((i for i, rec in enumerate(data) if holds(rec, marks[0])), None)
 
 
 def _read_records(path: str):
@@ -206,7 +218,7 @@ def _read_records(path: str):
             except UnicodeDecodeError:
                 raise UserError(f"{p}: invalid UTF-8") from None
             except json.JSONDecodeError as e:
-                raise UserError(f"{where(p, e.lineno)}: malformed JSON ({e.msg})") from None
+                raise UserError(f"{p}: line {e.lineno}: malformed JSON ({e.msg})") from None  # p:N is a record
             except RecursionError:
                 raise UserError(f"{p}: JSON nested too deeply") from None
             if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -350,8 +362,11 @@ def _scores_tie(rec, loc) -> bool:
     """Whether the record's own ratings of the two answers are equal (UltraFeedback: `score_chosen`,
     `score_rejected`, at the top level as on the Hub or under `metadata`): no preference. False without ratings."""
     scores = rec if "score_chosen" in rec else rec.get("metadata")
-    if not isinstance(scores, dict) or any(scores.get(k) in (None, "") for k in ("score_chosen", "score_rejected")):
-        return False  # no rating: JSON null, or an empty CSV cell
+    if not isinstance(scores, dict):
+        return False
+    if any(scores.get(k) is None or (isinstance(scores[k], str) and not scores[k].strip())
+           for k in ("score_chosen", "score_rejected")):
+        return False  # no rating: JSON null, or an empty (or blank) CSV cell
     values = []
     for k in ("score_chosen", "score_rejected"):
         v = scores[k]

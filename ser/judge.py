@@ -151,8 +151,8 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
     same = np.array([x == y for x, y in zip(a, b)])
     r_b = np.where(same, r_a, r_b)  # identical answers tie exactly (no float noise from packing)
     if same.any():
-        log.warning("%d of %d prompts got the same answer from both policies: each is a tie%s", same.sum(), len(a),
-                    " (policy A and B are one checkpoint, sampled with one seed)" if policy_a == policy_b else "")
+        why = " (policies A and B are the same checkpoint, sampled with the same seed)" if policy_a == policy_b else ""
+        log.warning("%d of %d prompts got the same answer from both policies: each is a tie%s", same.sum(), len(a), why)
     v = verdicts(r_a, r_b, tie_margin)
     rows = [{"prompt": p, "answer_a": x, "answer_b": y, "score_a": float(s), "score_b": float(t),
              "verdict": "win" if s - t > tie_margin else "lose" if t - s > tie_margin else "tie"}

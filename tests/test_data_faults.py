@@ -303,8 +303,10 @@ def test_rating_ties_are_dropped_with_a_count(tmp_path, caplog):
     csv = tmp_path / "t.csv"
     csv.write_text("prompt,chosen,rejected,score_chosen,score_rejected\nq,a,b,5,5.0\nq2,a,b,6,5\nq3,a,b,,5\n")
     assert [p.prompt for p in load_pairs(str(csv))] == ["q2", "q3"]  # an empty cell is no rating, as JSON null is
-    unrated = write_jsonl(tmp_path / "u.jsonl", [qa(0, score_chosen=None, score_rejected=5), qa(1, score_chosen="")])
-    assert len(load_pairs(unrated)) == 2
+    unrated = write_jsonl(tmp_path / "u.jsonl", [qa(0, score_chosen=None, score_rejected=5),
+                                                 qa(1, score_chosen="", score_rejected=5),
+                                                 qa(2, score_chosen=" ", score_rejected=5)])
+    assert len(load_pairs(unrated)) == 3
     bad = write_jsonl(tmp_path / "b.jsonl", [qa(0, score_chosen="high", score_rejected=1)])
     with pytest.raises(UserError, match="b.jsonl:1: 'score_chosen' must be a finite number, got 'high'"):
         load_pairs(bad)

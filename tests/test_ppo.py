@@ -107,8 +107,8 @@ def test_generate_pairs_feeds_evolve_and_judge_writes_verdicts(tiny_llama_dir, t
               str(tmp_path / "verdicts.jsonl"), limit=5, max_new_tokens=5)
     # the same policy with the same seed gives the same answers: every prompt is a tie
     assert (v.win, v.tie, v.lose) == (0.0, 1.0, 0.0)
-    assert ("5 of 5 prompts got the same answer from both policies: each is a tie (policy A and B are one "
-            "checkpoint, sampled with one seed)") in caplog.text
+    assert ("5 of 5 prompts got the same answer from both policies: each is a tie (policies A and B are the "
+            "same checkpoint, sampled with the same seed)") in caplog.text
     lines = [json.loads(l) for l in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
     assert len(lines) == 5 and all(l["verdict"] == "tie" for l in lines)
 

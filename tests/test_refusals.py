@@ -6,6 +6,7 @@ error line for the same `UserError`s."""
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -263,13 +264,21 @@ def test_a_key_twice_in_a_record_is_an_error(tmp_path):
     (tmp_path / "d.json").write_text("[" + json.dumps(GOOD[0]) + ", " + line + "]")  # a .json record is its index: 1
     with pytest.raises(UserError, match="d.json:1: key 'chosen' appears twice in the record"):
         load_pairs(str(tmp_path / "d.json"))
-    nested = '{"data": [' + json.dumps(GOOD[0]) + ', {"prompt": "p", "chosen": [{"role": "user", "role": "x"}], "rejected": "b"}]}'
-    (tmp_path / "n.json").write_text(nested)  # inside a message of record 1, under {"data": [...]}
-    with pytest.raises(UserError, match="n.json:1: key 'role' appears twice in the record"):
-        load_pairs(str(tmp_path / "n.json"))
-    (tmp_path / "top.json").write_text('{"data": [], "data": []}')  # outside any record: the file alone
-    with pytest.raises(UserError, match="top.json: key 'data' appears twice in one object"):
-        load_pairs(str(tmp_path / "top.json"))
+    conv = '{"prompt": "p", "chosen": [{"role": "user", "role": "x"}], "rejected": "b"}'
+    cases = {  # file text -> the message: the key the parser met first, and the record that holds it
+        '{"data": [' + json.dumps(GOOD[0]) + ", " + conv + "]}": "n.json:1: key 'role' appears twice in the record",
+        '{"data": [], "data": []}': "n.json: key 'data' appears twice in one object",  # outside any record
+        '{"meta": {"a": 1, "a": 2}, "data": [' + line + "]}": "n.json: key 'a' appears twice in one object",
+        "[" + line + ", {": "n.json: key 'chosen' appears twice in one object",  # malformed later: no index, no crash
+        "[" + "[" * 600 + "1" + "]" * 600 + ", " + line + "]": "n.json:1: key 'chosen' appears twice in the record",
+    }
+    for text, message in cases.items():
+        (tmp_path / "n.json").write_text(text)
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_pairs(str(tmp_path / "n.json"))
+    (tmp_path / "m.json").write_text('[\n{"prompt": "p",\n')  # a .json error's line is not a record index
+    with pytest.raises(UserError, match="m.json: line 3: malformed JSON"):
+        load_pairs(str(tmp_path / "m.json"))
 
 
 def test_one_file_holds_one_kind_of_record(tmp_path):
