@@ -294,8 +294,8 @@ def refuse_existing_run(out: str | Path) -> None:
     if not out.is_dir():
         return
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}  # not another process's temporary files
-    if (run_kind(out) or "config.yaml" in names) and not names <= EARLY_RUN_FILES:
-        kind = run_kind(out)
+    kind = run_kind(out)
+    if (kind or "config.yaml" in names) and not names <= EARLY_RUN_FILES:
         how = f"`ser {kind} --resume {out}` continues it" if kind else f"--resume {out} continues it"
         raise UserError(f"{out}: already holds a run; {how}, or give another --out")
 

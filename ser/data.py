@@ -147,6 +147,11 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
+def _json_records(data):
+    """A .json file's records: the file's list, or the list under "data" (`{"data": [...]}`); else `data` as is."""
+    return data["data"] if isinstance(data, dict) and isinstance(data.get("data"), list) else data
+
+
 def _duplicate_key_record(text: str) -> int | None:
     """The index of the record of a .json list (or {"data": [...]}) holding the object that _unique_keys raised on
     (the first one the parser closes with a key twice), None if that object is outside the list or the text cannot
@@ -169,11 +174,9 @@ def _duplicate_key_record(text: str) -> int | None:
         return False
 
     try:
-        data = json.loads(text, object_pairs_hook=marking)
+        data = _json_records(json.loads(text, object_pairs_hook=marking))
     except (ValueError, RecursionError):  # malformed later in the file: the message names the file alone
         return None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
     if not marks or not isinstance(data, list):
         return None
     return next((i for i, rec in enumerate(data) if holds(rec, marks[0])), None)
@@ -221,8 +224,7 @@ def _read_records(path: str):
                 raise UserError(f"{p}: line {e.lineno}: malformed JSON ({e.msg})") from None  # p:N is a record
             except RecursionError:
                 raise UserError(f"{p}: JSON nested too deeply") from None
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
+            data = _json_records(data)
             if not isinstance(data, list):
                 raise UserError(f"{p}: expected a JSON list of records (or {{\"data\": [...]}})")
             yield from enumerate(data)
