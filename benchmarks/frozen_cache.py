@@ -6,8 +6,13 @@ epoch of full and one epoch of freeze on the filled cache (fresh RMs: the cost o
 scoring pass); the fastest of each counts. pairs/s = pairs trained / seconds in `train_reward_model` (the frozen
 weights' hash, `identity_hash_s`, is outside it). Also printed: the cache's size (fp32) per 1,000 pairs.
 
+ser's default (`model.share_prompt`) runs a causal RM's pair as one packed [prompt, chosen, rejected] row, in both
+modes. For a causal backbone (SmolLM2) the freeze epochs also run unpacked, side by side (a first epoch filling a
+fresh cache, and warm epochs in the alternation), to show what the packed rows save: `speedup_packed_vs_unpacked_*`.
+
     OMP_NUM_THREADS=1 python benchmarks/frozen_cache.py            # 100 pairs, max_length 128 (a few minutes)
     OMP_NUM_THREADS=1 python benchmarks/frozen_cache.py --smoke    # the same code on 8 pairs
+    python benchmarks/frozen_cache.py --backbone smollm2-135m --trainable-layers 8 --max-length 192 --pairs 64
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ import torch
 from ser.config import TrainConfig
 from ser.data import load_pairs
 from ser.frozen import FrozenCache, attach_cache
-from ser.models import load_reward_model
+from ser.models import can_share_prompt, load_reward_model
 from ser.train import make_accelerator, train_reward_model
 
 
-def pairs_per_second(rm, tok, pairs, tcfg: TrainConfig, max_length: int) -> float:
+def pairs_per_second(rm, tok, pairs, tcfg: TrainConfig, max_length: int, share_prompt: bool = True) -> float:
     t0 = time.perf_counter()
     train_reward_model(rm, tok, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
-                       tcfg, max_length, accelerator=make_accelerator(tcfg), share_prompt=False)
+                       tcfg, max_length, accelerator=make_accelerator(tcfg), share_prompt=share_prompt)
     return len(pairs) / (time.perf_counter() - t0)
 
 
@@ -53,7 +58,7 @@ def main() -> None:
     pairs = load_pairs("hh-rlhf:helpful-base", limit=n)[:n]
     tcfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=2e-5)
 
-    def run(mode: str, cache_memory: dict | None = None) -> tuple[float, FrozenCache | None]:
+    def run(mode: str, cache_memory: dict | None = None, share_prompt: bool = True):
         torch.manual_seed(0)
         rm, tok = load_reward_model(args.backbone, mode, trainable_layers=args.trainable_layers)
         cache = None
@@ -62,16 +67,20 @@ def main() -> None:
             cache = FrozenCache(rm, tok, memory=cache_memory)
             identity_s.append(time.perf_counter() - t0)
             attach_cache(rm, cache)
-        return pairs_per_second(rm, tok, pairs, tcfg, args.max_length), cache
+        return pairs_per_second(rm, tok, pairs, tcfg, args.max_length, share_prompt), cache, can_share_prompt(rm, tok)
 
     identity_s: list[float] = []
-    first, cache = run("freeze")  # computes and stores the frozen states
-    full_runs, cached_runs = [], []
+    first, cache, causal = run("freeze")  # computes and stores the frozen states
+    # a causal RM: the same first epoch unpacked, on a fresh cache (its own caching pass, one per sequence)
+    first_unpacked = run("freeze", {}, share_prompt=False)[0] if causal else None
+    full_runs, cached_runs, unpacked_runs = [], [], []
     for _ in range(args.rounds):  # alternating, so drift in the machine's speed hits both alike
         full_runs.append(run("full")[0])
-        speed, again = run("freeze", cache.memory)  # a fresh RM reading the states: every later epoch's cost
+        speed, again, _ = run("freeze", cache.memory)  # a fresh RM reading the states: every later epoch's cost
         assert again.misses == 0, "the cached epoch recomputed frozen states"
         cached_runs.append(speed)
+        if causal:
+            unpacked_runs.append(run("freeze", cache.memory, share_prompt=False)[0])
     full, second = max(full_runs), max(cached_runs)
     tokens = sum(t.shape[0] for t in cache.memory.values())
     result = {"backbone": args.backbone, "pairs": len(pairs), "max_length": args.max_length,
@@ -84,6 +93,11 @@ def main() -> None:
               "cache_entries": len(cache.memory), "cache_tokens": tokens,
               "cache_mb_per_1000_pairs_fp32": round(cache.nbytes() / len(pairs) * 1000 / 2**20, 1),
               "identity_hash_s": round(min(identity_s), 2)}
+    if causal:
+        result.update({"freeze_cached_unpacked_runs_pairs_per_s": [round(x, 2) for x in unpacked_runs],
+                       "freeze_epoch1_unpacked_pairs_per_s": round(first_unpacked, 2),
+                       "speedup_packed_vs_unpacked_cached": round(second / max(unpacked_runs), 2),
+                       "speedup_packed_vs_unpacked_epoch1": round(first / first_unpacked, 2)})
     print(json.dumps(result, indent=2))
 
 

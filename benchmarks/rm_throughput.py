@@ -164,7 +164,7 @@ def run_backbone(backbone: str, args) -> dict:
         accelerator = make_accelerator(tcfg)
         t0 = time.perf_counter()
         rm, summary = train_reward_model(rm, tok, prompts[:k], chosen[:k], rejected[:k], tcfg, args.max_length,
-                                         accelerator=accelerator, share_prompt=False)
+                                         accelerator=accelerator)
         return rm, time.perf_counter() - t0, summary["steps"]
 
     # Warm-up, not timed: first calls pay one-time costs (kernel selection, allocator) that all would share.
@@ -278,9 +278,9 @@ def ser_run_seconds(backbone: str, prompts, chosen, rejected, pool, tcfg: TrainC
             if it:
                 rm.eval()
                 score_pairs(rm, tok, [p.prompt for p in pool], [p.chosen for p in pool], [p.rejected for p in pool],
-                            args.max_length, 2 * args.batch_size, args.precision, share_prompt=mode == "full")
+                            args.max_length, 2 * args.batch_size, args.precision)
             rm, _ = train_reward_model(rm, tok, prompts, chosen, rejected, tcfg, args.max_length,
-                                       accelerator=make_accelerator(tcfg), share_prompt=mode == "full")
+                                       accelerator=make_accelerator(tcfg))
         out[f"ser_run_seconds_{mode}"] = time.perf_counter() - t0
     out["ser_run_speedup_freeze_vs_full"] = out["ser_run_seconds_full"] / out["ser_run_seconds_freeze"]
     return out

@@ -9,8 +9,11 @@ part runs without dropout (`freeze_lower_layers` sets it to 0): a fixed feature 
 the cached states to equal what an uncached forward computes. The saved RM is still one ordinary
 `AutoModelForSequenceClassification` directory (the frozen weights unchanged).
 
-Supported families: BERT encoders (MiniLM) and Llama decoders (SmolLM2). A causal RM in freeze mode reads each
-sequence on its own: the shared-prompt packing (`model.share_prompt`) is not used while a cache is attached.
+Supported families: BERT encoders (MiniLM) and Llama decoders (SmolLM2). A causal RM reads each pair as one
+packed [prompt, a, b] sequence (`model.share_prompt`, `ser.models.pack_pairs`) here too: the frozen part runs on
+the packed pair once and stores the states of its two sequences (prompt + a, prompt + b), and the top layers run on
+the packed row rebuilt from them (`FrozenCache.pair_rewards`), so the prompt's tokens are computed once per pair in
+both parts. This is exact because a causal model's states of a prompt do not depend on what follows it.
 """
 
 from __future__ import annotations
@@ -65,8 +68,10 @@ def freeze_lower_layers(model, trainable_layers: int) -> None:
     model.ser_trainable_layers = trainable_layers
 
 
-def _run_layers(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
-    """`layers` applied to hidden (B, T, H) with the mask and positions the backbone's own forward builds."""
+def _run_layers(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layers,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`layers` applied to hidden (B, T, H) with the mask and positions the backbone's own forward builds; a Llama
+    also takes packed pairs: the (B, 1, T, T) boolean mask and (B, T) positions of `ser.models.pack_pairs`."""
     from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
     base = _base(model)
@@ -75,8 +80,9 @@ def _run_layers(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layer
         for layer in layers:
             hidden = layer(hidden, mask)
         return hidden
-    # Llama, right-padded: positions 0..T-1 as LlamaModel builds them without position_ids
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, T)
+    if position_ids is None:  # right-padded: positions 0..T-1 as LlamaModel builds them without position_ids
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, T)
+    # a prepared 4D mask (packed pairs) is passed through as it is, as in the backbone's own forward
     mask = create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=attention_mask,
                               past_key_values=None, position_ids=position_ids)
     rotary = base.rotary_emb(hidden, position_ids=position_ids)
@@ -88,13 +94,15 @@ def _run_layers(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layer
 
 @torch.no_grad()
 def forward_bottom(model, batch: dict) -> torch.Tensor:
-    """The frozen part on a collated batch (`ser.models.collate`): hidden states (B, T, H) after layer L-N."""
+    """The frozen part on a collated batch (`ser.models.collate`) or, for a Llama, on packed pairs
+    (`ser.models.pack_pairs`): hidden states (B, T, H) after layer L-N."""
     layers, embeddings = transformer_layers(model)
     if model.config.model_type == "bert":
         hidden = embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
     else:
         hidden = embeddings(batch["input_ids"])
-    return _run_layers(model, hidden, batch["attention_mask"], layers[: len(layers) - model.ser_trainable_layers])
+    return _run_layers(model, hidden, batch["attention_mask"], layers[: len(layers) - model.ser_trainable_layers],
+                       batch.get("position_ids"))
 
 
 def forward_top(model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -108,6 +116,18 @@ def forward_top(model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> to
     last = attention_mask.sum(1) - 1  # (B,): right padding, and ser's pad token never occurs in text
     hidden = base.norm(hidden)[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return model.score(hidden)[:, 0]
+
+
+def forward_top_packed(model, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_a, r_b), each (B,), of packed pairs from the frozen part's output (B, T, H) of the `pack_pairs` rows in
+    `batch`: the top N layers under the packed mask and positions, then the final norm and score head at the last
+    token of each answer (as `ser.models.packed_pair_rewards` reads the full model)."""
+    layers, _ = transformer_layers(model)
+    hidden = _run_layers(model, hidden, batch["attention_mask"], layers[len(layers) - model.ser_trainable_layers :],
+                         batch["position_ids"])
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    norm, score = _base(model).norm, model.score
+    return (score(norm(hidden[rows, batch["last_a"]]))[:, 0], score(norm(hidden[rows, batch["last_b"]]))[:, 0])
 
 
 MAGIC = b"SERFC001"
@@ -213,6 +233,42 @@ class FrozenCache:
             hidden[i, : s.shape[0]] = s.to(device)
             mask[i, : s.shape[0]] = 1
         return forward_top(model, hidden, mask)
+
+    def pair_rewards(self, model, ids_a: list[list[int]], ids_b: list[list[int]], prompt_lengths: list[int],
+                     pad_id: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_a, r_b), each (B,), of causal-RM pairs sharing their prompt (`ser.models.encode_pairs`), each run
+        as one packed [prompt, a, b] row (`ser.models.pack_pairs`) through the top N layers. Missing states are
+        computed packed too, one frozen pass per pair, and stored per sequence under the same keys as `states`:
+        a's states are the row's first len(a) positions, b's the prompt's followed by b's answer."""
+        from ser.models import pack_pairs
+
+        keys_a, keys_b = ([self.key(max_length, ids, None) for ids in seqs] for seqs in (ids_a, ids_b))
+        found = {k: self.get(k) for k in keys_a + keys_b}
+        todo = [i for i in range(len(ids_a)) if found[keys_a[i]] is None or found[keys_b[i]] is None]
+        todo = list({(keys_a[i], keys_b[i]): i for i in reversed(todo)}.values())  # a repeated pair runs once
+        missing = {k for k, s in found.items() if s is None}
+        self.hits += 2 * len(ids_a) - len(missing)
+        self.misses += len(missing)
+        device = next(model.parameters()).device
+        if todo:
+            packed = pack_pairs([ids_a[i] for i in todo], [ids_b[i] for i in todo],
+                                [prompt_lengths[i] for i in todo], pad_id)
+            with torch.autocast(device.type, enabled=False):  # fp32, as `states` computes them
+                hidden = forward_bottom(model, {k: v.to(device) for k, v in packed.items()}).float().cpu()
+            for j, i in enumerate(todo):
+                n_a, p = len(ids_a[i]), prompt_lengths[i]
+                n_b = len(ids_b[i]) - p
+                for key, states in ((keys_a[i], hidden[j, :n_a]),
+                                    (keys_b[i], torch.cat([hidden[j, :p], hidden[j, n_a : n_a + n_b]]))):
+                    if found[key] is None:
+                        found[key] = self.put(key, states)
+        batch = pack_pairs(ids_a, ids_b, prompt_lengths, pad_id)
+        hidden = torch.zeros(*batch["input_ids"].shape, found[keys_a[0]].shape[1])  # (B, T, H)
+        for i, p in zip(range(len(ids_a)), prompt_lengths):
+            a, b = found[keys_a[i]].float(), found[keys_b[i]].float()[p:]
+            hidden[i, : len(a)], hidden[i, len(a) : len(a) + len(b)] = a, b
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return forward_top_packed(model, hidden.to(device), batch)
 
 
 def _decode(data: bytes, key: bytes) -> torch.Tensor | None:

@@ -97,7 +97,7 @@ def _score_encoded(rm, enc: Encoded, pad_id: int, batch_size: int, precision: st
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters through autograd functions
 def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str, rank: int = 0,
-                  world: int = 1) -> np.ndarray:
+                  world: int = 1, max_length: int = 0) -> np.ndarray:
     n = len(enc.input_ids) // 2
     size = [len(enc.input_ids[i]) + len(enc.input_ids[i + n]) - enc.prompt_lengths[i] for i in range(n)]
     order = sorted(range(n), key=lambda i: size[i])
@@ -105,12 +105,16 @@ def _score_packed(rm, enc: Encoded, pad_id: int, batch_size: int, precision: str
     out = np.zeros(2 * n, dtype=np.float64)
     for start, keep in _progress(my_batches(n, max(1, batch_size // 2), rank, world), rank):
         idx = order[start : start + max(1, batch_size // 2)]
-        batch = pack_pairs([enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx],
-                           [enc.prompt_lengths[i] for i in idx], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        ids_a, ids_b = [enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx]
+        plen = [enc.prompt_lengths[i] for i in idx]
         bf16 = precision == "bf16"
+        cache = cache_of(rm)  # model.mode=freeze: the top layers and the head on cached frozen states
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), fp32_head(rm, bf16):
-            r_a, r_b = packed_pair_rewards(rm, batch)
+            if cache is not None:
+                r_a, r_b = cache.pair_rewards(rm, ids_a, ids_b, plen, pad_id, max_length)
+            else:
+                batch = {k: v.to(device) for k, v in pack_pairs(ids_a, ids_b, plen, pad_id).items()}
+                r_a, r_b = packed_pair_rewards(rm, batch)
         if not keep:
             continue
         out[idx] = r_a.double().cpu().numpy()
@@ -146,10 +150,10 @@ def score_pairs(rm, tokenizer, prompts, answers_a, answers_b, max_length: int, b
     was_training = rm.training
     rm.eval()
     try:
-        packed = share_prompt and cache_of(rm) is None and can_share_prompt(rm, tokenizer)
+        packed = share_prompt and can_share_prompt(rm, tokenizer)
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         if packed:
-            r = _score_packed(rm, enc, tokenizer.pad_token_id, batch_size, precision, rank, world)
+            r = _score_packed(rm, enc, tokenizer.pad_token_id, batch_size, precision, rank, world, max_length)
         else:
             r = _score_encoded(rm, enc, tokenizer.pad_token_id, batch_size, precision, rank, world, max_length)
     finally:

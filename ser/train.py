@@ -244,7 +244,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     checkpoint: a directory for a resumable state every `tcfg.save_every` steps; training continues from it
     when it exists (the same batches, schedule and RNG: the result equals an uninterrupted run).
     A `ser.frozen.FrozenCache` attached to `rm` (model.mode=freeze) replaces the frozen layers' forward by cached
-    states and turns the shared-prompt packing off (one process only).
+    states (one process only; packed pairs through `FrozenCache.pair_rewards`).
     """
     n = len(prompts)
     if n == 0:
@@ -256,7 +256,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     cache = cache_of(rm)
     if cache is not None and accelerator.num_processes > 1:
         raise UserError(f"{desc}: the frozen-layer cache (model.mode=freeze) runs on one process; detach it")
-    packed = share_prompt and cache is None and can_share_prompt(rm, tokenizer)
+    packed = share_prompt and can_share_prompt(rm, tokenizer)
     if enc.truncated_answers:
         log.warning("%d of %d answers exceed max_length=%d on their own and were cut at the end",
                     enc.truncated_answers, 2 * n, max_length)
@@ -325,7 +325,12 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         sync = (i + 1) % tcfg.grad_accum == 0 or i + 1 == len(batches)
         n_micro = min(tcfg.grad_accum, len(batches) - i // tcfg.grad_accum * tcfg.grad_accum)
         with micro_batch(accelerator, rm, sync):
-            if packed:
+            if packed and cache is not None:  # the top layers and the head on cached frozen states, packed
+                with accelerator.autocast():  # what the prepared model's own forward runs under
+                    r_chosen, r_rejected = (r.float() for r in cache.pair_rewards(
+                        rm, [enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx],
+                        [enc.prompt_lengths[i] for i in idx], tokenizer.pad_token_id, max_length))
+            elif packed:
                 r_chosen, r_rejected = packed_pair_rewards(rm, batch)
             elif cache is not None:  # the top layers and the head on cached frozen states
                 seqs = idx + [i + n for i in idx]

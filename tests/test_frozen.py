@@ -9,7 +9,7 @@ from ser.checkpoint import save_reward_model
 from ser.config import TrainConfig, load_config
 from ser.errors import UserError
 from ser.frozen import FrozenCache, attach_cache, transformer_layers
-from ser.models import collate, encode_pairs, load_reward_model
+from ser.models import collate, encode_pairs, load_reward_model, pack_pairs, packed_pair_rewards
 from ser.scoring import score_pairs
 from ser.train import make_accelerator, train_reward_model
 
@@ -64,14 +64,45 @@ def test_cached_rewards_equal_the_full_forward(backbone):
     assert torch.equal(cached, again) and cache.misses == n_seqs and cache.hits == 2 * len(enc.input_ids) - n_seqs
 
 
-def train(backbone: str, cached: bool):
+def test_packed_pairs_on_cached_states_equal_the_packed_full_forward(tiny_llama_dir):
+    """A causal RM's pairs as packed rows (`pair_rewards`): the frozen part runs once per pair and stores both
+    sequences' states (equal to their own forward's, 1e-5); the rewards equal the full model's packed and unpacked
+    forward. The prompts are long enough (and the answers different enough in length) that packing saves tokens."""
+    rm, tok = load(str(tiny_llama_dir))
+    rm.eval()
+    enc = encode_pairs(tok, PROMPTS, CHOSEN, REJECTED, 32)
+    n = len(PROMPTS)
+    plen = enc.prompt_lengths[:n]  # per sequence; a pair's two are equal
+    ids_a, ids_b = enc.input_ids[:n], enc.input_ids[n:]
+    assert min(plen) >= 8 and enc.prompt_lengths[n:] == plen
+    packed_cache, plain_cache = FrozenCache(rm, tok), FrozenCache(rm, tok)
+    with torch.no_grad():
+        full_a, full_b = packed_pair_rewards(rm, pack_pairs(ids_a, ids_b, plen, tok.pad_token_id))
+        r_a, r_b = packed_cache.pair_rewards(rm, ids_a, ids_b, plen, tok.pad_token_id, 32)
+        again = packed_cache.pair_rewards(rm, ids_a, ids_b, plen, tok.pad_token_id, 32)
+        plain = plain_cache.rewards(rm, enc.input_ids, None, tok.pad_token_id, 32)
+        own = [plain_cache.get(plain_cache.key(32, ids, None)) for ids in enc.input_ids]
+    assert full_a.std() > 0 and (full_a - full_b).abs().max() > 0  # not trivially equal
+    torch.testing.assert_close(r_a, full_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r_b, full_b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([r_a, r_b]), plain, atol=1e-5, rtol=0)
+    stored = [packed_cache.get(packed_cache.key(32, ids, None)) for ids in enc.input_ids]
+    for s, o in zip(stored, own):  # the states of each sequence, taken from its packed row
+        torch.testing.assert_close(s, o, atol=1e-5, rtol=0)
+    n_seqs = len(set(map(tuple, enc.input_ids)))  # the 12 pairs are 4 distinct ones, 3 times
+    assert torch.equal(again[0], r_a) and packed_cache.misses == n_seqs
+    assert packed_cache.hits == 2 * len(enc.input_ids) - n_seqs
+
+
+def train(backbone: str, cached: bool, share_prompt: bool = False):
     rm, tok = load(backbone)
     if cached:
         attach_cache(rm, FrozenCache(rm, tok))
     losses = []
     tcfg = TrainConfig(epochs=3, batch_size=4, lr=1e-3, warmup_ratio=0.0)
     rm, _ = train_reward_model(rm, tok, PROMPTS, CHOSEN, REJECTED, tcfg, 32, accelerator=make_accelerator(tcfg),
-                               share_prompt=False, on_step=lambda step, record, m: losses.append(record["train/loss"]))
+                               share_prompt=share_prompt,
+                               on_step=lambda step, record, m: losses.append(record["train/loss"]))
     return rm, tok, losses
 
 
@@ -93,6 +124,21 @@ def test_cached_and_uncached_training_agree(backbone):
     fresh_layers, fresh_embeddings = transformer_layers(fresh)
     assert all(torch.equal(a, b) for a, b in zip(embeddings.parameters(), fresh_embeddings.parameters()))
     assert not torch.equal(next(layers[-1].parameters()), next(fresh_layers[-1].parameters()))
+
+
+def test_packed_cached_training_agrees_with_packed_and_unpacked_training(tiny_llama_dir):
+    """A causal RM in freeze mode trains on packed pairs from cached states: the same per-step losses (1e-5) as
+    packed training without the cache, and its packed cached rewards afterwards equal an unpacked, uncached
+    forward. (Unpacked training groups its batches by another length, so its steps are not comparable.)"""
+    rm_p, tok, packed_cached = train(str(tiny_llama_dir), cached=True, share_prompt=True)
+    _, _, packed_plain = train(str(tiny_llama_dir), cached=False, share_prompt=True)
+    assert len(packed_cached) == 9 and packed_cached[-1] < packed_cached[0]  # it learned
+    np.testing.assert_allclose(packed_cached, packed_plain, atol=1e-5, rtol=0)
+    r_cached = score_pairs(rm_p, tok, PROMPTS, CHOSEN, REJECTED, 32)  # packed, on the cache
+    attach_cache(rm_p, None)
+    r_plain = score_pairs(rm_p, tok, PROMPTS, CHOSEN, REJECTED, 32, share_prompt=False)
+    for a, b in zip(r_cached, r_plain):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_saved_rm_gives_the_same_rewards_in_transformers(backbone, tmp_path):
@@ -196,26 +242,37 @@ def test_fp16_store_halves_the_size_and_states_are_fp32_under_autocast(tiny_bert
     assert abs(half.nbytes() - exact.nbytes() / 2) < 200 * len(exact.memory)  # + a 113-byte header per file
 
 
-def test_an_ser_run_computes_each_texts_frozen_states_once(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
+def test_an_ser_run_computes_each_texts_frozen_states_once(backbone, shared_data, tmp_path, monkeypatch):
     """Seed RM, pool scoring, calibration, retraining and evaluation of every iteration share one store: over a
-    whole 2-iteration run, each distinct sequence goes through the frozen layers exactly once."""
+    whole 2-iteration run, each distinct sequence's frozen states are computed and stored once. A causal RM runs
+    its frozen part on packed pairs (one row per pair, the prompt once), an encoder on single sequences."""
     import ser.frozen as frozen
     from ser.evolve import run_evolve
     from ser.frozen import SHARED_MEMORY
     from tests.test_evolve import records, tiny_overrides
 
-    computed = []
-    real = frozen.forward_bottom
+    rows, packed, stored = [], [], []
+    real_bottom, real_put = frozen.forward_bottom, frozen.FrozenCache.put
 
     def counting(model, batch):
-        computed.append(batch["input_ids"].shape[0])
-        return real(model, batch)
+        rows.append(batch["input_ids"].shape[0])
+        packed.append("position_ids" in batch)
+        return real_bottom(model, batch)
+
+    def put(self, key, states):
+        stored.append(key)
+        return real_put(self, key, states)
 
     monkeypatch.setattr(frozen, "forward_bottom", counting)
-    cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"model.mode": "freeze", "model.trainable_layers": 1}))
+    monkeypatch.setattr(frozen.FrozenCache, "put", put)
+    cfg = load_config(None, tiny_overrides(backbone, **{"model.mode": "freeze", "model.trainable_layers": 1}))
     run = run_evolve(cfg, str(tmp_path / "run"))
     assert max(r["iteration"] for r in records(run)) == 2  # seed RM + 2 iterations ran
-    assert sum(computed) == len(SHARED_MEMORY) > 0  # 128 pairs' sequences (some answers repeat), none twice
+    assert len(stored) == len(set(stored)) == len(SHARED_MEMORY) > 0  # 128 pairs' sequences, none twice
+    if "llama" in backbone:
+        assert all(packed) and sum(rows) < len(SHARED_MEMORY)  # a packed row stores two sequences
+    else:
+        assert not any(packed) and sum(rows) == len(SHARED_MEMORY)
 
 
 def test_memory_store_cap_computes_instead_of_keeping(tiny_bert_dir, caplog):
