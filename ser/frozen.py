@@ -4,16 +4,19 @@ with `freeze_trainable_layers: N`, plus a cache of the frozen activations).
 
 The frozen part is the embeddings and the lower L-N layers. Its output for a sequence, the hidden states after
 layer L-N, (T, H), depends only on the frozen weights and the sequence's token ids, so `FrozenCache` keeps it and
-every later epoch, scoring pass or evaluation runs only the top N layers and the head (`forward_top`). The frozen
-part runs without dropout (`freeze_lower_layers` sets it to 0): a fixed feature extractor, and the condition for
-the cached states to equal what an uncached forward computes. The saved RM is still one ordinary
-`AutoModelForSequenceClassification` directory (the frozen weights unchanged).
+every later epoch, scoring pass or evaluation runs only the top N layers and the head (`forward_top`, or
+`forward_top_packed` for packed pairs). The frozen part runs without dropout (`freeze_lower_layers` sets it to 0): a
+fixed feature extractor, and the condition for the cached states to equal what an uncached forward computes. The
+saved RM is still one ordinary `AutoModelForSequenceClassification` directory (the frozen weights unchanged).
 
-Supported families: BERT encoders (MiniLM) and Llama decoders (SmolLM2). A causal RM reads each pair as one
-packed [prompt, a, b] sequence (`model.share_prompt`, `ser.models.pack_pairs`) here too: the frozen part runs on
-the packed pair once and stores the states of its two sequences (prompt + a, prompt + b), and the top layers run on
-the packed row rebuilt from them (`FrozenCache.pair_rewards`), so the prompt's tokens are computed once per pair in
-both parts. This is exact because a causal model's states of a prompt do not depend on what follows it.
+Supported families: BERT encoders (MiniLM) and Llama decoders (SmolLM2). Where a causal RM packs its pairs
+(`model.share_prompt` on and `ser.models.can_share_prompt`: SDPA attention, no pair template), pair training and
+scoring pack them here too: the frozen part runs once per pair on the packed [prompt, a, b] row
+(`ser.models.pack_pairs`) and stores the states of its two sequences (prompt + a, prompt + b) under their usual
+keys, and the top layers run on the packed row rebuilt from the cache (`FrozenCache.pair_rewards`), so a prompt's
+tokens are computed once per pair in both parts. The stored states equal each sequence's own forward up to float
+rounding, since a causal model's states of a prompt do not depend on what follows it. Single texts
+(`score_texts`) run unpacked.
 """
 
 from __future__ import annotations
@@ -203,24 +206,30 @@ class FrozenCache:
     def states(self, model, input_ids: list[list[int]], token_type_ids, pad_id: int,
                max_length: int) -> list[torch.Tensor]:
         """Frozen-part outputs (T_i, H) of the sequences, in fp32; the missing ones computed in one padded batch."""
-        from ser.models import collate
-
         keys = [self.key(max_length, ids, tt) for ids, tt in
                 zip(input_ids, token_type_ids if token_type_ids is not None else [None] * len(input_ids))]
         found = {k: self.get(k) for k in keys}
         missing = [keys.index(k) for k, s in found.items() if s is None]  # one per distinct sequence
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        if missing:
-            tt = [token_type_ids[i] for i in missing] if token_type_ids is not None else None
-            batch = collate([input_ids[i] for i in missing], tt, pad_id)
-            device = next(model.parameters()).device
-            # fp32 whatever the caller's autocast (bf16 scoring, mixed-precision training): the key holds no precision
-            with torch.autocast(device.type, enabled=False):
-                hidden = forward_bottom(model, {k: v.to(device) for k, v in batch.items()})  # (M, T, H)
-            for j, i in enumerate(missing):
-                found[keys[i]] = self.put(keys[i], hidden[j, : len(input_ids[i])].float().cpu())
+        self._compute(model, [input_ids[i] for i in missing], [keys[i] for i in missing], found,
+                      [token_type_ids[i] for i in missing] if token_type_ids is not None else None, pad_id)
         return [found[k].float() for k in keys]
+
+    def _compute(self, model, input_ids: list[list[int]], keys: list[bytes], found: dict, token_type_ids,
+                 pad_id: int) -> None:
+        """The frozen part on these sequences (one padded batch), stored under `keys` and into `found`."""
+        from ser.models import collate
+
+        if not input_ids:
+            return
+        device = next(model.parameters()).device
+        # fp32 whatever the caller's autocast (bf16 scoring, mixed-precision training): the key holds no precision
+        with torch.autocast(device.type, enabled=False):
+            batch = collate(input_ids, token_type_ids, pad_id)
+            hidden = forward_bottom(model, {k: v.to(device) for k, v in batch.items()})  # (M, T, H)
+        for j, key in enumerate(keys):
+            found[key] = self.put(key, hidden[j, : len(input_ids[j])].float().cpu())
 
     def rewards(self, model, input_ids: list[list[int]], token_type_ids, pad_id: int, max_length: int) -> torch.Tensor:
         """Rewards (B,) of the sequences: cached frozen states, right-padded, through `forward_top`."""
@@ -236,32 +245,39 @@ class FrozenCache:
 
     def pair_rewards(self, model, ids_a: list[list[int]], ids_b: list[list[int]], prompt_lengths: list[int],
                      pad_id: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_a, r_b), each (B,), of causal-RM pairs sharing their prompt (`ser.models.encode_pairs`), each run
-        as one packed [prompt, a, b] row (`ser.models.pack_pairs`) through the top N layers. Missing states are
-        computed packed too, one frozen pass per pair, and stored per sequence under the same keys as `states`:
-        a's states are the row's first len(a) positions, b's the prompt's followed by b's answer."""
+        """(r_a, r_b), each (B,), of causal-RM pairs sharing their prompt (`ser.models.encode_pairs`; one prompt
+        length per pair), each run as one packed [prompt, a, b] row (`ser.models.pack_pairs`) through the top N
+        layers. A pair with both sequences missing runs the frozen part packed too, once per pair, and its two
+        sequences are stored under the same keys as `states` stores them (a's states are the row's first len(a)
+        positions, b's the prompt's followed by b's answer; equal to their own forward up to float rounding); a
+        sequence missing alone (its partner cached, or a and b identical) runs on its own."""
         from ser.models import pack_pairs
 
+        if not ids_a:
+            return torch.zeros(0), torch.zeros(0)
         keys_a, keys_b = ([self.key(max_length, ids, None) for ids in seqs] for seqs in (ids_a, ids_b))
         found = {k: self.get(k) for k in keys_a + keys_b}
-        todo = [i for i in range(len(ids_a)) if found[keys_a[i]] is None or found[keys_b[i]] is None]
-        todo = list({(keys_a[i], keys_b[i]): i for i in reversed(todo)}.values())  # a repeated pair runs once
-        missing = {k for k, s in found.items() if s is None}
+        missing = [k for k, s in found.items() if s is None]  # distinct
         self.hits += 2 * len(ids_a) - len(missing)
         self.misses += len(missing)
+        both, claimed = [], set()  # pairs to run packed: each missing sequence computed once
+        for i, (ka, kb) in enumerate(zip(keys_a, keys_b)):
+            if ka != kb and found[ka] is None and found[kb] is None and not {ka, kb} & claimed:
+                both.append(i)
+                claimed |= {ka, kb}
         device = next(model.parameters()).device
-        if todo:
-            packed = pack_pairs([ids_a[i] for i in todo], [ids_b[i] for i in todo],
-                                [prompt_lengths[i] for i in todo], pad_id)
+        if both:
+            packed = pack_pairs([ids_a[i] for i in both], [ids_b[i] for i in both],
+                                [prompt_lengths[i] for i in both], pad_id)
             with torch.autocast(device.type, enabled=False):  # fp32, as `states` computes them
                 hidden = forward_bottom(model, {k: v.to(device) for k, v in packed.items()}).float().cpu()
-            for j, i in enumerate(todo):
+            for j, i in enumerate(both):
                 n_a, p = len(ids_a[i]), prompt_lengths[i]
                 n_b = len(ids_b[i]) - p
-                for key, states in ((keys_a[i], hidden[j, :n_a]),
-                                    (keys_b[i], torch.cat([hidden[j, :p], hidden[j, n_a : n_a + n_b]]))):
-                    if found[key] is None:
-                        found[key] = self.put(key, states)
+                found[keys_a[i]] = self.put(keys_a[i], hidden[j, :n_a])
+                found[keys_b[i]] = self.put(keys_b[i], torch.cat([hidden[j, :p], hidden[j, n_a : n_a + n_b]]))
+        alone = {k: ids for k, ids in zip(keys_a + keys_b, ids_a + ids_b) if found[k] is None}
+        self._compute(model, list(alone.values()), list(alone), found, None, pad_id)
         batch = pack_pairs(ids_a, ids_b, prompt_lengths, pad_id)
         hidden = torch.zeros(*batch["input_ids"].shape, found[keys_a[0]].shape[1])  # (B, T, H)
         for i, p in zip(range(len(ids_a)), prompt_lengths):

@@ -160,6 +160,10 @@ def score_pairs(rm, tokenizer, prompts, answers_a, answers_b, max_length: int, b
         rm.train(was_training)
     if world > 1:  # every reward was computed by exactly one rank: the sum is that reward, bit for bit
         r = accelerator.reduce(torch.from_numpy(r).to(accelerator.device), reduction="sum").cpu().numpy()
+    # Identical token ids are one reward: a packed row computes b's copy in other positions of the batch, so float
+    # rounding could otherwise turn a no-preference pair (a tie, counted as wrong) into a right or wrong one.
+    same = np.asarray(enc.no_preference, dtype=np.int64)
+    r[n + same] = r[same]
     bad = np.flatnonzero(~(np.isfinite(r[:n]) & np.isfinite(r[n:])))
     if bad.size and rank == 0:
         shown = ", ".join(names[i] for i in bad[:10]) + (", ..." if bad.size > 10 else "") if names else ""

@@ -268,7 +268,9 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     target = None if pseudo_target is None else torch.as_tensor(np.asarray(pseudo_target, np.float32))  # (n,)
 
     def collate_pairs(idx: list[int]) -> dict:
-        if packed:  # (B, T) rows [prompt, chosen, rejected]
+        if packed and cache is not None:  # `FrozenCache.pair_rewards` packs the cached states itself
+            batch = {}
+        elif packed:  # (B, T) rows [prompt, chosen, rejected]
             batch = pack_pairs([enc.input_ids[i] for i in idx], [enc.input_ids[i + n] for i in idx],
                                [enc.prompt_lengths[i] for i in idx], tokenizer.pad_token_id)
         else:  # (2B, T): chosen rows first, then rejected

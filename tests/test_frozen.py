@@ -94,6 +94,32 @@ def test_packed_pairs_on_cached_states_equal_the_packed_full_forward(tiny_llama_
     assert packed_cache.hits == 2 * len(enc.input_ids) - n_seqs
 
 
+def test_identical_answers_are_exact_ties_on_packed_rows(tiny_llama_dir, monkeypatch):
+    """A pair whose answers are the same tokens has one reward, bit for bit, whether its packed row runs on the full
+    model or on cached states (on a packed row b's copy sits elsewhere in the batch, where rounding may differ,
+    and a tie counts as wrong in `pair_metrics`). The cache here already holds one side of two pairs: only the
+    missing sequences are computed, each once."""
+    rm, tok = load(str(tiny_llama_dir))
+    prompts, a = PROMPTS[:4] * 2, CHOSEN[:4] * 2
+    b = REJECTED[:4] + CHOSEN[:4]  # the last 4 pairs: identical answers
+    plain = score_pairs(rm, tok, prompts, a, b, 32)
+    cache = FrozenCache(rm, tok)
+    attach_cache(rm, cache)
+    first_two = encode_pairs(tok, PROMPTS[:2], CHOSEN[:2], REJECTED[:2], 32).input_ids[:2]  # their chosen sequences
+    cache.rewards(rm, first_two, None, tok.pad_token_id, 32)
+    import ser.frozen as frozen
+
+    rows, real = {True: 0, False: 0}, frozen.forward_bottom  # frozen-part rows run packed / one sequence each
+    monkeypatch.setattr(frozen, "forward_bottom", lambda m, batch: rows.__setitem__(
+        "position_ids" in batch, rows["position_ids" in batch] + len(batch["input_ids"])) or real(m, batch))
+    cached = score_pairs(rm, tok, prompts, a, b, 32)
+    assert rows == {True: 2, False: 2}  # pairs 2, 3 packed; the rejected answers of pairs 0, 1 alone
+    for r_a, r_b in (plain, cached):
+        assert np.array_equal(r_a[4:], r_b[4:]) and not np.array_equal(r_a[:4], r_b[:4])
+    np.testing.assert_allclose(np.concatenate(cached), np.concatenate(plain), atol=1e-5, rtol=0)
+    assert cache.misses == len(cache.memory) == 8  # 4 prompts x (chosen, rejected), each computed once
+
+
 def train(backbone: str, cached: bool, share_prompt: bool = False):
     rm, tok = load(backbone)
     if cached:
@@ -251,12 +277,12 @@ def test_an_ser_run_computes_each_texts_frozen_states_once(backbone, shared_data
     from ser.frozen import SHARED_MEMORY
     from tests.test_evolve import records, tiny_overrides
 
-    rows, packed, stored = [], [], []
+    rows = {True: 0, False: 0}  # frozen-part rows run packed (two sequences each) / one sequence each
+    stored = []
     real_bottom, real_put = frozen.forward_bottom, frozen.FrozenCache.put
 
     def counting(model, batch):
-        rows.append(batch["input_ids"].shape[0])
-        packed.append("position_ids" in batch)
+        rows["position_ids" in batch] += batch["input_ids"].shape[0]
         return real_bottom(model, batch)
 
     def put(self, key, states):
@@ -269,10 +295,10 @@ def test_an_ser_run_computes_each_texts_frozen_states_once(backbone, shared_data
     run = run_evolve(cfg, str(tmp_path / "run"))
     assert max(r["iteration"] for r in records(run)) == 2  # seed RM + 2 iterations ran
     assert len(stored) == len(set(stored)) == len(SHARED_MEMORY) > 0  # 128 pairs' sequences, none twice
-    if "llama" in backbone:
-        assert all(packed) and sum(rows) < len(SHARED_MEMORY)  # a packed row stores two sequences
+    if "llama" in backbone:  # mostly packed rows, and every sequence a row computed was stored
+        assert rows[True] > rows[False] and 2 * rows[True] + rows[False] == len(SHARED_MEMORY)
     else:
-        assert not any(packed) and sum(rows) == len(SHARED_MEMORY)
+        assert rows[True] == 0 and rows[False] == len(SHARED_MEMORY)
 
 
 def test_memory_store_cap_computes_instead_of_keeping(tiny_bert_dir, caplog):
