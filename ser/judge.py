@@ -147,9 +147,9 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
     b = _answers(policy_b, prompts, pcfg, seed, batch_size)
     rm, tok, max_length = load_saved_rm(judge_rm)
     rm.to("cuda" if torch.cuda.is_available() else "cpu")
-    r_a, r_b = score_pairs(rm, tok, prompts, a, b, max_length)  # both answers see the same prompt tokens
+    # both answers see the same prompt tokens; identical answers get one reward (a tie: `score_pairs`)
+    r_a, r_b = score_pairs(rm, tok, prompts, a, b, max_length)
     same = np.array([x == y for x, y in zip(a, b)])
-    r_b = np.where(same, r_a, r_b)  # identical answers tie exactly (no float noise from packing)
     if same.any():
         why = " (policies A and B are the same checkpoint, sampled with the same seed)" if policy_a == policy_b else ""
         log.warning("%d of %d prompts got the same answer from both policies: each is a tie%s", same.sum(), len(a), why)

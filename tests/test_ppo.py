@@ -110,7 +110,7 @@ def test_generate_pairs_feeds_evolve_and_judge_writes_verdicts(tiny_llama_dir, t
     assert ("5 of 5 prompts got the same answer from both policies: each is a tie (policies A and B are the "
             "same checkpoint, sampled with the same seed)") in caplog.text
     lines = [json.loads(l) for l in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
-    assert len(lines) == 5 and all(l["verdict"] == "tie" for l in lines)
+    assert len(lines) == 5 and all(l["verdict"] == "tie" and l["score_a"] == l["score_b"] for l in lines)
 
 
 def test_saved_rm_is_a_reward_function_for_trl_grpo(tiny_llama_dir, tiny_rm, tmp_path):
