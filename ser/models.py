@@ -397,19 +397,23 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
     # uncased one folds case and accents; same tokens, or neither answer long enough to be cut), or answers that
     # differ only past the cut to max_length.
     same = [i for i in range(n) if ids[i] == ids[i + n]]
-    if same:
-        full = tokenizer([answers_a[i] for i in same] + [answers_b[i] for i in same],
+    identical = sum(answers_a[i] == answers_b[i] for i in same)  # the same text (`ser judge`): no cause to name
+    if identical:
+        log.warning("%d of %d pairs have identical answer texts: no preference, equal rewards", identical, n)
+    same_text = [i for i in same if answers_a[i] != answers_b[i]]
+    if same_text:
+        full = tokenizer([answers_a[i] for i in same_text] + [answers_b[i] for i in same_text],
                          add_special_tokens=False)["input_ids"]
         budget = max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1  # as in `encode`
-        by_tokenizer = sum(full[k] == full[k + len(same)] or max(len(full[k]), len(full[k + len(same)])) < budget
-                           for k in range(len(same)))
+        m = len(same_text)
+        by_tokenizer = sum(full[k] == full[k + m] or max(len(full[k]), len(full[k + m])) < budget for k in range(m))
         if by_tokenizer:
             log.warning("%d of %d pairs have identical answers after tokenization (different texts, the same tokens: "
                         "e.g. an uncased tokenizer folds case and accents): no preference, equal rewards",
                         by_tokenizer, n)
-        if len(same) > by_tokenizer:
+        if m > by_tokenizer:
             log.warning("%d of %d pairs have identical answers after truncation to max_length=%d (they differ only "
-                        "past the cut): no preference, equal rewards", len(same) - by_tokenizer, n, max_length)
+                        "past the cut): no preference, equal rewards", m - by_tokenizer, n, max_length)
     return Encoded(ids, tt, enc.truncated_answers, cut_prompts, plen, same)
 
 

@@ -268,6 +268,11 @@ def test_no_preference_pairs_and_their_cause(tiny_bert_dir, caplog):
     caplog.clear()
     encode_pairs(tok, prompts[:2], a[:2], b[:2], 24)
     assert "after tokenization" in caplog.text and "truncation" not in caplog.text
+    caplog.clear()  # the same text (`ser judge` compares policies that can answer alike): no tokenizer cause named
+    enc = encode_pairs(tok, ["q", "q", "q"], ["Same.", "Same.", "Yes."], ["Same.", "SAME.", "No."], 24)
+    assert enc.no_preference == [0, 1]
+    assert "1 of 3 pairs have identical answer texts" in caplog.text
+    assert "1 of 3 pairs have identical answers after tokenization" in caplog.text and "truncation" not in caplog.text
 
 
 def test_no_preference_pairs_are_left_out_of_training(tiny_bert_dir, caplog):
