@@ -392,21 +392,21 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
                 plen[s] = common
     full = [len(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     cut_prompts = sum(plen[s] < full[s % n] for s in range(2 * n))  # by max_length or to match the other side
-    # Different answer texts, identical token ids: equal rewards, no preference to learn, a tie in evaluation. Two
-    # causes, told apart by the untruncated answers: a tokenizer that maps both texts to the same tokens (an
-    # uncased one folds case and accents; same tokens, or neither answer long enough to be cut), or answers that
-    # differ only past the cut to max_length.
+    # Identical token ids: equal rewards, no preference to learn, a tie in evaluation. Three causes: the same text
+    # (data loading drops such pairs with a count, `ser judge` warns about them: logged at info here); and, for
+    # different texts, told apart by the untruncated answers, a tokenizer that maps both to the same tokens (an
+    # uncased one folds case and accents) or answers that differ only past the cut to max_length.
     same = [i for i in range(n) if ids[i] == ids[i + n]]
-    identical = sum(answers_a[i] == answers_b[i] for i in same)  # the same text (`ser judge`): no cause to name
+    identical = sum(answers_a[i] == answers_b[i] for i in same)
     if identical:
-        log.warning("%d of %d pairs have identical answer texts: no preference, equal rewards", identical, n)
-    same_text = [i for i in same if answers_a[i] != answers_b[i]]
-    if same_text:
-        full = tokenizer([answers_a[i] for i in same_text] + [answers_b[i] for i in same_text],
+        log.info("%d of %d pairs have identical answer texts: no preference, equal rewards", identical, n)
+    diff_text = [i for i in same if answers_a[i] != answers_b[i]]
+    if diff_text:
+        full = tokenizer([answers_a[i] for i in diff_text] + [answers_b[i] for i in diff_text],
                          add_special_tokens=False)["input_ids"]
-        budget = max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1  # as in `encode`
-        m = len(same_text)
-        by_tokenizer = sum(full[k] == full[k + m] or max(len(full[k]), len(full[k + m])) < budget for k in range(m))
+        budget = max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1  # as in `encode`: cut if > budget
+        m = len(diff_text)
+        by_tokenizer = sum(full[k] == full[k + m] or max(len(full[k]), len(full[k + m])) <= budget for k in range(m))
         if by_tokenizer:
             log.warning("%d of %d pairs have identical answers after tokenization (different texts, the same tokens: "
                         "e.g. an uncased tokenizer folds case and accents): no preference, equal rewards",

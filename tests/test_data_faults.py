@@ -3,6 +3,7 @@ TRL's standard/conversational x implicit/explicit-prompt formats, test pairs lea
 no preference left after tokenization or truncation, rating ties, and `ser score` output that joins back."""
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -269,10 +270,12 @@ def test_no_preference_pairs_and_their_cause(tiny_bert_dir, caplog):
     encode_pairs(tok, prompts[:2], a[:2], b[:2], 24)
     assert "after tokenization" in caplog.text and "truncation" not in caplog.text
     caplog.clear()  # the same text (`ser judge` compares policies that can answer alike): no tokenizer cause named
-    enc = encode_pairs(tok, ["q", "q", "q"], ["Same.", "Same.", "Yes."], ["Same.", "SAME.", "No."], 24)
-    assert enc.no_preference == [0, 1]
-    assert "1 of 3 pairs have identical answer texts" in caplog.text
-    assert "1 of 3 pairs have identical answers after tokenization" in caplog.text and "truncation" not in caplog.text
+    caplog.set_level(logging.INFO)
+    enc = encode_pairs(tok, ["q"] * 6, a + ["Same.", long + " same"], b + ["Same.", long + " same"], 24)
+    assert enc.no_preference == [0, 1, 2, 4, 5]  # 2 by the tokenizer, 1 by truncation, 2 the same text: 5 in all
+    assert "2 of 6 pairs have identical answer texts" in caplog.text
+    assert "2 of 6 pairs have identical answers after tokenization" in caplog.text
+    assert "1 of 6 pairs have identical answers after truncation to max_length=24" in caplog.text
 
 
 def test_no_preference_pairs_are_left_out_of_training(tiny_bert_dir, caplog):
