@@ -397,10 +397,9 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
     # different texts, told apart by the untruncated answers, a tokenizer that maps both to the same tokens (an
     # uncased one folds case and accents) or answers that differ only past the cut to max_length.
     same = [i for i in range(n) if ids[i] == ids[i + n]]
-    identical = sum(answers_a[i] == answers_b[i] for i in same)
-    if identical:
-        log.info("%d of %d pairs have identical answer texts: no preference, equal rewards", identical, n)
     diff_text = [i for i in same if answers_a[i] != answers_b[i]]
+    if identical := len(same) - len(diff_text):
+        log.info("%d of %d pairs have identical answer texts: no preference, equal rewards", identical, n)
     if diff_text:
         full = tokenizer([answers_a[i] for i in diff_text] + [answers_b[i] for i in diff_text],
                          add_special_tokens=False)["input_ids"]
