@@ -345,6 +345,16 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def close_process_group() -> None:
+    """Destroy the default `torch.distributed` process group, if this process joined one (`torchrun`,
+    `accelerate launch`). A process that exits with it alive leaves gloo's worker threads holding work whose
+    release during interpreter teardown aborts it (SIGABRT, "terminate called without an active exception":
+    pytorch/pytorch#179291), now and then, after every result was written. Local to this process: no collective."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group to close
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -364,4 +374,6 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    finally:
+        close_process_group()
     sys.exit(code)
