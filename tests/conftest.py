@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny random models on real tokenizers (milliseconds per step), and the real data."""
+"""Shared fixtures: tiny random models on real tokenizers (milliseconds per step), the real data, and the one-process
+real-MiniLM runs that several test files check (each made once per session)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,51 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def no_dropout_bert(tmp_path_factory) -> Path:
+    """The packaged MiniLM with dropout switched off (dropout draws different masks in each process)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from ser.models import resolve_backbone
+
+    model = AutoModel.from_pretrained(resolve_backbone("minilm"), hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+    out = tmp_path_factory.mktemp("minilm-no-dropout")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_backbone("minilm")).save_pretrained(out)
+    return out
+
+
+# One thread: the multi-process tests compare with these runs, one thread per process, so the kernels are the same.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# batch 6 over 81 pairs: 14 batches, the last of 3 pairs (uneven split across processes); accumulating 3
+# batches per step gives 5 steps, the last of 2 batches. 64 tokens: the rm-tiny preset's data at a third of its cost.
+TRAIN_RM = ["train-rm", "--config", "configs/rm-tiny.yaml", "--data.seed_size=81", "--model.max_length=64",
+            "--train.batch_size=6", "--train.grad_accum=3", "--train.lr=1e-4", "--train.eval_every=2"]
+# one iteration over a 128-pair pool at 64 tokens: the evolve-tiny preset's real data and model at under half its cost
+EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iterations=1", "--data.pool_size=128",
+          "--model.max_length=64"]
+
+
+def one_process_run(tmp_path_factory, name: str, *args) -> Path:
+    """`ser ARGS --out DIR` on one process and one thread, made once; returns DIR, its stdout in DIR/stdout.txt."""
+    out = tmp_path_factory.mktemp(name) / "one"
+    p = subprocess.run([sys.executable, "-m", "ser", *map(str, args), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, env=ONE_THREAD)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (out / "stdout.txt").write_text(p.stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_rm_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
+    """TRAIN_RM on the real MiniLM (dropout off): the CLI round trip's RM and the multi-process reference."""
+    return one_process_run(tmp_path_factory, "train-rm", *TRAIN_RM, f"--model.backbone={no_dropout_bert}")
+
+
+@pytest.fixture(scope="session")
+def evolve_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
+    """EVOLVE on the real MiniLM (dropout off): the CLI's SER run and the multi-process reference."""
+    return one_process_run(tmp_path_factory, "evolve", *EVOLVE, f"--model.backbone={no_dropout_bert}")

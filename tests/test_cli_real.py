@@ -18,22 +18,17 @@ def ser(*args):
     return p.stdout
 
 
-@pytest.fixture(scope="module")
-def trained(shared_data, tmp_path_factory):
-    """`ser train-rm` on the rm-tiny preset once; (run directory, stdout)."""
-    run = tmp_path_factory.mktemp("rm-tiny") / "run"
-    return run, ser("train-rm", "--config", "configs/rm-tiny.yaml", "--out", run)
-
-
-def test_train_eval_score_round_trip(trained, shared_data, tmp_path):
-    run, out = trained
+def test_train_eval_score_round_trip(train_rm_one, shared_data, tmp_path):
+    """conftest's TRAIN_RM run (the rm-tiny preset at 64 tokens, 5 steps), then `ser eval` and `ser score` on it."""
+    run = train_rm_one
+    out = (run / "stdout.txt").read_text()
     assert "test accuracy" in out and "wrote" in out
     rm = run / "rm"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "ser_config.json", "manifest.json"):
         assert (rm / f).exists(), f
     stats = json.loads((rm / "ser_config.json").read_text())
-    assert stats["reward_std"] > 0 and stats["config"]["model"]["max_length"] == 96
-    assert (run / "metrics.jsonl").read_text().count('"train/loss"') >= 10
+    assert stats["reward_std"] > 0 and stats["config"]["model"]["max_length"] == 64
+    assert (run / "metrics.jsonl").read_text().count('"train/loss"') == 5
     m = json.loads(ser("eval", "--rm", rm, "--data", shared_data / "hh-rlhf/helpful-online/test.jsonl.gz",
                        "--limit", 64, "--json"))
     assert 0 <= m["accuracy"] <= 1 and m["n"] == 64 and "ece" in m and "brier" in m
@@ -51,27 +46,26 @@ def test_train_eval_score_round_trip(trained, shared_data, tmp_path):
     pairs = load_pairs("hh-rlhf:helpful-online", limit=16)
     model = AutoModelForSequenceClassification.from_pretrained(rm).eval()
     r_c, r_r = score_pairs(model, AutoTokenizer.from_pretrained(rm), [p.prompt for p in pairs],
-                           [p.chosen for p in pairs], [p.rejected for p in pairs], 96)
+                           [p.chosen for p in pairs], [p.rejected for p in pairs], 64)
     np.testing.assert_allclose(r_c, [r["r_chosen"] for r in rows], rtol=0, atol=1e-6)
     assert acc == np.mean(r_c > r_r)
 
 
-def test_evolve_tiny_real(shared_data, tmp_path):
-    # one iteration over a 128-pair pool at 64 tokens: the preset's real data and model at under half its cost
-    out = ser("evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iterations=1", "--data.pool_size=128",
-              "--model.max_length=64", "--out", tmp_path / "run")
+def test_evolve_tiny_real(evolve_one):
+    """conftest's EVOLVE run (the evolve-tiny preset: one iteration over a 128-pair pool at 64 tokens)."""
+    out = (evolve_one / "stdout.txt").read_text()
     assert "precision" in out and "test_acc" in out
-    run = tmp_path / "run"
-    assert (run / "iterations" / "0" / "model.safetensors").exists() and (run / "final" / "config.json").exists()
-    m = json.loads(ser("eval", "--rm", run / "final", "--data", "hh-rlhf:helpful-base", "--limit", 8, "--json"))
+    assert (evolve_one / "iterations" / "0" / "model.safetensors").exists()
+    assert (evolve_one / "final" / "config.json").exists()
+    m = json.loads(ser("eval", "--rm", evolve_one / "final", "--data", "hh-rlhf:helpful-base", "--limit", 8, "--json"))
     assert "accuracy" in m
 
 
-def test_ppo_tiny_real_models(trained, tmp_path):
-    """configs/ppo-tiny.yaml: the packaged SmolLM2-135M-Instruct policy, PPO against the MiniLM RM just
-    trained (a different tokenizer: rewards come from decoded text), a few steps on real HH prompts."""
+def test_ppo_tiny_real_models(train_rm_one, tmp_path):
+    """configs/ppo-tiny.yaml: the packaged SmolLM2-135M-Instruct policy, PPO against conftest's MiniLM RM (a
+    different tokenizer: rewards come from decoded text), a few steps on real HH prompts."""
     out = tmp_path / "ppo"
-    ser("ppo", "--config", "configs/ppo-tiny.yaml", f"--ppo.rm={trained[0] / 'rm'}", "--out", out)
+    ser("ppo", "--config", "configs/ppo-tiny.yaml", f"--ppo.rm={train_rm_one / 'rm'}", "--out", out)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["ppo/kl"]) and 0 < r["ppo/answer_tokens"] <= 12 for r in rows)

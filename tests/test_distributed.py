@@ -11,7 +11,6 @@ of forward passes on every process) and saving (gathered, never a shard) give th
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import EVOLVE, ONE_THREAD, TRAIN_RM, one_process_run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -45,32 +45,14 @@ def command(procs: int | str, *args) -> list[str]:
     return [*launcher, "-m", "ser", *map(str, args)]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
 def ser(procs: int | str, *args) -> str:
-    p = subprocess.run(command(procs, *args), cwd=ROOT, capture_output=True, text=True, env=ENV)
+    p = subprocess.run(command(procs, *args), cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def no_dropout_bert(tmp_path_factory) -> Path:
-    """The packaged MiniLM with dropout switched off (dropout draws different masks in each process)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from ser.models import resolve_backbone
-
-    model = AutoModel.from_pretrained(resolve_backbone("minilm"), hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0)
-    out = tmp_path_factory.mktemp("minilm-no-dropout")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(resolve_backbone("minilm")).save_pretrained(out)
-    return out
 
 
 def weights(path: Path, prefix: str = "") -> dict:
@@ -91,24 +73,6 @@ def assert_same_weights(start: dict, one: dict, other: dict, at_least: int, min_
     moved = np.mean([(one[k] - start[k]).abs().mean().item() for k in shared])
     apart = np.mean([(one[k] - other[k]).abs().mean().item() for k in shared])
     assert moved > min_move and apart < 0.01 * moved, (len(shared), moved, apart)
-
-
-# batch 6 over 81 pairs: 14 batches, the last of 3 pairs (uneven split across processes); accumulating 3
-# batches per step gives 5 steps, the last of 2 batches. 64 tokens: the rm-tiny preset's data at a third of its cost.
-TRAIN_RM = ["train-rm", "--config", "configs/rm-tiny.yaml", "--data.seed_size=81", "--model.max_length=64",
-            "--train.batch_size=6", "--train.grad_accum=3", "--train.lr=1e-4", "--train.eval_every=2"]
-
-
-def one_process_run(tmp_path_factory, name: str, *args) -> Path:
-    """A one-process reference run, made once per module and compared with by several tests."""
-    out = tmp_path_factory.mktemp(name) / "one"
-    ser(1, *args, "--out", out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def train_rm_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
-    return one_process_run(tmp_path_factory, "train-rm", *TRAIN_RM, f"--model.backbone={no_dropout_bert}")
 
 
 def assert_train_rm_matches_one(run: Path, one: Path, backbone: Path) -> None:
@@ -137,7 +101,7 @@ def test_the_cli_closes_its_process_group_before_exit(tmp_path):
             "sys.argv = ['ser', '--help']\n"
             "try: cli.main()\nexcept SystemExit as e: print('exit', e.code, 'group', dist.is_initialized())\n"
             "cli.close_process_group()")  # a second call finds no group: a no-op
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
     assert p.returncode == 0 and p.stdout.strip().endswith("exit 0 group False"), (p.stdout[-500:], p.stderr[-2000:])
 
 
@@ -219,7 +183,7 @@ def test_sharded_train_rm_matches_one_process_through_sigkill_and_resume(engine,
     SIGKILL after the step-2 checkpoint, then resumed, ends where one uninterrupted process does."""
     args = [*TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--train.save_every=2"]
     run = tmp_path / "run"
-    proc = subprocess.Popen(command(engine, *args, "--out", run), cwd=ROOT, env=ENV,
+    proc = subprocess.Popen(command(engine, *args, "--out", run), cwd=ROOT, env=ONE_THREAD,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while '"step": 3,' not in ((run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""):
@@ -262,15 +226,6 @@ def test_scoring_runs_equal_forward_passes_on_every_process():
     a, b = my_batches(10, 2, 0, 2), my_batches(10, 2, 1, 2)
     assert a == [(0, True), (4, True), (8, True)] and b == [(2, True), (6, True), (0, False)]
     assert my_batches(3, 8, 1, 2) == [(0, False)]  # one batch, two processes
-
-
-EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iterations=1", "--data.pool_size=128",
-          "--model.max_length=64"]
-
-
-@pytest.fixture(scope="module")
-def evolve_one(no_dropout_bert, shared_data, tmp_path_factory) -> Path:
-    return one_process_run(tmp_path_factory, "evolve", *EVOLVE, f"--model.backbone={no_dropout_bert}")
 
 
 @pytest.mark.parametrize("engine", ["torchrun", "deepspeed-zero3", "fsdp"])
