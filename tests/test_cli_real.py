@@ -1,4 +1,5 @@
-"""End-to-end CLI runs with the real packaged MiniLM on real HH-RLHF pairs (small budgets)."""
+"""End-to-end CLI runs with the real packaged MiniLM (its weights, dropout off: conftest) on real HH-RLHF pairs
+(small budgets)."""
 
 import json
 import subprocess
@@ -19,7 +20,8 @@ def ser(*args):
 
 
 def test_train_eval_score_round_trip(train_rm_one, shared_data, tmp_path):
-    """conftest's TRAIN_RM run (the rm-tiny preset at 64 tokens, 5 steps), then `ser eval` and `ser score` on it."""
+    """conftest's TRAIN_RM run (the rm-tiny preset made smaller: 81 pairs at 64 tokens, 5 steps), then `ser eval`
+    and `ser score` on its RM."""
     run = train_rm_one
     out = (run / "stdout.txt").read_text()
     assert "test accuracy" in out and "wrote" in out

@@ -92,17 +92,21 @@ def assert_train_rm_matches_one(run: Path, one: Path, backbone: Path) -> None:
     assert abs(stats[0]["reward_mean"] - stats[1]["reward_mean"]) < 1e-3
 
 
-def test_the_cli_closes_its_process_group_before_exit(tmp_path):
-    """`ser.cli.main` destroys the process group a launched process joined, however the command ends: alive at
+def test_the_cli_closes_its_process_group_after_a_command_succeeds(tmp_path):
+    """`ser.cli.main` destroys the process group a launched process joined once the command has returned 0: alive at
     interpreter teardown, gloo's threads now and then abort a finished run (SIGABRT; seen once in 25 CI runs, under
-    ZeRO-3). A one-process gloo group, then `ser --help` (argparse exits from inside the command)."""
-    code = ("import sys, torch.distributed as dist; from ser import cli; "
-            f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1); "
-            "sys.argv = ['ser', '--help']\n"
+    ZeRO-3). After a failed command it is left alone (NCCL's shutdown may wait on the other ranks). A one-process
+    gloo group; `ser.cli.run` replaced by a command that returns the exit code given in argv."""
+    code = ("import sys, torch.distributed as dist; from ser import cli\n"
+            "dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
+            "cli.run = lambda argv: int(argv[0]); sys.argv = ['ser', sys.argv[2]]\n"
             "try: cli.main()\nexcept SystemExit as e: print('exit', e.code, 'group', dist.is_initialized())\n"
-            "cli.close_process_group()")  # a second call finds no group: a no-op
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
-    assert p.returncode == 0 and p.stdout.strip().endswith("exit 0 group False"), (p.stdout[-500:], p.stderr[-2000:])
+            "cli.close_process_group()")  # closing twice: the second call finds no group, a no-op
+    for exit_code, alive in ((0, False), (2, True)):
+        p = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"store{exit_code}"), str(exit_code)], cwd=ROOT,
+                           capture_output=True, text=True, env=ONE_THREAD)
+        assert p.returncode == 0 and p.stdout.strip().endswith(f"exit {exit_code} group {alive}"), \
+            (p.stdout[-500:], p.stderr[-2000:])
 
 
 def test_train_rm_two_processes_match_one(train_rm_one, no_dropout_bert, tmp_path):
