@@ -90,14 +90,14 @@ class SERConfig:
     pseudo_loss: str = "sigmoid"  # loss on pseudo-labelled pairs: sigmoid (released code) | hinge (paper)
     pseudo_margin: float = 1.0  # margin of the hinge loss on pseudo-labelled pairs
     validation: float | int = 0.0  # seed pairs held out of training (fraction/count): pick + stop + calibrate; 0: paper
-    patience: int = 1  # with ser.validation: stop after this many iterations without a validation improvement
+    patience: int = 1  # with ser.validation or ser.folds: stop after this many iterations without a validation gain
     val_metric: str = "log_likelihood"  # what validation picks/stops on: log_likelihood (calibrated BT) | accuracy
     length_guard: bool = False  # accept pseudo-labels so their longer-answer-chosen share is at most the human seed's
     restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone
     keep_seed: bool = True  # keep the human seed pairs in every iteration's training data
     iteration_epochs: float = 1.0  # epochs of each retraining on seed + pseudo-labelled pairs
     seed_epochs: float = 0.0  # > 0: the seed RM's epochs chosen on validation, from train.epochs up to this many
-    ssrm_threshold: float = 0.8  # SSRM baseline: keep pairs with max(P, 1-P) >= this, P = σ(r_a - r_b)
+    ssrm_threshold: float = 0.8  # SSRM baseline: keep pairs with max(P, 1-P) >= this, P = σ((r_a - r_b) / T)
     folds: int = 0  # rule=ensemble: k >= 2 fold models cross-fitted on the seed calibrate, validate, vote
     min_agree: int = 0  # rule=ensemble: fold models that must agree on a pair's direction (0 = all of them)
     confidence: float = 0.8  # rule=ensemble: accept where the ensemble's calibrated max(p, 1 - p) >= this

@@ -56,7 +56,8 @@ class State:
 
 
 def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config, accelerator=None) -> tuple[float, float]:
-    """(offset, temperature) of p = σ((r - offset) / T), fitted on the human-labelled seed pairs.
+    """(offset, temperature) of p = σ((r - offset) / T), fitted on the human-labelled pairs given (`label_pool`
+    passes the ser.validation pairs where there are any, else the seed pairs the RM trained on).
 
     none: (0, 1), the paper. The pairwise loss is shift-invariant, so the absolute reward level (and with it what
     the 0.45/0.55 thresholds select) drifts with initialisation; `center` removes the drift, `temperature` also
@@ -82,17 +83,19 @@ def select_pseudo_labels(r_a, r_b, offset: float, temperature: float, cfg: Confi
     return status, learning, select(status, learning), orient(p_a, p_b)
 
 
-def length_audit(take, a_wins, margin, pool: list[UnlabelledPair], seed: list[Pair], guard: bool):
+def length_audit(take, a_wins, target, pool: list[UnlabelledPair], seed: list[Pair], guard: bool):
     """The length-bias guard (`ser.bias`): the share of accepted pseudo-labels whose chosen answer is the longer
     one (characters), beside the same share among the human seed labels. With `guard`, the accepted set is cut to
-    the seed's share, dropping the least confident (smallest |margin|) longer-chosen pairs first
-    (`length_balanced_accept`). margin: (n,) r_a - r_b. Returns (take, record)."""
+    the seed's share, dropping the least confident longer-chosen pairs first (`length_balanced_accept`).
+    target: (n,) calibrated P of each pair's labelled direction (A where a_wins, else B); it ranks, and can lie
+    under 0.5 where an ensemble's majority (ser.min_agree < ser.folds) outvotes its mean margin: such a pair is
+    the least confident, not the most. Returns (take, record)."""
     len_a = np.array([len(p.answer_a) for p in pool], dtype=np.float64)
     len_b = np.array([len(p.answer_b) for p in pool], dtype=np.float64)
     seed_share = longer_chosen_share([len(p.chosen) for p in seed], [len(p.rejected) for p in seed])
     record = {"bias/seed_longer_chosen": seed_share}
     if guard and take.any() and np.isfinite(seed_share):
-        kept = length_balanced_accept(take, np.abs(margin), a_wins, len_a, len_b, seed_share)
+        kept = length_balanced_accept(take, target, a_wins, len_a, len_b, seed_share)
         record["bias/guard_dropped"] = int(take.sum() - kept.sum())
         take = kept
     chosen_len, other_len = np.where(a_wins, len_a, len_b)[take], np.where(a_wins, len_b, len_a)[take]
@@ -112,7 +115,7 @@ def trim_and_guard(sel: dict, pool: list[UnlabelledPair], seed: list[Pair], s) -
         if s.target_precision:
             kept = trim_to_expected_precision(take, sel["target"], s.target_precision)
             trimmed, take = trimmed + int(take.sum() - kept.sum()), kept
-        guarded, record = length_audit(take, sel["a_wins"], sel["target"] - 0.5, pool, seed, s.length_guard)
+        guarded, record = length_audit(take, sel["a_wins"], sel["target"], pool, seed, s.length_guard)
         dropped += record.pop("bias/guard_dropped", 0)
         if (guarded == take).all() or not s.target_precision:
             break
@@ -178,7 +181,8 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
     target = np.where(a_wins, p, 1 - p)
     return {"take": take, "a_wins": a_wins, "target": target, "confidence": np.maximum(p, 1 - p), "groups": status,
             "group_name": "status", "learning": learning,
-            "record": {"ser/status": STATUS_NAMES[learning], "ser/n_status1": int((status == 1).sum()),
+            "record": {"ser/status": STATUS_NAMES[learning] if cfg.ser.rule != "ssrm" or learning == STOP else "ssrm",
+                       "ser/n_status1": int((status == 1).sum()),
                        "ser/n_status2": int((status == 2).sum()), "ser/pool": len(pool), "ser/offset": offset,
                        "ser/temperature": temperature},
             "scores": {"r_a": r_a, "r_b": r_b, "status": status}}
@@ -196,8 +200,9 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
     """Step 6b (ser.folds = k): k-fold cross-fitting of the human seed (`crossfit.fold_assignment`). Fold model j
     is trained by the returned RM's recipe: from the backbone with ser.restart, else (after iteration 0) from
     fold model j of the previous iteration (`folds/IT-1/j`), for `epochs`, on the seed pairs outside fold j
-    plus this iteration's pseudo-labelled pairs. It then scores the seed pairs of fold j (out of fold: no model
-    scores a pair it trained on) and the candidate pool pairs of the next iteration. One temperature is fitted on
+    (after iteration 0 only with ser.keep_seed, as the RM) plus this iteration's pseudo-labelled pairs. It then
+    scores the seed pairs of fold j (out of fold: no model scores a pair it trained on) and the candidate pool
+    pairs of the next iteration. One temperature is fitted on
     the pooled out-of-fold margins (a fold holds only n/k seed pairs, too few to calibrate each member apart).
     Writes `votes/IT.npz` (ids, margins (k, n) r_a - r_b, temperature, oof, folds); returns the out-of-fold
     margins (n_seed,) r_chosen - r_rejected. Cost: k more RM trainings and pool scorings per iteration; without
@@ -221,7 +226,7 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
     folds = fold_assignment([p.id for p in seed], k, cfg.data.split_seed)
     oof, margins = np.zeros(len(seed)), np.zeros((k, len(candidates)))
     for j in range(k):
-        train = [p for p, f in zip(seed, folds) if f != j] + list(pseudo_pairs)
+        train = fold_training_pairs(seed, folds, j, pseudo_pairs, it == 0 or cfg.ser.keep_seed)
         target = None if soft is None else [1.0] * (len(train) - len(soft)) + list(soft)
         seed_j = cfg.train.seed + 1000 * (j + 1) + it  # its own initialisation and shuffling
         cfg_j = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed_j))
@@ -239,8 +244,7 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
                     save_reward_model(rm, tok, keep / str(j),
                                       {"config": to_dict(cfg_j), "iteration": it, "fold": j, "train_pairs": len(train)})
         held = np.flatnonzero(folds == j)
-        r_c, r_r = rm_scores(rm, tok, [seed[i] for i in held], cfg, accelerator)
-        oof[held] = np.nan_to_num(r_c - r_r, nan=0.0)  # a non-finite reward counts as no preference (wrong)
+        oof[held] = finite_margins(*rm_scores(rm, tok, [seed[i] for i in held], cfg, accelerator))
         if candidates and it < cfg.ser.max_iterations:  # the last iteration's votes would never be used
             margins[j] = vote(rm, tok, candidates, cfg, accelerator)
         del rm
@@ -252,12 +256,27 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
     return oof
 
 
+def fold_training_pairs(seed: list[Pair], folds: np.ndarray, j: int, pseudo_pairs: list[Pair],
+                        with_seed: bool) -> list[Pair]:
+    """Fold model j's training pairs: the seed pairs outside fold j (with_seed: iteration 0, and later ones with
+    ser.keep_seed, as the returned RM trains), then the pseudo-labelled pairs. folds: (n_seed,) fold of each."""
+    return ([p for p, f in zip(seed, folds) if f != j] if with_seed else []) + list(pseudo_pairs)
+
+
 def vote(rm, tokenizer, candidates: list[UnlabelledPair], cfg: Config, accelerator) -> np.ndarray:
     """A fold model's vote on the candidate pool pairs: margins r_a - r_b, (n,); a non-finite one abstains (0)."""
     r_a, r_b = score_pairs(rm, tokenizer, [p.prompt for p in candidates], [p.answer_a for p in candidates],
                            [p.answer_b for p in candidates], cfg.model.max_length, cfg.train.score_batch_size,
                            resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
-    return np.nan_to_num(r_a - r_b, nan=0.0, posinf=0.0, neginf=0.0)
+    return finite_margins(r_a, r_b)
+
+
+def finite_margins(r_x, r_y) -> np.ndarray:
+    """r_x - r_y, (n,), with every non-finite margin (a NaN or infinite reward) set to 0: no preference. An
+    out-of-fold margin of 0 counts as wrong (`oof_validation`: strict > 0), a vote of 0 abstains, and neither
+    reaches the temperature fit, which one infinite margin would push to the top of its grid."""
+    return np.nan_to_num(np.asarray(r_x, dtype=np.float64) - np.asarray(r_y, dtype=np.float64), nan=0.0, posinf=0.0,
+                         neginf=0.0)
 
 
 def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: list[UnlabelledPair],
@@ -413,6 +432,9 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
     by_id = {p.id: p for p in pool}
     labelled = {entry[0] for entry in state.pseudo}
     pool = pool if s.relabel else [p for p in pool if p.id not in labelled]  # the candidates of the next iteration
+    if state.completed >= 0 and (reason := stop_after(state.completed, pool, state, s)):
+        state.stopped = reason  # resumed after the commit of an iteration that stopped the loop: decided again
+        return state
     for it in range(state.completed + 1, s.max_iterations + 1):
         t0, record = time.time(), {"iteration": it}
         if it > 0:
@@ -450,12 +472,11 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         record |= trained
         # 7. Validate (human pairs the returned RM never trained on: a hold-out, else out-of-fold margins; they
         #    alone choose and stop), and evaluate on the test pairs (reported, never used for a decision).
-        stop = False
         if val or oof is not None:
             record |= validate(rm, tok, val, cfg, accelerator) if val else oof_validation(oof, cfg)
             state.val_acc.append(record["val/acc"])
             state.val_score.append(val_score(record, cfg))
-            record["ser/chosen"], stop = choose_iteration(state.val_score, s.patience)
+            record["ser/chosen"] = choose_iteration(state.val_score, s.patience)[0]
         m = evaluate_rm(rm, tok, test, cfg, accelerator)
         record |= {"rm/acc": m["accuracy"], "rm/ece": m["ece"], "rm/brier": m["brier"],
                    "rm/mean_margin": m["mean_margin"], "bias/test_length_corr": m["length_corr"],
@@ -477,16 +498,26 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
         log.info("iteration %d: %s", it, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in record.items() if k != "iteration" and
                                                    not k.startswith("audit/")))
-        if not pool:
-            state.stopped = f"iteration {it}: the pool is empty"
-            break
-        if stop:
-            state.stopped = (f"iteration {it}: validation {s.val_metric.replace('_', '-')} did not improve for "
-                             f"{s.patience} iteration(s) (best: iteration {record['ser/chosen']})")
+        if reason := stop_after(it, pool, state, s):  # decided from the committed state alone (so on resume too)
+            state.stopped = reason
             break
     else:
         state.stopped = state.stopped or f"max_iterations={s.max_iterations} reached"
     return state
+
+
+def stop_after(it: int, pool: list[UnlabelledPair], state: State, s) -> str | None:
+    """Why the loop stops after committing iteration `it` (None: it goes on): the pool is empty, or validation
+    (`state.val_score`) did not improve for ser.patience iterations (`choose_iteration`). Pure given the committed
+    state, so a run killed between the commit and the end decides the same on resume."""
+    if not pool:
+        return f"iteration {it}: the pool is empty"
+    if state.val_score:
+        best, stop = choose_iteration(state.val_score, s.patience)
+        if stop:
+            return (f"iteration {it}: validation {s.val_metric.replace('_', '-')} did not improve for {s.patience} "
+                    f"iteration(s) (best: iteration {best})")
+    return None
 
 
 def retrain(cfg: Config, run: Path, it: int, seed: list[Pair], train_pairs: list[Pair], pseudo_pairs: list[Pair],
@@ -627,8 +658,10 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
             with atomic_dir(run / "final") as tmp:
                 shutil.copytree(run / "iterations" / str(final), tmp, dirs_exist_ok=True, copy_function=os.link,
                                 ignore=shutil.ignore_patterns("manifest.json"))
-        save_state(run, state, accelerator)
+        # the stop line first: once state.json says stopped, a resume does nothing more (killed between the two, a
+        # resume writes the line again; the table reads the last)
         emit(run, {"iteration": state.completed, "ser/stop_reason": state.stopped, "ser/final": final}, accelerator)
+        save_state(run, state, accelerator)
     return run
 
 

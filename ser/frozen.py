@@ -174,7 +174,7 @@ class FrozenCache:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        states = _decode(data, key)
+        states = _decode(data, key, _DTYPES[self.dtype][0])
         if states is None:
             log.warning("%s: truncated, corrupt or mismatched frozen-cache entry; rebuilding it", path)
             self.rebuilt += 1
@@ -184,6 +184,9 @@ class FrozenCache:
         """Store the states (T, H) in `dtype`; returns them as stored (what a later `get` gives)."""
         states = states.to(self.dtype).contiguous()
         if self.directory is None:
+            # a copy: `states` is usually a slice of the whole padded batch (M, T, H), which a view would keep alive
+            # (and the store's size cap would not count)
+            states = states.clone()
             if isinstance(self.memory, MemoryStore):
                 self.memory.add(key, states)
             else:
@@ -287,14 +290,16 @@ class FrozenCache:
         return forward_top_packed(model, hidden.to(device), batch)
 
 
-def _decode(data: bytes, key: bytes) -> torch.Tensor | None:
+def _decode(data: bytes, key: bytes, want: int) -> torch.Tensor | None:
+    """The states (T, H) of an entry file, or None if it is truncated, corrupt, another key's, or stored in another
+    dtype than the reading cache's (`want`, a `_DTYPES` code: an fp32 cache never reads fp16-rounded states)."""
     if len(data) < _HEADER.size:
         return None
     magic, stored_key, digest, t, h, code = _HEADER.unpack_from(data)
     np_dtype = next((d for c, d in _DTYPES.values() if c == code), None)
     payload = data[_HEADER.size :]
-    if (magic != MAGIC or stored_key != key or np_dtype is None or len(payload) != t * h * np.dtype(np_dtype).itemsize
-            or hashlib.sha256(payload).digest() != digest):
+    if (magic != MAGIC or stored_key != key or code != want or np_dtype is None
+            or len(payload) != t * h * np.dtype(np_dtype).itemsize or hashlib.sha256(payload).digest() != digest):
         return None
     return torch.from_numpy(np.frombuffer(payload, dtype=np_dtype).reshape(t, h).copy())
 

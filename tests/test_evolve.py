@@ -76,10 +76,59 @@ def test_length_audit_and_guard_hand_example():
     kept, rec = length_audit(take, a_wins, margin, pool, seed, guard=True)
     assert not kept.any() and rec["bias/guard_dropped"] == 3
     # one shorter-chosen pair accepted (pair 3: A "a" chosen over "bb"): the guard keeps it and the single most
-    # confident longer-chosen pair (share 1/2 = the seed's)
-    take, a_wins, margin = np.ones(4, bool), np.array([True, False, True, True]), np.array([3.0, -1.0, 2.0, 0.5])
-    kept, rec = length_audit(take, a_wins, margin, pool, seed, guard=True)
+    # confident longer-chosen pair (share 1/2 = the seed's); confidence is P of the labelled direction
+    take, a_wins, target = np.ones(4, bool), np.array([True, False, True, True]), np.array([0.95, 0.73, 0.88, 0.62])
+    kept, rec = length_audit(take, a_wins, target, pool, seed, guard=True)
     assert kept.tolist() == [True, False, False, True] and rec["bias/pseudo_longer_chosen"] == 0.5
+    # an ensemble majority can label a pair against its mean margin (P 0.395 < 0.5): step 4b ranks it as the least
+    # confident of the three longer-chosen pairs (0, 1, 2), not the most (|0.395 - 0.5| = 0.105 would outrank
+    # pair 2's |0.6 - 0.5| = 0.1); the one kept beside shorter-chosen pair 3 is pair 2
+    from ser.config import SERConfig
+    from ser.evolve import trim_and_guard
+
+    sel = {"take": take, "a_wins": a_wins, "target": np.array([0.395, 0.58, 0.6, 0.7])}
+    kept, _ = trim_and_guard(sel, pool, seed, SERConfig(length_guard=True))
+    assert kept.tolist() == [False, False, True, True]
+
+
+def test_stop_after_is_decided_from_the_committed_state_and_again_on_resume(tmp_path):
+    """The loop stops after an iteration when the pool is empty or validation did not improve for ser.patience
+    iterations. Scores [0.60, 0.70, 0.65], patience 1: iteration 1 is the best and iteration 2 one without a gain:
+    stop (best 1). [0.60, 0.70]: go on. A run killed after committing iteration 2 but before recording the stop
+    (stopped: None on disk) stops on resume without training iteration 3."""
+    from types import SimpleNamespace
+
+    from ser.config import SERConfig
+    from ser.data import UnlabelledPair
+    from ser.evolve import evolve, stop_after
+
+    s, pool = SERConfig(patience=1), [UnlabelledPair("p0", "q", "a", "b", "x")]
+    state = State(completed=2, val_score=[0.60, 0.70, 0.65])
+    assert stop_after(2, pool, state, s) == ("iteration 2: validation log-likelihood did not improve for 1 "
+                                             "iteration(s) (best: iteration 1)")
+    assert stop_after(1, pool, State(completed=1, val_score=[0.60, 0.70]), s) is None
+    assert stop_after(1, [], State(completed=1, val_score=[0.60, 0.70]), s) == "iteration 1: the pool is empty"
+    assert stop_after(1, pool, State(completed=1), s) is None  # no validation: only the pool and max_iterations stop
+    cfg = load_config(None, ["ser.max_iterations=5"])
+    split = SimpleNamespace(seed=[], test=[])
+    # accelerator None: any training, scoring or writing would fail
+    out = evolve(cfg, tmp_path, split, pool, None, state, accelerator=None)
+    assert out.stopped.startswith("iteration 2: validation") and out.completed == 2
+
+
+def test_fold_training_pairs_and_finite_margins():
+    """Fold j trains on the seed outside fold j (iteration 0, or with ser.keep_seed), then the pseudo-labels;
+    non-finite margins are 0 (no preference)."""
+    from ser.data import Pair
+    from ser.evolve import finite_margins, fold_training_pairs
+
+    seed = [Pair(f"s{i}", "q", "c", "r", "x") for i in range(4)]
+    pseudo = [Pair("p0", "q", "c", "r", "x")]
+    folds = np.array([0, 1, 0, 1])
+    assert [p.id for p in fold_training_pairs(seed, folds, 0, pseudo, True)] == ["s1", "s3", "p0"]
+    assert [p.id for p in fold_training_pairs(seed, folds, 1, pseudo, False)] == ["p0"]
+    m = finite_margins(np.array([1.0, np.inf, np.nan, 2.0, -np.inf]), np.array([0.5, 0.0, 0.0, np.inf, 1.0]))
+    assert m.tolist() == [0.5, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_trim_and_guard_repeat_until_neither_removes_a_pair():

@@ -266,6 +266,13 @@ def test_fp16_store_halves_the_size_and_states_are_fp32_under_autocast(tiny_bert
     torch.testing.assert_close(r32, full, atol=1e-5, rtol=0)  # the bf16 autocast did not reach the cached states
     torch.testing.assert_close(r16, full, atol=1e-2, rtol=0)
     assert abs(half.nbytes() - exact.nbytes() / 2) < 200 * len(exact.memory)  # + a 113-byte header per file
+    # an fp32 cache given the fp16 cache's directory rebuilds the entries instead of reading rounded states
+    distinct = encode_pairs(tok, PROMPTS[:4], CHOSEN[:4], REJECTED[:4], 32)  # 8 distinct sequences
+    again = FrozenCache(rm, tok, directory=tmp_path)
+    with torch.no_grad():
+        r = again.rewards(rm, distinct.input_ids, distinct.token_type_ids, tok.pad_token_id, 32)
+    assert again.rebuilt == again.misses == 8 and again.hits == 0
+    torch.testing.assert_close(r, torch.cat([full[:4], full[12:16]]), atol=1e-5, rtol=0)  # (a_0..a_3, b_0..b_3)
 
 
 def test_an_ser_run_computes_each_texts_frozen_states_once(backbone, shared_data, tmp_path, monkeypatch):
@@ -316,4 +323,6 @@ def test_memory_store_cap_computes_instead_of_keeping(tiny_bert_dir, caplog):
         full = rm(**collate(enc.input_ids, enc.token_type_ids, tok.pad_token_id)).logits[:, 0]
     torch.testing.assert_close(capped, full, atol=1e-5, rtol=0)
     assert 2 <= len(store) < len(set(map(tuple, enc.input_ids))) and store.nbytes <= store.limit
+    # each entry holds its own (T, H) copy, not a view keeping the whole padded batch alive: the cap counts it all
+    assert store.nbytes == sum(t.untyped_storage().nbytes() for t in store.values())
     assert sum("reached its" in r.message for r in caplog.records) == 1
