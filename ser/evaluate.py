@@ -71,7 +71,8 @@ def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, alpha: float = 
 def hierarchical_bootstrap(correct, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05):
     """95% CI of mean accuracy over seeds and test pairs: resample seeds, then test pairs within each.
 
-    correct: (S, N) 0/1 matrix, one row per training seed, one column per test pair."""
+    correct: (S, N) 0/1 matrix, one row per training seed, one column per test pair; or the per-pair difference of
+    two such matrices (-1/0/1) for the CI of a paired difference."""
     m = np.asarray(correct, dtype=np.float64)
     if m.size == 0:
         return float("nan"), float("nan")

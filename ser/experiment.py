@@ -263,7 +263,11 @@ def run_experiment(cfg: Config, out: str) -> Path:
     if unknown:
         raise UserError(f"config: 'experiment.methods' has unknown method(s) {', '.join(unknown)}; known: "
                         f"{', '.join((*BASELINES, *SELF_LABELLING))}")
+    if cfg.data.pool and "full_label" in cfg.experiment.methods:
+        raise UserError("config: 'experiment.methods' has full_label, which trains on the pool's human labels, but "
+                        f"data.pool ({cfg.data.pool}) is an unlabelled pool; drop full_label or data.pool")
     root = check_writable(out)
+    check_same_settings(root, cfg)
     t0, commit = time.time(), _commit()  # the code that ran, even if the checkout moves during the run
     per_seed = {seed: run_seed(cfg, root, seed) for seed in cfg.experiment.seeds}
     summary = summarise(per_seed, cfg)
@@ -274,6 +278,35 @@ def run_experiment(cfg: Config, out: str) -> Path:
     return root
 
 
+def settings_fingerprint(cfg: Config, sections: tuple[str, ...], extra: dict | None = None) -> str:
+    """A short hash of the config's `sections` (and `extra`): what finished results on disk must match to be
+    reused."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in sections} | (extra or {})
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_same_settings(root: Path, cfg: Config) -> None:
+    """`ser experiment` reuses what a directory holds (finished seed RMs, baselines, method runs), so only if it was
+    made with the same data, model, train and ser settings and experiment.seed_epochs; experiment.seeds, methods and
+    bootstrap may change (a rerun can add seeds or methods). The first run writes `settings.json`; a rerun with
+    other settings, or a directory of results without that file, is a UserError before any work."""
+    path, fingerprint = root / "settings.json", settings_fingerprint(
+        cfg, ("data", "model", "train", "ser"), {"seed_epochs": cfg.experiment.seed_epochs})
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise UserError(f"{path}: corrupt; use a new --out") from None
+        if saved != fingerprint:
+            raise UserError(f"{root}: its results were made with other settings (data, model, train, ser or "
+                            f"experiment.seed_epochs); use a new --out, or the config they were made with")
+        return
+    if any(root.glob("seed*")):
+        raise UserError(f"{root}: holds experiment results without a settings.json, so with unknown settings; use "
+                        f"a new --out")
+    atomic_write_text(path, json_text({"fingerprint": fingerprint}))
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -282,21 +315,35 @@ def _commit() -> str:
         return "unknown"
 
 
+PAIRED_WITH = ("seed_only", "seed_continued", "ssrm")  # the references each method's paired difference is taken to
+
+
 def summarise(per_seed: dict, cfg: Config) -> dict:
-    """Final accuracy per method (mean and 95% CI over seeds and test pairs) and the share of the
-    seed-to-full-label gap each method closed."""
+    """Per method: final accuracy (mean and 95% CI over seeds and test pairs), its paired difference to each
+    reference of PAIRED_WITH that ran (`vs_REF`: {"diff", "ci95"}, in accuracy units; the same bootstrap on the
+    per-pair differences, -1/0/1, so that the split and test pairs the two methods share cancel), and the share of
+    the seed-to-full-label gap it closed. The gap (`gap`: full_label - seed_only, with its paired CI) must be
+    established for a share to mean anything: `gap_closed` is None where the gap's CI reaches 0 or below."""
     methods = [m for m in [*BASELINES, *SELF_LABELLING] if m in cfg.experiment.methods + ["seed_only"]]
+    matrices = {m: np.stack([per_seed[s][m]["correct"] for s in per_seed]) for m in methods}  # (seeds, test pairs)
     table = {}
-    for m in methods:
-        matrix = np.stack([per_seed[s][m]["correct"] for s in per_seed])  # (seeds, test pairs)
+    for m, matrix in matrices.items():
         lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap)
         table[m] = {"accuracy": float(matrix.mean()), "ci95": [lo, hi],
                     "per_seed": [float(x) for x in matrix.mean(axis=1)]}
+        for ref in PAIRED_WITH:
+            if ref in matrices and ref != m and (ref == "seed_only" or m in SELF_LABELLING):
+                diff = matrix - matrices[ref]
+                table[m][f"vs_{ref}"] = {"diff": float(diff.mean()),
+                                         "ci95": list(hierarchical_bootstrap(diff, cfg.experiment.bootstrap))}
+    out = {"methods": table, "seeds": list(per_seed), "config": dataclasses.asdict(cfg)}
     if "full_label" in table:
-        gap = table["full_label"]["accuracy"] - table["seed_only"]["accuracy"]
+        gap = table["full_label"]["vs_seed_only"]
+        out["gap"] = gap
         for m in table:
-            table[m]["gap_closed"] = (table[m]["accuracy"] - table["seed_only"]["accuracy"]) / gap if gap else None
-    return {"methods": table, "seeds": list(per_seed), "config": dataclasses.asdict(cfg)}
+            table[m]["gap_closed"] = ((table[m]["accuracy"] - table["seed_only"]["accuracy"]) / gap["diff"]
+                                      if gap["ci95"][0] > 0 else None)
+    return out
 
 
 def write_report(root: Path, summary: dict, per_seed: dict, cfg: Config) -> None:
@@ -454,12 +501,25 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
              f"max_length {cfg.model.max_length} · seeds {summary['seeds']} · commit {summary.get('commit')} · "
              f"wall time {summary.get('wall_seconds', 0) / 60:.1f} min", "",
              "## Test accuracy", "",
-             "Accuracy is strict (r_chosen > r_rejected); 95% CI: bootstrap over seeds and test pairs.", "",
-             "| method | test accuracy | 95% CI | per seed | gap closed |", "|---|---:|---:|---:|---:|"]
+             "Accuracy is strict (r_chosen > r_rejected); 95% CI: bootstrap over seeds and test pairs. *vs X*: the "
+             "paired difference to method X in points, with its 95% CI (the same bootstrap on the per-pair "
+             "differences).", ""]
+    refs = [ref for ref in PAIRED_WITH if ref in summary["methods"]]
+    gap = summary.get("gap")
+    if gap is not None:
+        lines += [f"Gap, full_label - seed_only: {100 * gap['diff']:+.1f} points [{100 * gap['ci95'][0]:+.1f}, "
+                  f"{100 * gap['ci95'][1]:+.1f}]" + ("" if gap["ci95"][0] > 0 else
+                                                    "; its CI reaches 0, so no share of it is reported"), ""]
+    lines += ["| method | test accuracy | 95% CI | per seed | " + "".join(f"vs {ref} | " for ref in refs)
+              + "gap closed |", "|---|---:|---:|---:|" + "---:|" * len(refs) + "---:|"]
     for m, r in summary["methods"].items():
-        gap = r.get("gap_closed")
+        share = r.get("gap_closed")
+        paired = "".join("| " if f"vs_{ref}" not in r else
+                         f"{100 * r[f'vs_{ref}']['diff']:+.1f} [{100 * r[f'vs_{ref}']['ci95'][0]:+.1f}, "
+                         f"{100 * r[f'vs_{ref}']['ci95'][1]:+.1f}] | " for ref in refs)
         lines.append(f"| {m} | {r['accuracy']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | "
-                     f"{', '.join(f'{x:.3f}' for x in r['per_seed'])} | {'' if gap is None else f'{gap:+.0%}'} |")
+                     f"{', '.join(f'{x:.3f}' for x in r['per_seed'])} | {paired}"
+                     f"{'' if share is None else f'{share:+.0%}'} |")
     chosen = {s: r for s in per_seed for r in per_seed[s]["seed_only"]["metrics"] if "ser/seed_epochs" in r}
     if chosen:
         metric = seed_rm_config(cfg).ser.val_metric.replace("_", "-")
@@ -574,9 +634,7 @@ def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int
     """The points of one curve (one training mode): [{labels, accuracy, ci95, per_seed, seconds}], all labels."""
     # A finished point is reused only if it was trained with the same settings: data, model and training (the
     # seeds aside; the SER, policy and PPO sections do not enter an RM trained from the backbone).
-    fingerprint = hashlib.sha1(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
-                                           if k in ("data", "model", "train")},
-                                          sort_keys=True, default=str).encode()).hexdigest()[:12]
+    fingerprint = settings_fingerprint(cfg, ("data", "model", "train"))
     rows: dict[int, list[dict]] = {}
     all_labels = None  # the size `all`: seed + pool (the same count for every seed)
     for seed in cfg.experiment.seeds:

@@ -63,12 +63,18 @@ def freeze_lower_layers(model, trainable_layers: int) -> None:
     for p in model.parameters():
         p.requires_grad = id(p) not in frozen_ids
     for part in frozen:
-        for m in part.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-            if isinstance(getattr(m, "attention_dropout", None), float):  # Llama's attention (a float, not a module)
-                m.attention_dropout = 0.0
+        disable_dropout(part)
     model.ser_trainable_layers = trainable_layers
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
+    """Dropout off in `module`, whatever its train/eval mode: every `nn.Dropout`'s p and a Llama attention's
+    `attention_dropout` (a float, not a module) set to 0 (TRL's `disable_dropout_in_model` does the first)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
 
 
 def _run_layers(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layers,

@@ -20,8 +20,8 @@ from ser.checkpoint import (append_jsonl, atomic_dir, check_can_write, check_res
                             json_text, read_ser_config, refuse_existing_run, start_run, truncate_jsonl,
                             verify_manifest)
 from ser.config import Config, load_config, to_dict
-from ser.data import load_pairs, split_pairs
 from ser.errors import UserError
+from ser.frozen import disable_dropout
 from ser.models import full_parameters
 from ser.policy import generate, load_policy
 from ser.rl import (AdaptiveKLController, entropy_from_logits, gae, kl_estimates, masked_mean, policy_loss,
@@ -75,10 +75,11 @@ def forward(model, prompt_ids, prompt_mask, responses, response_mask, temperatur
 
 
 def ppo_prompts(cfg: Config) -> list[str]:
-    """Training prompts: the prompts of `data.train`'s seed + pool split, without the test pairs' prompts."""
-    split = split_pairs(load_pairs(cfg.data.train, limit=cfg.data.limit, drop_ties=cfg.data.drop_ties),
-                        seed_size=cfg.data.seed_size,
-                        test_size=cfg.data.test_size, seed=cfg.data.split_seed)
+    """Training prompts: the prompts of the seed + pool split `ser train-rm` and `ser evolve` make of the data
+    (`load_splits`: data.columns, data.pool_size and data.test apply), without the test pairs' prompts."""
+    from ser.pipeline import load_splits
+
+    split = load_splits(cfg.data)
     test = {p.prompt for p in split.test}
     seen, prompts = set(), []
     for p in split.seed + split.pool:
@@ -115,6 +116,10 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         check_can_write(out)  # an output directory that cannot be written is an error before any work
         state = None
     pc, gen = cfg.ppo, cfg.policy
+    if gen.top_k or gen.top_p < 1.0:
+        raise UserError(f"config: ppo samples from the whole distribution (logits / policy.temperature), which its "
+                        f"log-probabilities are taken under; policy.top_k = {gen.top_k} and policy.top_p = "
+                        f"{gen.top_p:g} would sample from another one: set them to 0 and 1.0")
     set_seed(pc.seed)
     rm, rm_tok, rm_max_len = load_saved_rm(pc.rm)  # a bad RM fails here, before anything is written
     stats = read_ser_config(pc.rm)
@@ -129,6 +134,9 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         policy, tok = load_policy(gen.backbone)
     if tok.eos_token_id is None:
         raise UserError(f"{gen.backbone}: the policy tokenizer has no eos token")
+    # the rollout's log-probabilities, the update's and the reference's must come from one deterministic function
+    # of the weights (TRL's PPO trainer turns dropout off too; SmolLM2 and Gemma 3 have none)
+    disable_dropout(policy)
     reference = copy.deepcopy(load_policy(gen.backbone)[0] if state else policy).eval().requires_grad_(False)
     reference = PolicyWithValue(reference, None)
     value_head = torch.nn.Linear(policy.config.hidden_size, 1)

@@ -147,6 +147,30 @@ def experiment_results(tmp_path):
     return tmp_path, summary, per_seed, cfg
 
 
+def test_summary_paired_differences_and_the_gap_closed_only_where_the_gap_is_established():
+    """One seed, 20 test pairs. seed_only right on 10, full_label on all 20: gap +0.5, every resample positive.
+    ssrm right on the seed's 10 and 5 more: +0.25 over seed_only (each pair it adds is +1), half the gap. A
+    full_label right on one pair more than seed_only (+0.05) has a gap whose CI reaches 0: no share reported."""
+    from ser.experiment import summarise
+
+    cfg = load_config(None, ["experiment.seeds=[0]", "experiment.bootstrap=500",
+                             "experiment.methods=[seed_only, full_label, ssrm]"])
+    seed, ssrm = np.array([1.0] * 10 + [0.0] * 10), np.array([1.0] * 15 + [0.0] * 5)
+    out = summarise({0: {"seed_only": {"correct": seed}, "full_label": {"correct": np.ones(20)},
+                         "ssrm": {"correct": ssrm}}}, cfg)
+    m = out["methods"]
+    assert out["gap"]["diff"] == 0.5 and out["gap"]["ci95"][0] > 0
+    assert m["ssrm"]["vs_seed_only"]["diff"] == 0.25 and m["ssrm"]["gap_closed"] == 0.5
+    assert 0 < m["ssrm"]["vs_seed_only"]["ci95"][0] <= 0.25 <= m["ssrm"]["vs_seed_only"]["ci95"][1]
+    assert "vs_seed_only" not in m["seed_only"] and "vs_ssrm" not in m["full_label"]  # a baseline is not paired to ssrm
+    assert m["full_label"]["gap_closed"] == 1.0 and m["seed_only"]["gap_closed"] == 0.0
+    barely = np.array([1.0] * 11 + [0.0] * 9)
+    out = summarise({0: {"seed_only": {"correct": seed}, "full_label": {"correct": barely},
+                         "ssrm": {"correct": ssrm}}}, cfg)
+    assert abs(out["gap"]["diff"] - 0.05) < 1e-12 and out["gap"]["ci95"][0] <= 0
+    assert all(r["gap_closed"] is None for r in out["methods"].values())
+
+
 def _page(path: Path) -> ET.Element:
     """The page parsed strictly (well-formed XHTML, or an error)."""
     text = path.read_text(encoding="utf-8")
@@ -183,7 +207,7 @@ def test_experiment_report_is_a_web_page(experiment_results):
     items = _headed(page)
     tables = [(h, el) for h, el in items if el.tag == "table"]
     assert [(h, _header_cells(t)) for h, t in tables] == [
-        ("Test accuracy", ["method", "test accuracy", "95% CI", "per seed", "gap closed"]),
+        ("Test accuracy", ["method", "test accuracy", "95% CI", "per seed", "vs seed_only", "vs ssrm", "gap closed"]),
         ("Pseudo-label precision per iteration (against the hidden human labels)",
          ["seed", "method", "iteration", "status", "status-1", "status-2", "added", "precision (expected)",
           "longer (seed)", "val acc / log-lik", "test acc", "acc L / acc S"])]

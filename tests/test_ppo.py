@@ -68,6 +68,46 @@ def test_ppo_runs_logs_changes_parameters_and_resumes(tiny_llama_dir, tiny_rm, s
     assert [r["ppo/score"] for r in rows_b] == pytest.approx([r["ppo/score"] for r in rows])
 
 
+def test_ppo_refuses_filtered_sampling_before_any_write(tiny_llama_dir, tmp_path):
+    """PPO's log-probabilities are taken under logits / temperature: top-k or top-p sampling would make every
+    ratio and KL off-policy, so it is refused (ser generate-pairs still samples with them)."""
+    from ser.errors import UserError
+    from ser.ppo import run_ppo
+
+    for extra in ({"policy.top_k": 5}, {"policy.top_p": 0.9}):
+        with pytest.raises(UserError, match="policy.top_k = .* and policy.top_p = .*: set them to 0 and 1.0"):
+            run_ppo(_cfg(tiny_llama_dir, tmp_path / "no-rm", **extra), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_disable_dropout_makes_a_training_mode_forward_deterministic():
+    """Rollout and update log-probabilities must be one function of the weights (the policy is in train mode
+    between rollouts): nn.Dropout's p and a Llama attention's float attention_dropout go to 0."""
+    from ser.frozen import disable_dropout
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)).train()
+    net[0].attention_dropout = 0.1  # stands in for LlamaAttention's attribute
+    x = torch.randn(4, 8)
+    assert not torch.equal(net(x), net(x))
+    disable_dropout(net)
+    assert net.training and torch.equal(net(x), net(x)) and net[0].attention_dropout == 0.0
+
+
+def test_ppo_prompts_come_from_the_split_the_rm_commands_make(tmp_path):
+    """data.test (and data.columns, data.pool_size) apply as in `ser train-rm`: a test prompt is never trained on."""
+    from ser.ppo import ppo_prompts
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"q": f"q{i}", "good": f"good {i}", "bad": f"bad {i}"}) + "\n"
+                             for i in range(12)))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"q": f"q{i}", "good": f"other {i}", "bad": "no"}) + "\n" for i in (0, 1)))
+    cfg = load_config(None, [f"data.train={train}", f"data.test={test}", "data.seed_size=4",
+                             "data.columns={prompt: q, chosen: good, rejected: bad}"])
+    assert sorted(ppo_prompts(cfg), key=lambda q: int(q[1:])) == [f"q{i}" for i in range(2, 12)]
+
+
 def test_sft_trains_on_answers(tiny_llama_dir, shared_data, tmp_path):
     from ser.policy import load_policy, run_sft
 

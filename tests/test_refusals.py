@@ -184,6 +184,27 @@ def test_an_empty_seed_or_test_split_is_an_error_before_anything_is_written(tmp_
         assert not (tmp_path / "out").exists()
 
 
+def test_an_experiment_reuses_results_only_made_with_its_settings(tmp_path):
+    """`ser experiment` reuses a directory's seed RMs, baselines and runs: only with the same data, model, train
+    and ser settings (seeds and methods may grow); results of unknown settings are not reused."""
+    from ser.experiment import check_same_settings, run_experiment
+
+    cfg = load_config(None, ["experiment.seeds=[0]"])
+    (tmp_path / "exp").mkdir()
+    check_same_settings(tmp_path / "exp", cfg)
+    assert (tmp_path / "exp" / "settings.json").exists()
+    check_same_settings(tmp_path / "exp", load_config(None, ["experiment.seeds=[0, 1]", "experiment.methods=[ssrm]"]))
+    with pytest.raises(UserError, match="made with other settings"):
+        check_same_settings(tmp_path / "exp", load_config(None, ["data.seed_size=0.02"]))
+    (tmp_path / "old" / "seed0").mkdir(parents=True)
+    with pytest.raises(UserError, match="without a settings.json"):
+        check_same_settings(tmp_path / "old", cfg)
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"prompt": "q", "answer_a": "a", "answer_b": "b"}])
+    with pytest.raises(UserError, match="full_label, which trains on the pool's human labels"):
+        run_experiment(load_config(None, [f"data.pool={pool}"]), str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
 def test_corrupt_state_json_is_an_error_naming_it(tmp_path):
     from ser.evolve import load_state
 
