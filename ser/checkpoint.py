@@ -11,6 +11,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import numbers
 import os
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ser.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SER_CONFIG = "ser_config.json"
@@ -189,6 +192,18 @@ def atomic_dir(target: str | Path):
         raise
 
 
+def restore_swapped(target: str | Path) -> Path:
+    """`atomic_dir` replaces an existing `target` in two renames (target -> .target.old, new -> target); a process
+    killed between them leaves no `target`, only `.target.old`, the complete previous version: renamed back here
+    (logged). Call before reading a directory that a killed run may have been replacing. Returns target."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
+        log.warning("%s: restored the previous version, which a killed process was replacing", target)
+    return target
+
+
 def check_whole(model) -> None:
     """Refuse to save a DeepSpeed ZeRO-3 shard (its large parameters are empty tensors on each process) or an
     FSDP shard (DTensor parameters) as if it were the model: gather first with `ser.models.full_parameters`."""
@@ -275,6 +290,8 @@ def check_resumable(run: str | Path, kind: str) -> Path:
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a `ser {kind}` run directory (no config.yaml)")
+    for old in run.glob(".*.old"):  # a checkpoint, rm/ or final/ caught between atomic_dir's two renames
+        restore_swapped(run / old.name[1:-4])
     found = run_kind(run)
     if found not in (None, kind):
         raise UserError(f"{run}: a `ser {found}` run, not a `ser {kind}` run")

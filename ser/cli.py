@@ -55,6 +55,8 @@ def _config_unless_resume(args, extra: list[str]):
 
     if args.resume and (args.config or extra):
         raise UserError("--resume continues a run with its saved config; drop --config and overrides")
+    if args.resume and getattr(args, "out", None):
+        raise UserError("--resume continues a run in its own directory; drop --out")
     return None if args.resume else load_config(args.config, _split_overrides(extra))
 
 
@@ -138,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data spec: hh-rlhf:helpful-base, a file, or a Hub id")
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--limit", type=_count, help="score only the first N pairs")
-    p.add_argument("--batch-size", type=_count, default=64, help="pairs per forward pass")
+    p.add_argument("--batch-size", type=_count, default=64, help="sequences per forward pass (a pair is two)")
 
     p = sub.add_parser("eval", help="accuracy, margin and calibration of a saved reward model")
     p.add_argument("--rm", required=True, help="saved reward-model directory")
     p.add_argument("--data", required=True, help="data spec: hh-rlhf:helpful-base, a file, or a Hub id")
     p.add_argument("--limit", type=_count, help="evaluate only the first N pairs")
-    p.add_argument("--batch-size", type=_count, default=64, help="pairs per forward pass")
+    p.add_argument("--batch-size", type=_count, default=64, help="sequences per forward pass (a pair is two)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _config_parser(sub, "evolve", "the SER loop: seed RM, then self-labelling iterations")

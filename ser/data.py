@@ -133,6 +133,11 @@ def resolve_data_spec(spec: str) -> str:
 # ---------------------------------------------------------------- reading records
 
 
+def _first_clause(e: Exception) -> str:
+    """An exception's message up to its first ';' (Python's advice to the programmer dropped)."""
+    return str(e).split(";")[0].strip()
+
+
 class _DuplicateKey(ValueError):
     """A JSON object names one key twice (json.loads would keep the last value silently)."""
 
@@ -209,6 +214,8 @@ def _read_records(path: str):
                         raise UserError(f"{where(p, n)}: malformed JSON ({e.msg})") from None
                     except RecursionError:
                         raise UserError(f"{where(p, n)}: JSON nested too deeply") from None
+                    except ValueError as e:  # e.g. an integer of over 4,300 digits (Python's conversion limit)
+                        raise UserError(f"{where(p, n)}: unreadable JSON value ({_first_clause(e)})") from None
                     yield n, rec
         elif name.endswith(".json"):
             try:
@@ -224,6 +231,8 @@ def _read_records(path: str):
                 raise UserError(f"{p}: line {e.lineno}: malformed JSON ({e.msg})") from None  # p:N is a record
             except RecursionError:
                 raise UserError(f"{p}: JSON nested too deeply") from None
+            except ValueError as e:
+                raise UserError(f"{p}: unreadable JSON value ({_first_clause(e)})") from None
             data = _json_records(data)
             if not isinstance(data, list):
                 raise UserError(f"{p}: expected a JSON list of records (or {{\"data\": [...]}})")
@@ -237,6 +246,8 @@ def _read_records(path: str):
             rows = csv.reader(io.StringIO(text))
             try:
                 header = next((row for row in rows if row), [])  # blank lines before the header: skipped
+                while header and header[-1] == "":  # trailing commas, as in the rows
+                    header = header[:-1]
                 if len(set(header)) < len(header):
                     dup = next(h for h in header if header.count(h) > 1)
                     raise UserError(f"{where(p, 1)}: the header names column '{dup}' twice")
@@ -395,7 +406,7 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
         rec = mapped
         if "label" in rec:
             lab = rec["label"]
-            if isinstance(lab, str) and lab.strip().lstrip("-").isdigit():
+            if isinstance(lab, str) and lab.strip().lstrip("-").isdecimal():  # isdigit() takes "²", int() does not
                 lab = int(lab)
             # 0 = answer_a is better, 1 = answer_b is better.
             if lab not in (0, 1) or isinstance(lab, bool):

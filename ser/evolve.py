@@ -32,8 +32,8 @@ from ser.errors import UserError
 from ser.evaluate import bootstrap_ci
 from ser.frozen import attach_cache, shared_cache
 from ser.models import check_backbone, full_parameters
-from ser.pipeline import (data_hash, evaluate_rm, fit_rm, load_splits, require_seed_and_test, rm_scores,
-                          ser_config_for)
+from ser.pipeline import (check_lora_sharding, data_hash, evaluate_rm, fit_rm, load_splits, require_seed_and_test,
+                          rm_scores, ser_config_for)
 from ser.scoring import score_pairs
 from ser.selection import (STOP, fit_temperature, learning_status, orient, pair_status, probabilities,
                            resolve_min_pairs, select, ssrm_select)
@@ -641,6 +641,7 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
                         f"got {len(split.seed)}")
     check_backbone(cfg.model)
     accelerator = make_accelerator(cfg.train)
+    check_lora_sharding(cfg, accelerator)
     digest = data_hash(split, pool)
     if resume and state.data_hash and state.data_hash != digest:
         raise UserError(f"{run}: the data differ from the run's (split hash {digest} != {state.data_hash})")

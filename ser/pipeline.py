@@ -105,6 +105,16 @@ def ser_config_for(cfg: Config, rm, tokenizer, train_pairs: list[Pair], extra: d
             "train_pairs": len(train_pairs), **(extra or {})}
 
 
+def check_lora_sharding(cfg: Config, accelerator) -> None:
+    """UserError for model.mode=lora under DeepSpeed ZeRO-3 or FSDP: merging the adapters needs whole weights, and
+    a merged sharded model no longer gathers its own. Commands call it before their first write."""
+    plugin = accelerator.state.deepspeed_plugin
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    if cfg.model.mode == "lora" and (zero3 or accelerator.distributed_type == DistributedType.FSDP):
+        raise UserError(f"model.mode=lora is not supported under {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'}; use "
+                        "ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml: LoRA trains few parameters)")
+
+
 def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | None = None, pseudo=None,
            pseudo_target=None, epochs: float | None = None, eval_pairs: list[Pair] | None = None,
            metrics_path: Path | None = None,
@@ -113,12 +123,7 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
 
     Periodic evaluation on `eval_pairs` every `train.eval_every` steps; metrics go to `metrics_path`;
     resumable training state in `checkpoint` (see `train_reward_model`)."""
-    plugin = accelerator.state.deepspeed_plugin
-    zero3 = plugin is not None and plugin.zero_stage == 3
-    if cfg.model.mode == "lora" and (zero3 or accelerator.distributed_type == DistributedType.FSDP):
-        # merging the adapters needs whole weights, and a merged sharded model no longer gathers its own
-        raise UserError(f"model.mode=lora is not supported under {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'}; use "
-                        "ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml: LoRA trains few parameters)")
+    check_lora_sharding(cfg, accelerator)
     # the score head's initialisation and the shuffling are seeded; seeds derived from train.seed (per experiment
     # seed, iteration, fold) may pass 2**32 - 1, numpy's limit
     set_seed(cfg.train.seed % 2**32)
@@ -171,6 +176,7 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
         raise UserError(f"{out}: the data changed since this run started (different pairs); start a new run")
     log.info("pairs: %d train (seed), %d test", len(split.seed), len(split.test))
     accelerator = make_accelerator(cfg.train)
+    check_lora_sharding(cfg, accelerator)
     out = check_writable(out)
     metrics_path, checkpoint = out / "metrics.jsonl", out / "checkpoint"
     if accelerator.is_main_process:
@@ -185,7 +191,7 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
     rm, tokenizer, summary = fit_rm(cfg, [p.prompt for p in s], [p.chosen for p in s], [p.rejected for p in s],
                                     accelerator=accelerator, eval_pairs=split.test, metrics_path=metrics_path,
                                     checkpoint=checkpoint)
-    train_seconds = time.time() - t0
+    train_seconds = summary["seconds_before_resume"] + time.time() - t0  # every segment of a resumed run
     metrics = evaluate_rm(rm, tokenizer, split.test, cfg, accelerator)
     result = {"train_seconds": train_seconds, "train_pairs": len(s), **summary,
               **{f"test/{k}": v for k, v in metrics.items()}}

@@ -24,7 +24,7 @@ from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, I
                                broadcast_object_list, gather_object)
 from tqdm.auto import tqdm
 
-from ser.checkpoint import atomic_dir, verify_manifest
+from ser.checkpoint import atomic_dir, restore_swapped, verify_manifest
 from ser.config import TrainConfig
 from ser.errors import UserError
 from ser.frozen import cache_of
@@ -64,6 +64,8 @@ def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     # Without a GPU the processes join through gloo: plain runs (`torchrun`) as accelerate's MULTI_CPU, DeepSpeed
     # runs (`accelerate launch --config_file configs/accelerate/deepspeed-*.yaml`) on DeepSpeed's CPU backend
     # (accelerate turns DeepSpeed off when cpu=True).
+    if resolve_precision(tcfg.mixed_precision) == "fp16" and no_gpu:  # accelerate would train in fp32 silently
+        raise UserError("config: 'train.mixed_precision' = fp16 needs a GPU; on a CPU use auto, bf16 or no")
     accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision), cpu=no_gpu and not deepspeed,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and deepspeed else [])
     if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
@@ -307,7 +309,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     rm.train()
     step, window, totals = 0, [], np.zeros(3)  # totals: summed loss, pairs, correct pairs
     before = 0.0  # wall seconds of earlier segments of this training (a resumed run)
-    if checkpoint is not None and checkpoint.exists():
+    if checkpoint is not None and restore_swapped(checkpoint).exists():
         state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index, launch(accelerator))
         step, losses, totals = state["step"], list(state["losses"]), np.array(state["totals"])
         before = float(state.get("seconds", 0.0))
@@ -349,7 +351,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             per_pair = torch.where(pseudo_mask, machine, human)
             loss = per_pair.sum() * weight / n_micro  # averaged over processes by DDP: the global batch's mean
             if not torch.isfinite(loss):
-                raise UserError(f"{desc}: non-finite loss ({loss.item()}) at step {step}; stopped before "
+                raise UserError(f"{desc}: non-finite loss ({loss.item()}) at step {step + 1}; stopped before "
                                 f"corrupting the model (lower train.lr or check the data)")
             accelerator.backward(loss)
         mine = float(weight > 0)
@@ -358,6 +360,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             continue
         if tcfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step trains with (after scheduler.step(), the next one's)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -366,7 +369,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             stats = accelerator.reduce(torch.tensor(stats, device=accelerator.device), reduction="sum").cpu().numpy()
         totals, window, step = totals + stats, [], step + 1
         bar.update(1)
-        record = {"step": step, "train/loss": float(stats[0] / stats[1]), "train/lr": scheduler.get_last_lr()[0],
+        record = {"step": step, "train/loss": float(stats[0] / stats[1]), "train/lr": lr,
                   "train/acc": float(totals[2] / totals[1])}
         bar.set_postfix(loss=f"{record['train/loss']:.4f}")
         losses.append(record["train/loss"])

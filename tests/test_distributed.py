@@ -162,7 +162,7 @@ def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_pa
 def test_lora_under_zero2_matches_one_process_and_sharded_weights_are_refused(no_dropout_bert, shared_data,
                                                                                tmp_path):
     """The paper-scale preset's setting (LoRA, ZeRO-2), LoRA dropout off: the losses of one process. ZeRO-3 and
-    FSDP cannot merge the adapters of sharded weights: refused with a one-line error before any training."""
+    FSDP cannot merge the adapters of sharded weights: refused with a one-line error before any write."""
     args = ["train-rm", "--config", "configs/rm-tiny.yaml", f"--model.backbone={no_dropout_bert}",
             "--data.seed_size=80", "--train.batch_size=8", "--model.max_length=64",  # 10 steps, a third of the preset
             "--model.mode=lora", "--model.lora_dropout=0", "--train.lr=1e-3"]
@@ -173,10 +173,10 @@ def test_lora_under_zero2_matches_one_process_and_sharded_weights_are_refused(no
     np.testing.assert_allclose(loss("two"), loss("one"), atol=1e-4)
     with pytest.raises(AssertionError, match="error: model.mode=lora is not supported under DeepSpeed ZeRO-3"):
         ser("deepspeed-zero3", *args, "--out", tmp_path / "three")
-    assert not (tmp_path / "three" / "rm").exists()
+    assert not (tmp_path / "three").exists()  # refused before its first write
     with pytest.raises(AssertionError, match="error: model.mode=lora is not supported under FSDP"):
         ser("fsdp", *args, "--out", tmp_path / "four")
-    assert not (tmp_path / "four" / "rm").exists()
+    assert not (tmp_path / "four").exists()
 
 
 @pytest.mark.parametrize("engine", ["deepspeed-zero3", "fsdp"])

@@ -267,6 +267,37 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, mo
     assert target.read_bytes() == b"new" and os.listdir(target.parent) == ["0.npz"]
 
 
+def test_a_checkpoint_caught_between_its_two_renames_is_restored_on_resume(tmp_path, monkeypatch):
+    """atomic_dir replaces checkpoint/ by renaming it to .checkpoint.old, then the new one in; stopped between
+    the two (here: the second rename raises), only .checkpoint.old is left. Resuming restores it (it is the
+    complete previous version), so the run goes on from it instead of from step 0."""
+    from ser.checkpoint import atomic_dir, check_resumable, restore_swapped
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    with atomic_dir(run / "checkpoint") as tmp:
+        (tmp / "step.json").write_text('{"step": 3}')
+    calls, real = [], os.replace
+
+    def killed_at_the_second_rename(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(run / "checkpoint") as tmp:
+            (tmp / "step.json").write_text('{"step": 6}')
+    monkeypatch.undo()
+    assert not (run / "checkpoint").exists() and (run / ".checkpoint.old" / "step.json").exists()
+    check_resumable(run, "train-rm")
+    assert json.loads((run / "checkpoint" / "step.json").read_text()) == {"step": 3}
+    assert not (run / ".checkpoint.old").exists()
+    assert restore_swapped(run / "checkpoint") == run / "checkpoint"  # nothing to restore: unchanged
+
+
 # after_seed_commit: iteration 0 is committed and iteration 1 is scoring the pool
 @pytest.mark.parametrize("kill_point", ["after_seed_commit", "during_iteration_training", "while_checkpointing"])
 def test_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, evolve_reference, tmp_path, kill_point):

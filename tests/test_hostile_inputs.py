@@ -146,6 +146,14 @@ CASES = [
      ["{t}/r.csv:3: row has 4 fields, the header has 3"]),
     ("csv-short-row", file("s.csv", "prompt,chosen,rejected\nq,a,b\nq2,a2\n"), train("s.csv"),
      ["{t}/s.csv:3: row has 2 fields, the header has 3"]),
+    ("integer-of-5000-digits", file("d.jsonl", GOOD + '{"id": ' + "1" * 5000 + ', "prompt": "q", "chosen": "a", '
+                                                    '"rejected": "b"}\n'), train("d.jsonl"),
+     ["{t}/d.jsonl:13: unreadable JSON value (Exceeds the limit (4300 digits) for integer string conversion"]),
+    ("json-list-integer-of-5000-digits", file("d.json", '[{"prompt": "q", "chosen": "a", "rejected": "b", "n": '
+                                                        + "9" * 5000 + "}]"), train("d.json"),
+     ["{t}/d.json: unreadable JSON value (Exceeds the limit"]),
+    ("label-superscript-digit", file("sup.csv", "q,a,b,l\nq1,x,y,0\nq2,x,y,\u00b2\n"), train("sup.csv", *MAPPED),
+     ["{t}/sup.csv:3: label must be 0 or 1", "got '\u00b2'"]),
     ("csv-repeated-column", file("h.csv", "prompt,chosen,chosen\nq,a,b\n"), train("h.csv"),
      ["{t}/h.csv:1: the header names column 'chosen' twice"]),
     pytest.param("corrupt-parquet", file("x.parquet", "not parquet"), train("x.parquet"),

@@ -187,8 +187,25 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_bert_dir):
         rm.classifier.weight.fill_(float("nan"))
     p, c, r = _separable_pairs(8)
     tcfg = TrainConfig(batch_size=8)
-    with pytest.raises(UserError, match="non-finite loss"):
+    with pytest.raises(UserError, match="non-finite loss .* at step 1; "):  # steps count from 1, as in metrics
         train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast exists on GPUs")
+def test_fp16_on_a_cpu_is_refused_not_silently_fp32():
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        make_accelerator(TrainConfig(mixed_precision="fp16"))
+
+
+def test_logged_learning_rate_is_the_one_the_step_trained_with(tiny_bert_dir):
+    """Linear schedule, no warm-up, lr 1e-3, 4 steps: steps 1..4 train with 1e-3 * (1 - k/4), k = 0..3."""
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    p, c, r = _separable_pairs(16)
+    tcfg = TrainConfig(batch_size=4, lr=1e-3, warmup_ratio=0.0, schedule="linear", epochs=1)
+    rates = []
+    train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg),
+                       on_step=lambda step, record, model: rates.append(record["train/lr"]))
+    assert rates == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
 @pytest.mark.parametrize("which", ["tiny_bert_dir", "tiny_llama_dir"])

@@ -170,6 +170,14 @@ def test_resume_names_the_kind_of_run_it_was_given(tmp_path):
     assert check_resumable(make_run(tmp_path / "ev", "config.yaml", "state.json"), "evolve") == tmp_path / "ev"
 
 
+@pytest.mark.parametrize("command", ["train-rm", "evolve", "ppo"])
+def test_resume_with_another_out_is_refused(tmp_path, command):
+    """--resume continues in the run's own directory: an --out beside it would be ignored, so it is an error."""
+    with pytest.raises(UserError, match="--resume continues a run in its own directory; drop --out"):
+        run([command, "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("override, needle", [("data.test_size=0", "no test pairs to evaluate on"),
                                              ("data.seed_size=0", "no human-labelled pairs to train on")])
 def test_an_empty_seed_or_test_split_is_an_error_before_anything_is_written(tmp_path, override, needle):
@@ -417,3 +425,10 @@ def test_config_file_details(tmp_path):
 def test_csv_blank_lines_before_the_header_are_skipped(tmp_path):
     (tmp_path / "b.csv").write_text("\n\nprompt,chosen,rejected\nq,a,b\n")
     assert [(p.prompt, p.chosen) for p in load_pairs(str(tmp_path / "b.csv"))] == [("q", "a")]
+
+
+def test_csv_trailing_commas_in_the_header_are_dropped_as_in_the_rows(tmp_path):
+    """Excel writes trailing commas: 'prompt,chosen,rejected,,' heads the same three columns as without them."""
+    (tmp_path / "t.csv").write_text("prompt,chosen,rejected,,\nq,a,b\nq2,a2,b2,,\n")
+    assert [(p.prompt, p.chosen, p.rejected) for p in load_pairs(str(tmp_path / "t.csv"))] == [("q", "a", "b"),
+                                                                                                ("q2", "a2", "b2")]
