@@ -33,7 +33,7 @@ class DataConfig:
     test_size: float | int = 500  # held-out test pairs (fraction or count) when `test` is None
     pool_size: float | int | None = None  # unlabelled pool (fraction/count); None = all remaining pairs
     pool: str | None = None  # SER runs: a file of unlabelled (prompt, answer_a, answer_b) to use as the pool instead
-    limit: int | None = None  # read at most this many usable pairs of each spec (None = all)
+    limit: int | None = None  # read at most this many usable pairs of each spec, duplicates then dropped (None = all)
     columns: dict | None = None  # column mapping for other files, e.g. {prompt: input, chosen: good, ...}
     split_seed: int = 0  # the seed of the hash-based split (stable under re-ordering of the input)
     drop_ties: bool = True  # drop pairs whose recorded ratings tie (UltraFeedback score_chosen == score_rejected)

@@ -79,6 +79,7 @@ class Split:
     seed: list[Pair]  # the human-labelled fraction
     pool: list[Pair]  # labels hidden by `hide_labels` before SER sees them
     test: list[Pair]
+    n_pairs: int = 0  # the usable pairs the split was made of: what data.seed_size etc. take fractions of
 
 
 def pair_id(prompt: str, a: str, b: str) -> str:
@@ -623,8 +624,9 @@ def resolve_count(size, n: int, name: str) -> int:
 
 
 def split_pairs(pairs: list[Pair], *, seed_size, test_size, pool_size=None, seed: int = 0) -> Split:
-    """test, seed and pool sets by fraction (of all pairs) or count. The order is a hash of (seed, pair id),
-    so the split is deterministic and does not change when the input is re-ordered."""
+    """test, seed and pool sets by fraction (of all usable pairs, after `dedupe`) or count. The order is a hash of
+    (seed, pair id), so the split is deterministic; re-ordering the input changes it only through `dedupe` (which of
+    two conflicting duplicates is kept) or a data.limit applied before it."""
     pairs = dedupe(pairs)
     n = len(pairs)
     n_test, n_seed = resolve_count(test_size, n, "data.test_size"), resolve_count(seed_size, n, "data.seed_size")
@@ -634,4 +636,4 @@ def split_pairs(pairs: list[Pair], *, seed_size, test_size, pool_size=None, seed
                         f"but only {n} usable pairs exist")
     order = sorted(pairs, key=lambda p: hashlib.sha1(f"{seed}:{p.id}".encode()).hexdigest())
     return Split(seed=order[n_test : n_test + n_seed], pool=order[n_test + n_seed : n_test + n_seed + n_pool],
-                 test=order[:n_test])
+                 test=order[:n_test], n_pairs=n)

@@ -102,6 +102,8 @@ def method_config(cfg: Config, method: str) -> Config:
 
 
 def _correct(rm, tok, pairs, cfg) -> np.ndarray:
+    """(n,) 1.0 where r_chosen > r_rejected. A non-finite reward counts as wrong here (`pair_metrics` leaves it
+    out): every method of a seed is judged on the same test pairs, which the paired differences need."""
     r_c, r_r = rm_scores(rm, tok, pairs, cfg)
     return (r_c > r_r).astype(np.float64)
 
@@ -600,7 +602,8 @@ def run_curve(cfg: Config, out: str, sizes: list, modes: list[str] | None = None
 
     For each seed of `experiment.seeds` and each size, an RM is trained from the backbone on the first `size`
     labelled pairs (seed + pool of that seed's split, a nested prefix in hash order) for `train.epochs` and
-    scored on that split's test set. Sizes are counts, fractions of all pairs (like data.seed_size) or `all`.
+    scored on that split's test set. Sizes are counts, fractions of the usable pairs (the same count as
+    data.seed_size's: with data.test, of data.train's pairs alone) or `all`.
     `modes` (full, lora, head, freeze:N) trains every point in each mode, side by side on the same splits, with
     the wall time of each (training + test scoring; in freeze mode the first point of a mode also pays for
     caching the frozen states of its pairs and the test pairs, which later points reuse). Finished points are kept
@@ -643,7 +646,7 @@ def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int
         require_seed_and_test(split, scfg.data, need_seed=False)  # the sizes take seed + pool
         labelled = split.seed + split.pool
         all_labels = len(labelled)
-        total, done = len(labelled) + len(split.test), set()
+        total, done = split.n_pairs, set()  # what data.seed_size's fractions are of (so 0.15 is its count)
         for size in sizes:
             n = len(labelled) if size == "all" else resolve_count(size, total, "--sizes")
             if not 0 < n <= len(labelled):

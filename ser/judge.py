@@ -74,12 +74,19 @@ class Verdicts:
     mean_score_b: float
     mean_diff_ci95: list  # 95% bootstrap CI of mean(score_a - score_b)
     llm: dict | None = None  # the LLM judge's rates and CIs, when one was asked
+    excluded: int = 0  # prompts left out: a non-finite score (NaN, ±inf) for A or B
 
 
 def verdicts(r_a: np.ndarray, r_b: np.ndarray, tie_margin: float, n_resamples: int = 1000, seed: int = 0) -> Verdicts:
     """Win/tie/lose rates of A over B from per-prompt judge scores (a tie is |r_a - r_b| <= tie_margin), with
-    95% percentile-bootstrap CIs over prompts."""
-    d = np.asarray(r_a, float) - np.asarray(r_b, float)
+    95% percentile-bootstrap CIs over prompts. Prompts with a non-finite score are left out (`excluded`), never
+    counted as ties. Raises ValueError if no prompt has two finite scores."""
+    r_a, r_b = np.asarray(r_a, float), np.asarray(r_b, float)
+    finite = np.isfinite(r_a) & np.isfinite(r_b)
+    if not finite.any():
+        raise ValueError(f"no prompt of {len(r_a)} has finite scores for both answers")
+    excluded, r_a, r_b = int((~finite).sum()), r_a[finite], r_b[finite]
+    d = r_a - r_b
     outcome = np.where(d > tie_margin, 0, np.where(d < -tie_margin, 2, 1))  # 0 win, 1 tie, 2 lose
     counts = np.stack([outcome == k for k in range(3)], 1).astype(float)  # (n, 3)
     rng = np.random.default_rng(seed)
@@ -90,7 +97,7 @@ def verdicts(r_a: np.ndarray, r_b: np.ndarray, tie_margin: float, n_resamples: i
     rates = counts.mean(0)
     names = ("win", "tie", "lose")
     return Verdicts(*map(float, rates), {k: [float(lo[i]), float(hi[i])] for i, k in enumerate(names)}, len(d),
-                    float(np.mean(r_a)), float(np.mean(r_b)), [float(diff[0]), float(diff[1])])
+                    float(np.mean(r_a)), float(np.mean(r_b)), [float(diff[0]), float(diff[1])], excluded=excluded)
 
 
 LLM_QUESTION = ("Below is a conversation with an AI assistant and two candidate final responses. Which response is "
@@ -153,9 +160,16 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
     if same.any():
         why = " (policies A and B are the same checkpoint, sampled with the same seed)" if policy_a == policy_b else ""
         log.warning("%d of %d prompts got the same answer from both policies: each is a tie%s", same.sum(), len(a), why)
-    v = verdicts(r_a, r_b, tie_margin)
+    try:
+        v = verdicts(r_a, r_b, tie_margin)
+    except ValueError as e:
+        raise UserError(f"{judge_rm}: the judge RM scores nothing: {e}") from None
+    if v.excluded:
+        log.warning("%d of %d prompts left out of the verdicts: the judge RM gave a non-finite score", v.excluded,
+                    len(prompts))
     rows = [{"prompt": p, "answer_a": x, "answer_b": y, "score_a": float(s), "score_b": float(t),
-             "verdict": "win" if s - t > tie_margin else "lose" if t - s > tie_margin else "tie"}
+             "verdict": "no score" if not np.isfinite(s - t) else "win" if s - t > tie_margin
+             else "lose" if t - s > tie_margin else "tie"}
             for p, x, y, s, t in zip(prompts, a, b, r_a, r_b)]
     summary = {"a": policy_a, "b": policy_b, "judge": judge_rm, "prompts": spec, "tie_margin": tie_margin,
                **v.__dict__}

@@ -42,7 +42,7 @@ def load_splits(dcfg: DataConfig) -> Split:
     test = load_pairs(dcfg.test, columns=dcfg.columns, limit=dcfg.limit, drop_ties=dcfg.drop_ties)
     train = drop_test_pairs(pairs, test, f"training ({dcfg.train})")
     split = split_pairs(train, seed_size=dcfg.seed_size, test_size=0, pool_size=dcfg.pool_size, seed=dcfg.split_seed)
-    return Split(seed=split.seed, pool=split.pool, test=test)
+    return Split(seed=split.seed, pool=split.pool, test=test, n_pairs=split.n_pairs)
 
 
 def require_seed_and_test(split: Split, dcfg: DataConfig, need_seed: bool = True) -> None:

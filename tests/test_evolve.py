@@ -421,16 +421,17 @@ def test_learning_curve(tiny_bert_dir, shared_data, tmp_path):
 
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"experiment.seeds": "[0, 1]", "experiment.bootstrap": 200,
                                                              "train.epochs": 1}))
-    root = run_curve(cfg, str(tmp_path / "curve"), ["8", "0.125", "all"])
+    root = run_curve(cfg, str(tmp_path / "curve"), ["8", "0.005", "all"])
     points = json.loads((root / "curve.json").read_text())["points"]
-    # 0.125 of the 128 pairs = 16 labels; 'all' = seed + pool = 96
-    assert [p["labels"] for p in points] == [8, 16, 96]
+    # 0.005 of the 2,348 usable helpful-base pairs (what data.seed_size takes fractions of) = 11.74: 12 labels;
+    # 'all' = seed + pool = 96
+    assert [p["labels"] for p in points] == [8, 12, 96]
     for p in points:
         assert p["ci95"][0] <= p["accuracy"] <= p["ci95"][1] and len(p["per_seed"]) == 2
     assert "| 96 |" in (root / "curve.md").read_text() and (root / "curve.png").stat().st_size > 0
     # finished points are reused: a second call trains nothing and gives the same numbers
     stamp = (root / "seed0" / "n8.json").stat().st_mtime_ns
-    assert json.loads((run_curve(cfg, str(root), ["8", "0.125", "all"]) / "curve.json").read_text())["points"] == points
+    assert json.loads((run_curve(cfg, str(root), ["8", "0.005", "all"]) / "curve.json").read_text())["points"] == points
     assert (root / "seed0" / "n8.json").stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="labelled training pairs"):
         run_curve(cfg, str(tmp_path / "c2"), ["97"])

@@ -130,6 +130,13 @@ def test_verdicts_hand_derived():
     # mean difference 0.05 / 4 = 0.0125; resampled means of {1, -1, 0.05, 0} lie within [-1, 1]
     assert v.mean_score_a - v.mean_score_b == pytest.approx(0.0125)
     assert -1 <= v.mean_diff_ci95[0] <= 0.0125 <= v.mean_diff_ci95[1] <= 1
+    # a non-finite score leaves its prompt out (not a tie): the same four prompts plus one NaN, one inf
+    w = verdicts([1.0, 0.0, 0.05, -1.0, float("nan"), 2.0], [0.0, 1.0, 0.0, -1.0, 0.0, float("inf")], tie_margin=0.1,
+                 n_resamples=200)
+    assert (w.win, w.tie, w.lose, w.n, w.excluded) == (0.25, 0.5, 0.25, 4, 2)
+    assert w.mean_score_a - w.mean_score_b == pytest.approx(0.0125)
+    with pytest.raises(ValueError, match="no prompt of 1 has finite scores"):
+        verdicts([float("nan")], [0.0], tie_margin=0.1)
 
 
 def test_generate_pairs_feeds_evolve_and_judge_writes_verdicts(tiny_llama_dir, tiny_rm, shared_data, tmp_path,
