@@ -35,6 +35,9 @@ KNOWN = {  # name -> (path under the data dir, Hub dataset id, Hub data_dir)
     "pandalm": ("pandalm/testset-v1.json", "WeOpenML/PandaLM", None),
 }
 DEFAULT_SPLIT = {"ultrafeedback": "train"}  # the local HH files are the test splits; UltraFeedback has both
+# The Hub has no "eval" split: its held-out split is test (the local subset's train and eval files were both drawn
+# from the Hub's 62,135-record train split, ../shared/data's data_report.md)
+HUB_SPLIT = {("ultrafeedback", "eval"): "test"}
 # A jsonl line (or a CSV field, in characters) longer than this is an error, not a record: real records are a few
 # KB, and more text than any model's context means a corrupt or wrong file. Checked while reading: bounded memory.
 MAX_RECORD_BYTES = 16 << 20
@@ -282,19 +285,24 @@ def _read_records(path: str):
         raise UserError(f"{p}: no such file") from None
 
 
+def hub_load_args(spec: str) -> tuple[tuple, dict]:
+    """`datasets.load_dataset`'s (args, kwargs) for a Hub spec: a known name (`KNOWN`) with the same split as its
+    local file (`DEFAULT_SPLIT`, else test; `HUB_SPLIT` renames a local split the Hub calls otherwise), or
+    `owner/name[:split]` (default train)."""
+    if spec in KNOWN or spec.rsplit(":", 1)[0] in KNOWN:
+        name, split = (spec, DEFAULT_SPLIT.get(spec, "test")) if spec in KNOWN else spec.rsplit(":", 1)
+        _, hub_id, data_dir = KNOWN[name]
+        return (hub_id,), {"data_dir": data_dir, "split": HUB_SPLIT.get((name, split), split)}
+    name, _, split = spec.partition(":")
+    return (name,), {"split": split or "train"}
+
+
 def _hub_records(spec: str):
     try:
         import datasets
     except ImportError:
         raise UserError(f"{spec}: loading a Hub dataset needs the `datasets` package") from None
-    name, split = spec, "train"
-    if spec in KNOWN or spec.rsplit(":", 1)[0] in KNOWN:
-        name, split = (spec, "test") if spec in KNOWN else spec.rsplit(":", 1)
-        _, hub_id, data_dir = KNOWN[name]
-        args, kwargs = (hub_id,), {"data_dir": data_dir, "split": split}
-    else:
-        name, _, split = spec.partition(":")
-        args, kwargs = (name,), {"split": split or "train"}
+    args, kwargs = hub_load_args(spec)
     try:
         ds = datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # offline, no such dataset or split, a gated repo, a broken script: the datasets library's

@@ -362,7 +362,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step trains with (after scheduler.step(), the next one's)
         optimizer.step()
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 on a GPU: the grad scaler skipped an overflowing step
+            scheduler.step()
         optimizer.zero_grad()
         stats = np.sum(window, axis=0)
         if accelerator.num_processes > 1:  # the step's loss and accuracy over all processes

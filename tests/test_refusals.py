@@ -353,6 +353,21 @@ def test_an_unreachable_hub_dataset_is_a_user_error():
         load_pairs("nobody/no-such-dataset")
 
 
+def test_hub_load_args_use_the_local_files_splits():
+    """A known name asks the Hub for the split its local file is (HH: test; UltraFeedback: train), `:eval` of
+    UltraFeedback for the Hub's held-out test split (it has no eval split); other ids default to train."""
+    from ser.data import hub_load_args
+
+    assert hub_load_args("hh-rlhf:helpful-base") == (("Anthropic/hh-rlhf",), {"data_dir": "helpful-base",
+                                                                              "split": "test"})
+    assert hub_load_args("hh-rlhf:helpful-base:train")[1]["split"] == "train"
+    assert hub_load_args("ultrafeedback") == (("trl-lib/ultrafeedback_binarized",), {"data_dir": None,
+                                                                                     "split": "train"})
+    assert hub_load_args("ultrafeedback:eval")[1]["split"] == "test"
+    assert hub_load_args("owner/name") == (("owner/name",), {"split": "train"})
+    assert hub_load_args("owner/name:validation") == (("owner/name",), {"split": "validation"})
+
+
 def test_pool_pairs_that_are_human_seed_pairs_are_removed(tmp_path, caplog):
     """A human-labelled pair must not be pseudo-labelled too (perhaps the other way)."""
     from ser.evolve import build_pool
