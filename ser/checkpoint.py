@@ -199,8 +199,13 @@ def restore_swapped(target: str | Path) -> Path:
     target = Path(target)
     old = target.with_name(f".{target.name}.old")
     if old.is_dir() and not target.exists():
-        os.replace(old, target)
-        log.warning("%s: restored the previous version, which a killed process was replacing", target)
+        try:  # several processes of one run may race here: one renames, the others find the target in place
+            os.replace(old, target)
+        except OSError:
+            if not target.exists():
+                raise
+        else:
+            log.warning("%s: restored the previous version, which a killed process was replacing", target)
     return target
 
 

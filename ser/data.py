@@ -314,6 +314,12 @@ def _hub_records(spec: str):
 # ---------------------------------------------------------------- formats
 
 
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters for an error message (a label may be a 5,000-digit string)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
 def _text(rec, key, loc) -> str:
     if key not in rec:
         raise UserError(f"{loc}: missing field '{key}' (fields: {', '.join(map(str, rec))})")
@@ -352,7 +358,7 @@ def _majority(rec, loc) -> int:
     for k in ("annotator1", "annotator2", "annotator3"):
         v = rec.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (0, 1, 2):
-            raise UserError(f"{loc}: '{k}' must be 0, 1 or 2, got {v!r}")
+            raise UserError(f"{loc}: '{k}' must be 0, 1 or 2, got {_short(v)}")
         votes.append(int(v))
     label, count = Counter(votes).most_common(1)[0]
     return label if count >= 2 else 0
@@ -397,7 +403,7 @@ def _scores_tie(rec, loc) -> bool:
         except (TypeError, ValueError):
             x = math.nan
         if not math.isfinite(x):
-            raise UserError(f"{loc}: '{k}' must be a finite number, got {v!r}")
+            raise UserError(f"{loc}: '{k}' must be a finite number, got {_short(v)}")
         values.append(x)
     return values[0] == values[1]
 
@@ -415,11 +421,14 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
         rec = mapped
         if "label" in rec:
             lab = rec["label"]
-            if isinstance(lab, str) and lab.strip().lstrip("-").isdecimal():  # isdigit() takes "²", int() does not
-                lab = int(lab)
+            if isinstance(lab, str) and lab.strip().isdecimal():  # isdigit() takes "²", int() does not
+                try:
+                    lab = int(lab)
+                except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits)
+                    pass  # refused below, with the value shown
             # 0 = answer_a is better, 1 = answer_b is better.
             if lab not in (0, 1) or isinstance(lab, bool):
-                raise UserError(f"{loc}: label must be 0 or 1 (answer_a / answer_b better), got {lab!r}")
+                raise UserError(f"{loc}: label must be 0 or 1 (answer_a / answer_b better), got {_short(lab)}")
             a, b = _text(rec, "answer_a", loc), _text(rec, "answer_b", loc)
             first = lab == 0
             return ("pair", _text(rec, "prompt", loc), a if first else b, b if first else a)

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from ser.checkpoint import atomic_write_text, check_writable, json_text, save_reward_model
 from ser.config import Config, to_dict, validate
@@ -102,10 +103,10 @@ def method_config(cfg: Config, method: str) -> Config:
 
 
 def _correct(rm, tok, pairs, cfg) -> np.ndarray:
-    """(n,) 1.0 where r_chosen > r_rejected. A non-finite reward counts as wrong here (`pair_metrics` leaves it
-    out): every method of a seed is judged on the same test pairs, which the paired differences need."""
+    """(n,) 1.0 where r_chosen > r_rejected, both finite. A non-finite reward counts as wrong here (`pair_metrics`
+    leaves it out): every method of a seed is judged on the same test pairs, which the paired differences need."""
     r_c, r_r = rm_scores(rm, tok, pairs, cfg)
-    return (r_c > r_r).astype(np.float64)
+    return (np.isfinite(r_c) & np.isfinite(r_r) & (r_c > r_r)).astype(np.float64)
 
 
 def seed_config(cfg: Config, seed: int) -> Config:
@@ -153,6 +154,10 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
                 _fork_from_seed_rm(source, run, mcfg, accelerator)
             else:  # the first ensemble method of this seed cross-fits the seed itself
                 run_evolve(mcfg, str(run))
+        kept = yaml.safe_load((run / "config.yaml").read_text())["ser"]["max_iterations"]
+        if kept != mcfg.ser.max_iterations:
+            log.warning("%s: made with ser.max_iterations=%s, which it keeps (this config: %s)", run, kept,
+                        mcfg.ser.max_iterations)
         run_evolve(None, None, resume=str(run))
         state = load_state(run)
         rm, tok = load_iteration(run, final_iteration(mcfg, state), cfg)
@@ -178,8 +183,8 @@ def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.
     last (`correct`, the seed RM's, with ser.max_iterations = 0), with every iteration's accuracy, in
     `seed_continued.json` (resumable per iteration)."""
     path, init, done = base / "seed_continued.json", str(seed_run / "iterations" / "0"), []
-    if path.exists():
-        return np.array(json.loads(path.read_text())["correct"])
+    if path.exists() and len(json.loads(path.read_text())["iterations"]) == cfg.ser.max_iterations:
+        return np.array(json.loads(path.read_text())["correct"])  # else ser.max_iterations changed: RMs kept below
     seed = split.seed
     for it in range(1, cfg.ser.max_iterations + 1):
         out, t0 = base / "seed_continued" / str(it), time.time()
@@ -217,8 +222,6 @@ def ensemble_source(base: Path, cfg: Config) -> Path | None:
 def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> None:
     """A new run directory whose iteration 0 is the shared seed RM (hard links, no copy); for the ensemble rule
     also its fold models' votes and out-of-fold validation, and (without ser.restart) the fold models."""
-    import yaml
-
     run.mkdir(parents=True, exist_ok=True)
     shutil.copytree(seed_run / "iterations" / "0", run / "iterations" / "0", copy_function=os.link,
                     dirs_exist_ok=True)
@@ -280,20 +283,26 @@ def run_experiment(cfg: Config, out: str) -> Path:
     return root
 
 
-def settings_fingerprint(cfg: Config, sections: tuple[str, ...], extra: dict | None = None) -> str:
-    """A short hash of the config's `sections` (and `extra`): what finished results on disk must match to be
-    reused."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in sections} | (extra or {})
+def settings_fingerprint(cfg: Config, sections: tuple[str, ...], extra: dict | None = None,
+                         skip: tuple[str, ...] = ()) -> str:
+    """A short hash of the config's `sections` (and `extra`), less the `skip` fields ("section.field"): what
+    finished results on disk must match to be reused."""
+    settings = {k: {f: x for f, x in v.items() if f"{k}.{f}" not in skip}
+                for k, v in dataclasses.asdict(cfg).items() if k in sections} | (extra or {})
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def check_same_settings(root: Path, cfg: Config) -> None:
     """`ser experiment` reuses what a directory holds (finished seed RMs, baselines, method runs), so only if it was
-    made with the same data, model, train and ser settings and experiment.seed_epochs; experiment.seeds, methods and
-    bootstrap may change (a rerun can add seeds or methods). The first run writes `settings.json`; a rerun with
-    other settings, or a directory of results without that file, is a UserError before any work."""
+    made with the same data, model, train and ser settings and experiment.seed_epochs. experiment.seeds, methods and
+    bootstrap may change (a rerun can add seeds or methods), and so may ser.max_iterations: the seed RM is
+    iteration 0 whatever it is, `seed_continued` follows it, and a finished method run resumes with the
+    ser.max_iterations in its own config.yaml (`run_seed` says so when it differs). The first run writes
+    `settings.json`; a rerun with other settings, or a directory of results without that file (made before
+    ser kept one), is a UserError before any work."""
     path, fingerprint = root / "settings.json", settings_fingerprint(
-        cfg, ("data", "model", "train", "ser"), {"seed_epochs": cfg.experiment.seed_epochs})
+        cfg, ("data", "model", "train", "ser"), {"seed_epochs": cfg.experiment.seed_epochs},
+        skip=("ser.max_iterations",))
     if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
@@ -557,9 +566,12 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
     for s in per_seed:
         for m in SELF_LABELLING:
             rows = per_seed[s].get(m, {}).get("metrics", [])
-            final = next((r["ser/final"] for r in rows if "ser/final" in r), None)
+            ends = [r for r in rows if "ser/stop_reason" in r]  # a resumed run may have closed more than once
+            final = ends[-1].get("ser/final") if ends else None
             for r in rows:
-                if "ser/stop_reason" in r:  # the run's closing record: why it stopped
+                if "ser/stop_reason" in r:  # the run's closing record: why it stopped (the last one only)
+                    if r is not ends[-1]:
+                        continue
                     reason = str(r["ser/stop_reason"]).replace("|", "\\|")
                     lines.append(f"| {s} | {m} | {r['iteration']} | stop: {reason} | | | | | | | | |")
                     continue

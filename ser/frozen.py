@@ -168,8 +168,8 @@ class FrozenCache:
         self.identity = backbone_identity(model, tokenizer)
 
     def key(self, max_length: int, input_ids: list[int], token_type_ids: list[int] | None) -> bytes:
-        h = hashlib.sha256(self.identity)
-        h.update(json.dumps([max_length, input_ids, token_type_ids]).encode())
+        h = hashlib.sha256(self.identity)  # and the storage dtype: an fp32 and an fp16 cache may share a directory
+        h.update(json.dumps([max_length, input_ids, token_type_ids, str(self.dtype)]).encode())
         return h.digest()
 
     def get(self, key: bytes) -> torch.Tensor | None:

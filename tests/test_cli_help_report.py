@@ -118,6 +118,8 @@ def _records(seed, method, accs, stop_at=None):
     if stop_at is not None:
         out.append({"iteration": stop_at, "ser/status": "stop", "ser/n_status1": 1, "ser/n_status2": 0,
                     "ser/added": 0, "ser/stop": f"iteration {stop_at}: too few confident pairs"})
+    if len(accs) > 2:  # a run killed after closing once and resumed: its earlier closing record stays in the file
+        out.insert(2, {"iteration": 1, "ser/stop_reason": "an earlier close", "ser/final": 0})
     out.append({"iteration": len(accs) - 1, "ser/stop_reason": "iteration 3: too few | confident pairs",
                 "ser/final": len(accs) - 1})
     return out
@@ -215,6 +217,9 @@ def test_experiment_report_is_a_web_page(experiment_results):
     assert methods == ["seed_only", "full_label", "ser_paper", "ser_code", "ssrm"]
     stop_cells = ["".join(td.itertext()) for td in tables[1][1].iter("td")]
     assert "stop: iteration 3: too few | confident pairs" in stop_cells  # a '|' in a cell stays in its cell
+    # one closing row per run (2 seeds x 3 methods), the last: a resumed run's earlier close is not shown
+    assert stop_cells.count("stop: iteration 3: too few | confident pairs") == 6
+    assert "stop: an earlier close" not in stop_cells
     assert "0.800 (0.750)" in stop_cells  # seed 0: the audited precision, the calibrated estimate in brackets
     images = [(h, el.get("alt")) for h, el in items if el.tag == "img"]
     assert images == [

@@ -1,8 +1,10 @@
 """The SER loop end to end on real HH-RLHF pairs with a tiny random backbone: files, keys, determinism,
 the label firewall, unlabelled pools and resume after kill -9 (of `ser evolve` and `ser train-rm`)."""
 
+import dataclasses
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -70,10 +72,10 @@ def test_length_audit_and_guard_hand_example():
     seed = [Pair("s1", "q", "long answer", "short", "x"), Pair("s2", "q", "no", "a longer one", "x")]
     pool = [UnlabelledPair(f"p{i}", "q", a, b, "x") for i, (a, b) in
             enumerate([("aaaa", "b"), ("a", "bbbb"), ("aaa", "bb"), ("a", "bb")])]
-    take, a_wins, margin = np.array([True, True, True, False]), np.array([True, False, True, False]), np.ones(4)
-    kept, rec = length_audit(take, a_wins, margin, pool, seed, guard=False)
+    take, a_wins, target = np.array([True, True, True, False]), np.array([True, False, True, False]), np.ones(4)
+    kept, rec = length_audit(take, a_wins, target, pool, seed, guard=False)
     assert (kept == take).all() and rec == {"bias/seed_longer_chosen": 0.5, "bias/pseudo_longer_chosen": 1.0}
-    kept, rec = length_audit(take, a_wins, margin, pool, seed, guard=True)
+    kept, rec = length_audit(take, a_wins, target, pool, seed, guard=True)
     assert not kept.any() and rec["bias/guard_dropped"] == 3
     # one shorter-chosen pair accepted (pair 3: A "a" chosen over "bb"): the guard keeps it and the single most
     # confident longer-chosen pair (share 1/2 = the seed's); confidence is P of the labelled direction
@@ -380,7 +382,7 @@ def test_train_rm_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shar
     assert not (run / "checkpoint").exists()  # removed once the run is complete
 
 
-def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
+def test_experiment_report(tiny_bert_dir, shared_data, tmp_path, caplog):
     from ser.experiment import run_experiment
 
     methods = ("[seed_only, full_label, seed_continued, ser_paper, ser_code, ssrm, ser_ensemble, "
@@ -413,6 +415,18 @@ def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
     assert "| 0 | ser_ensemble | 0 | " in md and "val acc" in md  # the ensemble's seed RM has an out-of-fold val acc
     html = (root / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5
+    # a rerun with ser.max_iterations 2 reuses the directory: seed_continued adds its second iteration (the first
+    # RM kept), a finished method run keeps its own ser.max_iterations and says so
+    stamp = (root / "seed0" / "seed_continued" / "1" / "model.safetensors").stat().st_mtime_ns
+    again = dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, max_iterations=2),
+                                experiment=dataclasses.replace(cfg.experiment, seeds=[0],
+                                                               methods=["seed_only", "seed_continued", "ser_paper"]))
+    with caplog.at_level(logging.WARNING, logger="ser.experiment"):
+        run_experiment(again, str(root))
+    control = json.loads((root / "seed0" / "seed_continued.json").read_text())
+    assert [r["iteration"] for r in control["iterations"]] == [1, 2]
+    assert (root / "seed0" / "seed_continued" / "1" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "made with ser.max_iterations=1, which it keeps (this config: 2)" in caplog.text
 
 
 def test_learning_curve(tiny_bert_dir, shared_data, tmp_path):

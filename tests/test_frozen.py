@@ -266,12 +266,15 @@ def test_fp16_store_halves_the_size_and_states_are_fp32_under_autocast(tiny_bert
     torch.testing.assert_close(r32, full, atol=1e-5, rtol=0)  # the bf16 autocast did not reach the cached states
     torch.testing.assert_close(r16, full, atol=1e-2, rtol=0)
     assert abs(half.nbytes() - exact.nbytes() / 2) < 200 * len(exact.memory)  # + a 113-byte header per file
-    # an fp32 cache given the fp16 cache's directory rebuilds the entries instead of reading rounded states
+    # an fp32 cache given the fp16 cache's directory computes its own entries beside them (the key holds the
+    # dtype), never reading rounded states, and leaves the fp16 ones in place
+    fp16_files = sorted(tmp_path.glob("*.bin"))
     distinct = encode_pairs(tok, PROMPTS[:4], CHOSEN[:4], REJECTED[:4], 32)  # 8 distinct sequences
     again = FrozenCache(rm, tok, directory=tmp_path)
     with torch.no_grad():
         r = again.rewards(rm, distinct.input_ids, distinct.token_type_ids, tok.pad_token_id, 32)
-    assert again.rebuilt == again.misses == 8 and again.hits == 0
+    assert again.misses == 8 and again.hits == again.rebuilt == 0
+    assert len(list(tmp_path.glob("*.bin"))) == len(fp16_files) + 8 and all(f.exists() for f in fp16_files)
     torch.testing.assert_close(r, torch.cat([full[:4], full[12:16]]), atol=1e-5, rtol=0)  # (a_0..a_3, b_0..b_3)
 
 

@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_bert_dir):
         train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast exists on GPUs")
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="fp16 autocast exists on GPUs")
 def test_fp16_on_a_cpu_is_refused_not_silently_fp32():
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         make_accelerator(TrainConfig(mixed_precision="fp16"))
