@@ -4,7 +4,10 @@ The same real HH-RLHF helpful-base pairs, backbone, max length, batch size and l
 layers + head, `ser.frozen`) first trains one epoch that fills the cache; then, `--rounds` times alternating, one
 epoch of full and one epoch of freeze on the filled cache (fresh RMs: the cost of every later epoch, evaluation and
 scoring pass); the fastest of each counts. pairs/s = pairs trained / seconds in `train_reward_model` (the frozen
-weights' hash, `identity_hash_s`, is outside it). Also printed: the cache's size (fp32) per 1,000 pairs.
+weights' hash, `identity_hash_s`, is outside it). Also printed: the cache's size (fp32) per 1,000 pairs, and
+`batch_rounding_max_abs`: the largest difference between a sequence's frozen states computed in one padded batch
+with the others and computed alone, over the first 16 pairs, unpacked (why a killed freeze-mode run resumes within
+float rounding, not bit for bit).
 
 ser's default (`model.share_prompt`) runs a causal RM's pair as one packed [prompt, chosen, rejected] row, in both
 modes. For a causal backbone (SmolLM2) the freeze epochs also run unpacked, side by side (a first epoch filling a
@@ -31,7 +34,7 @@ import torch
 from ser.config import TrainConfig
 from ser.data import load_pairs
 from ser.frozen import FrozenCache, attach_cache
-from ser.models import can_share_prompt, load_reward_model
+from ser.models import can_share_prompt, encode_pairs, load_reward_model
 from ser.train import make_accelerator, train_reward_model
 
 
@@ -40,6 +43,22 @@ def pairs_per_second(rm, tok, pairs, tcfg: TrainConfig, max_length: int, share_p
     train_reward_model(rm, tok, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
                        tcfg, max_length, accelerator=make_accelerator(tcfg), share_prompt=share_prompt)
     return len(pairs) / (time.perf_counter() - t0)
+
+
+def batch_rounding(rm, tok, pairs, max_length: int) -> float:
+    """Max |states in one padded batch - states computed alone| over the pairs' 2n sequences, unpacked (one
+    sequence per row, also for a causal backbone), fp32."""
+    enc = encode_pairs(tok, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
+                       max_length)
+    tt = enc.token_type_ids or [None] * len(enc.input_ids)
+    cache = FrozenCache(rm, tok, memory={})
+    with torch.no_grad():
+        together = cache.states(rm, enc.input_ids, enc.token_type_ids, tok.pad_token_id, max_length)
+        alone = []
+        for ids, t in zip(enc.input_ids, tt):
+            cache.memory.clear()  # computed again, alone in its batch
+            alone.append(cache.states(rm, [ids], None if t is None else [t], tok.pad_token_id, max_length)[0])
+    return max(float((a - b).abs().max()) for a, b in zip(together, alone))
 
 
 def main() -> None:
@@ -83,6 +102,8 @@ def main() -> None:
             unpacked_runs.append(run("freeze", cache.memory, share_prompt=False)[0])
     full, second = max(full_runs), max(cached_runs)
     tokens = sum(t.shape[0] for t in cache.memory.values())
+    rm, tok = load_reward_model(args.backbone, "freeze", trainable_layers=args.trainable_layers)
+    rounding = batch_rounding(rm.eval(), tok, pairs[:16], args.max_length)
     result = {"backbone": args.backbone, "pairs": len(pairs), "max_length": args.max_length,
               "trainable_layers": args.trainable_layers, "threads": torch.get_num_threads(),
               "full_pairs_per_s": round(full, 2), "full_runs_pairs_per_s": [round(x, 2) for x in full_runs],
@@ -92,7 +113,8 @@ def main() -> None:
               "speedup_epoch1_vs_full": round(first / full, 2),
               "cache_entries": len(cache.memory), "cache_tokens": tokens,
               "cache_mb_per_1000_pairs_fp32": round(cache.nbytes() / len(pairs) * 1000 / 2**20, 1),
-              "identity_hash_s": round(min(identity_s), 2)}
+              "identity_hash_s": round(min(identity_s), 2),
+              "batch_rounding_max_abs": float(f"{rounding:.2e}")}
     if causal:
         result.update({"freeze_cached_unpacked_runs_pairs_per_s": [round(x, 2) for x in unpacked_runs],
                        "freeze_epoch1_unpacked_pairs_per_s": round(first_unpacked, 2),

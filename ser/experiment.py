@@ -154,10 +154,6 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
                 _fork_from_seed_rm(source, run, mcfg, accelerator)
             else:  # the first ensemble method of this seed cross-fits the seed itself
                 run_evolve(mcfg, str(run))
-        kept = yaml.safe_load((run / "config.yaml").read_text())["ser"]["max_iterations"]
-        if kept != mcfg.ser.max_iterations:
-            log.warning("%s: made with ser.max_iterations=%s, which it keeps (this config: %s)", run, kept,
-                        mcfg.ser.max_iterations)
         run_evolve(None, None, resume=str(run))
         state = load_state(run)
         rm, tok = load_iteration(run, final_iteration(mcfg, state), cfg)
@@ -183,8 +179,8 @@ def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.
     last (`correct`, the seed RM's, with ser.max_iterations = 0), with every iteration's accuracy, in
     `seed_continued.json` (resumable per iteration)."""
     path, init, done = base / "seed_continued.json", str(seed_run / "iterations" / "0"), []
-    if path.exists() and len(json.loads(path.read_text())["iterations"]) == cfg.ser.max_iterations:
-        return np.array(json.loads(path.read_text())["correct"])  # else ser.max_iterations changed: RMs kept below
+    if path.exists():
+        return np.array(json.loads(path.read_text())["correct"])
     seed = split.seed
     for it in range(1, cfg.ser.max_iterations + 1):
         out, t0 = base / "seed_continued" / str(it), time.time()
@@ -283,26 +279,22 @@ def run_experiment(cfg: Config, out: str) -> Path:
     return root
 
 
-def settings_fingerprint(cfg: Config, sections: tuple[str, ...], extra: dict | None = None,
-                         skip: tuple[str, ...] = ()) -> str:
-    """A short hash of the config's `sections` (and `extra`), less the `skip` fields ("section.field"): what
-    finished results on disk must match to be reused."""
-    settings = {k: {f: x for f, x in v.items() if f"{k}.{f}" not in skip}
-                for k, v in dataclasses.asdict(cfg).items() if k in sections} | (extra or {})
+def settings_fingerprint(cfg: Config, sections: tuple[str, ...], extra: dict | None = None) -> str:
+    """A short hash of the config's `sections` (and `extra`): what finished results on disk must match to be
+    reused."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in sections} | (extra or {})
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def check_same_settings(root: Path, cfg: Config) -> None:
     """`ser experiment` reuses what a directory holds (finished seed RMs, baselines, method runs), so only if it was
-    made with the same data, model, train and ser settings and experiment.seed_epochs. experiment.seeds, methods and
-    bootstrap may change (a rerun can add seeds or methods), and so may ser.max_iterations: the seed RM is
-    iteration 0 whatever it is, `seed_continued` follows it, and a finished method run resumes with the
-    ser.max_iterations in its own config.yaml (`run_seed` says so when it differs). The first run writes
-    `settings.json`; a rerun with other settings, or a directory of results without that file (made before
-    ser kept one), is a UserError before any work."""
+    made with the same data, model, train and ser settings and experiment.seed_epochs; experiment.seeds, methods and
+    bootstrap may change (a rerun can add seeds or methods). Not ser.max_iterations either: the method runs already
+    made would keep theirs while `seed_continued` and new seeds took the new one, and the report would average
+    different budgets. The first run writes `settings.json`; a rerun with other settings, or a directory of results
+    without that file (made before ser kept one, so with unknown settings), is a UserError before any work."""
     path, fingerprint = root / "settings.json", settings_fingerprint(
-        cfg, ("data", "model", "train", "ser"), {"seed_epochs": cfg.experiment.seed_epochs},
-        skip=("ser.max_iterations",))
+        cfg, ("data", "model", "train", "ser"), {"seed_epochs": cfg.experiment.seed_epochs})
     if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")

@@ -146,8 +146,8 @@ _DTYPES = {torch.float32: (0, np.float32), torch.float16: (1, np.float16)}
 
 class FrozenCache:
     """Frozen-part outputs by sequence: key = sha256 of (backbone identity, N, vocabulary, max_length, token ids,
-    token type ids) -> hidden states (T, H), stored in `dtype` (fp32 by default: cached training equals uncached
-    training; fp16 halves the size and rounds the states).
+    token type ids, and the dtype unless fp32) -> hidden states (T, H), stored in `dtype` (fp32 by default: cached
+    training equals uncached training; fp16 halves the size and rounds the states).
 
     The backbone identity hashes the config and the frozen weights themselves, so an RM that continues from a
     previous one (SER's next iteration) with the same frozen part hits the same entries, and any change to them
@@ -168,8 +168,11 @@ class FrozenCache:
         self.identity = backbone_identity(model, tokenizer)
 
     def key(self, max_length: int, input_ids: list[int], token_type_ids: list[int] | None) -> bytes:
-        h = hashlib.sha256(self.identity)  # and the storage dtype: an fp32 and an fp16 cache may share a directory
-        h.update(json.dumps([max_length, input_ids, token_type_ids, str(self.dtype)]).encode())
+        h = hashlib.sha256(self.identity)
+        # and a storage dtype other than fp32 (fp32 caches written before keep their keys): an fp32 and an fp16
+        # cache may share a directory or a memory dict, each with its own entries
+        extra = [] if self.dtype == torch.float32 else [str(self.dtype)]
+        h.update(json.dumps([max_length, input_ids, token_type_ids, *extra]).encode())
         return h.digest()
 
     def get(self, key: bytes) -> torch.Tensor | None:
@@ -210,7 +213,7 @@ class FrozenCache:
     def nbytes(self) -> int:
         if self.directory is None:
             return sum(t.numel() * t.element_size() for t in self.memory.values())
-        return sum(p.stat().st_size for p in self.directory.glob("*.bin"))
+        return sum(p.stat().st_size for p in self.directory.glob("*.bin"))  # all the directory's caches
 
     def states(self, model, input_ids: list[list[int]], token_type_ids, pad_id: int,
                max_length: int) -> list[torch.Tensor]:

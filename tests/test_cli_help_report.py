@@ -149,6 +149,15 @@ def experiment_results(tmp_path):
     return tmp_path, summary, per_seed, cfg
 
 
+def test_a_non_finite_reward_counts_as_wrong_in_the_experiments_per_pair_correctness(monkeypatch):
+    """r_chosen > r_rejected with both finite: +inf > 1 and 2 > -inf are not right answers, a NaN is neither."""
+    import ser.experiment as experiment
+
+    r_c, r_r = np.array([2.0, np.inf, 2.0, np.nan, 0.0]), np.array([1.0, 1.0, -np.inf, 1.0, 1.0])
+    monkeypatch.setattr(experiment, "rm_scores", lambda rm, tok, pairs, cfg: (r_c, r_r))
+    assert experiment._correct(None, None, [], None).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
 def test_summary_paired_differences_and_the_gap_closed_only_where_the_gap_is_established():
     """One seed, 20 test pairs. seed_only right on 10, full_label on all 20: gap +0.5, every resample positive.
     ssrm right on the seed's 10 and 5 more: +0.25 over seed_only (each pair it adds is +1), half the gap. A

@@ -275,6 +275,11 @@ def test_fp16_store_halves_the_size_and_states_are_fp32_under_autocast(tiny_bert
         r = again.rewards(rm, distinct.input_ids, distinct.token_type_ids, tok.pad_token_id, 32)
     assert again.misses == 8 and again.hits == again.rebuilt == 0
     assert len(list(tmp_path.glob("*.bin"))) == len(fp16_files) + 8 and all(f.exists() for f in fp16_files)
+    # the same in memory: an fp16 cache given the fp32 cache's dict misses, never reads unrounded states
+    shared = FrozenCache(rm, tok, dtype=torch.float16, memory=exact.memory)
+    with torch.no_grad():
+        shared.rewards(rm, distinct.input_ids, distinct.token_type_ids, tok.pad_token_id, 32)
+    assert shared.misses == 8 and shared.hits == 0
     torch.testing.assert_close(r, torch.cat([full[:4], full[12:16]]), atol=1e-5, rtol=0)  # (a_0..a_3, b_0..b_3)
 
 

@@ -194,18 +194,18 @@ def test_an_empty_seed_or_test_split_is_an_error_before_anything_is_written(tmp_
 
 def test_an_experiment_reuses_results_only_made_with_its_settings(tmp_path):
     """`ser experiment` reuses a directory's seed RMs, baselines and runs: only with the same data, model, train
-    and ser settings (seeds, methods and ser.max_iterations may change); results of unknown settings are not
-    reused."""
+    and ser settings (seeds and methods may grow); results of unknown settings are not reused."""
     from ser.experiment import check_same_settings, run_experiment
 
     cfg = load_config(None, ["experiment.seeds=[0]"])
     (tmp_path / "exp").mkdir()
     check_same_settings(tmp_path / "exp", cfg)
     assert (tmp_path / "exp" / "settings.json").exists()
-    check_same_settings(tmp_path / "exp", load_config(None, ["experiment.seeds=[0, 1]", "experiment.methods=[ssrm]",
-                                                            "ser.max_iterations=5"]))  # runs keep their own
+    check_same_settings(tmp_path / "exp", load_config(None, ["experiment.seeds=[0, 1]", "experiment.methods=[ssrm]"]))
     with pytest.raises(UserError, match="made with other settings"):
         check_same_settings(tmp_path / "exp", load_config(None, ["data.seed_size=0.02"]))
+    with pytest.raises(UserError, match="made with other settings"):  # the method runs made would keep theirs
+        check_same_settings(tmp_path / "exp", load_config(None, ["ser.max_iterations=5"]))
     (tmp_path / "old" / "seed0").mkdir(parents=True)
     with pytest.raises(UserError, match="without a settings.json"):
         check_same_settings(tmp_path / "old", cfg)
