@@ -26,8 +26,7 @@ READS = {
     "sft": ("data", "model.max_length", "policy.backbone", "policy.max_prompt_length", "train.epochs",
             "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay", "train.warmup_ratio",
             "train.max_grad_norm", "train.seed", "train.mixed_precision"),
-    "ppo": ("data.train", "data.limit", "data.seed_size", "data.test_size", "data.split_seed", "policy", "ppo",
-            "train.mixed_precision"),
+    "ppo": ("data", "policy", "ppo", "train.mixed_precision"),  # data: the split ppo_prompts makes (load_splits)
 }
 
 
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate-pairs", help="an unlabelled pool: two answers per prompt from one or two policies")
     p.add_argument("--policy", required=True, help="policy directory (or backbone name) for answer_a")
     p.add_argument("--policy-b", help="policy for answer_b (default: a second sample of --policy)")
-    p.add_argument("--prompts", required=True, help="data spec whose prompts are used")
+    p.add_argument("--prompts", required=True, help="data spec (labelled or not) whose prompts are used")
     p.add_argument("--out", required=True, help="output .jsonl (prompt, answer_a, answer_b)")
     p.add_argument("--limit", type=_count, help="first N unique prompts")
     p.add_argument("--max-new-tokens", type=_count, default=128)
@@ -175,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("judge", help="win / tie / lose of policy A against B, judged by a gold RM")
     p.add_argument("--a", required=True, help="policy A directory (or backbone name)")
     p.add_argument("--b", required=True, help="policy B directory (or backbone name)")
-    p.add_argument("--prompts", required=True, help="data spec of held-out prompts")
+    p.add_argument("--prompts", required=True, help="data spec (labelled or not) of held-out prompts")
     p.add_argument("--judge", required=True, help="saved RM directory used as the judge")
     p.add_argument("--out", required=True, help="output .jsonl with both answers, scores and verdicts")
     p.add_argument("--limit", type=_count, help="first N unique prompts")

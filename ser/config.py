@@ -125,8 +125,8 @@ class PPOConfig:
 
     rm: str = ""  # saved RM directory (`ser train-rm`/`ser evolve` output)
     steps: int = 20  # PPO steps (one rollout batch each)
-    batch_size: int = 8  # prompts per rollout
-    mini_batch_size: int = 4  # sequences per gradient step
+    batch_size: int = 8  # prompts per rollout, per process (N processes roll out N x this; TRL's per-device size)
+    mini_batch_size: int = 4  # sequences per gradient step, per process
     ppo_epochs: int = 2  # passes over each rollout batch
     lr: float = 1e-5  # AdamW learning rate of the policy and its value head
     kl_coef: float = 0.2  # initial KL coefficient (SER paper)

@@ -68,17 +68,22 @@ def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, alpha: float = 
     return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
-def hierarchical_bootstrap(correct, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05):
-    """95% CI of mean accuracy over seeds and test pairs: resample seeds, then test pairs within each.
+def hierarchical_bootstrap(correct, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05,
+                           shared_pairs: bool = False):
+    """95% CI of mean accuracy over seeds and test pairs: resample seeds, then test pairs.
 
     correct: (S, N) 0/1 matrix, one row per training seed, one column per test pair; or the per-pair difference of
-    two such matrices (-1/0/1) for the CI of a paired difference."""
+    two such matrices (-1/0/1) for the CI of a paired difference. Nested (the default): each seed has test pairs of
+    its own (a split per seed), drawn anew for each resampled seed. shared_pairs: column j is the same test pair
+    for every seed (a fixed `data.test`), a crossed design: one draw of columns per resample serves every seed, so
+    a pair's difficulty counts once rather than averaging out over the seeds (which would make the CI too narrow).
+    Returns (lo, hi)."""
     m = np.asarray(correct, dtype=np.float64)
     if m.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     s, n = m.shape
     rows = rng.integers(0, s, size=(n_resamples, s))
-    cols = rng.integers(0, n, size=(n_resamples, s, n))
+    cols = rng.integers(0, n, size=(n_resamples, 1 if shared_pairs else s, n))
     means = m[rows[:, :, None], cols].mean(axis=(1, 2))
     return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))

@@ -330,15 +330,17 @@ def summarise(per_seed: dict, cfg: Config) -> dict:
     methods = [m for m in [*BASELINES, *SELF_LABELLING] if m in cfg.experiment.methods + ["seed_only"]]
     matrices = {m: np.stack([per_seed[s][m]["correct"] for s in per_seed]) for m in methods}  # (seeds, test pairs)
     table = {}
+    shared = cfg.data.test is not None  # every seed's test pairs are data.test's, in its order: a crossed design
     for m, matrix in matrices.items():
-        lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap)
+        lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap, shared_pairs=shared)
         table[m] = {"accuracy": float(matrix.mean()), "ci95": [lo, hi],
                     "per_seed": [float(x) for x in matrix.mean(axis=1)]}
         for ref in PAIRED_WITH:
             if ref in matrices and ref != m and (ref == "seed_only" or m in SELF_LABELLING):
                 diff = matrix - matrices[ref]
                 table[m][f"vs_{ref}"] = {"diff": float(diff.mean()),
-                                         "ci95": list(hierarchical_bootstrap(diff, cfg.experiment.bootstrap))}
+                                         "ci95": list(hierarchical_bootstrap(diff, cfg.experiment.bootstrap,
+                                                                             shared_pairs=shared))}
     out = {"methods": table, "seeds": list(per_seed), "config": dataclasses.asdict(cfg)}
     if "full_label" in table:
         gap = table["full_label"]["vs_seed_only"]
@@ -689,7 +691,7 @@ def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int
     points = []
     for n, per_seed in sorted(rows.items()):
         matrix = np.stack([np.array(r["correct"]) for r in per_seed])
-        lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap)
+        lo, hi = hierarchical_bootstrap(matrix, cfg.experiment.bootstrap, shared_pairs=cfg.data.test is not None)
         points.append({"labels": n, "accuracy": float(matrix.mean()), "ci95": [lo, hi],
                        "per_seed": [float(x) for x in matrix.mean(axis=1)],
                        "seconds": float(np.mean([r.get("seconds", np.nan) for r in per_seed]))})

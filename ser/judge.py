@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from ser.checkpoint import atomic_write_text, check_out_file, json_text
 from ser.config import PolicyConfig
-from ser.data import load_pairs, local_path
+from ser.data import load_records, local_path
 from ser.errors import UserError
 from ser.policy import generate, load_policy
 
@@ -23,9 +24,11 @@ PAIR_SAMPLING = dict(temperature=0.2, top_k=20, top_p=0.9)
 
 
 def load_prompts(spec: str, limit: int | None) -> list[str]:
-    """Unique prompts of a data spec, in file order."""
+    """Unique prompts of a data spec, labelled or not (`ser generate-pairs` output serves too), in file order;
+    ties count (their prompt is as good as any). Records with identical or empty answers are skipped with a
+    count in the log, as everywhere. Raises UserError for a spec without a prompt."""
     seen, prompts = set(), []
-    for p in load_pairs(spec):
+    for p in load_records(spec, labelled=False, drop_ties=False).pairs:
         if p.prompt not in seen:
             seen.add(p.prompt)
             prompts.append(p.prompt)
@@ -119,19 +122,28 @@ def _llm_choice(url: str, model: str, api_key: str | None, text: str, timeout: f
             reply = json.loads(response.read())["choices"][0]["message"]["content"]
     except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise UserError(f"{url}: LLM judge endpoint failed ({e})") from None
-    word = reply.strip().strip(".*'\"").split()[0].lower() if reply.strip() else ""
-    return {"a": "A", "b": "B"}.get(word, "tie")
+    return parse_choice(reply)
+
+
+def parse_choice(reply: str) -> str | None:
+    """An LLM judge's reply -> 'A', 'B', 'tie', or None when it names none or more than one of them ("A tie",
+    "A or B", "I cannot tell"). A and B count as standalone capital letters ("A", "(B)", "**A**.", "Response B"),
+    tie as the word in any case."""
+    named = {m.upper() if len(m) == 1 else "tie" for m in re.findall(r"\b(A|B|[Tt][Ii][Ee])\b", reply)}
+    return named.pop() if len(named) == 1 else None
 
 
 def llm_votes(prompts, answers_a, answers_b, url: str, model: str, api_key: str | None = None,
               timeout: float = 60.0) -> np.ndarray:
-    """Per prompt +1 (A better), 0 (tie), -1 (B better) from an LLM judge. Each pair is asked in both orders
-    (LLM judges favour a position); a pair counts for A only if A wins in both orders, a disagreement is a tie."""
+    """Per prompt +1 (A better), 0 (tie), -1 (B better) from an LLM judge, NaN where a reply named no choice
+    (`parse_choice`; left out of the verdicts like a non-finite RM score). Each pair is asked in both orders (LLM
+    judges favour a position); a pair counts for A only if A wins in both orders, a disagreement is a tie."""
     votes = []
     for p, a, b in zip(prompts, answers_a, answers_b):
         first = _llm_choice(url, model, api_key, LLM_QUESTION.format(prompt=p, a=a, b=b), timeout)
         swapped = _llm_choice(url, model, api_key, LLM_QUESTION.format(prompt=p, a=b, b=a), timeout)
-        votes.append(1 if (first, swapped) == ("A", "B") else -1 if (first, swapped) == ("B", "A") else 0)
+        votes.append(np.nan if None in (first, swapped) else 1 if (first, swapped) == ("A", "B")
+                     else -1 if (first, swapped) == ("B", "A") else 0)
     return np.array(votes, dtype=np.float64)
 
 
@@ -176,10 +188,16 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
     if llm:
         votes = llm_votes(prompts, a, b, llm["url"], llm["model"], llm.get("api_key"))
         for row, vote in zip(rows, votes):
-            row["llm_verdict"] = {1: "win", 0: "tie", -1: "lose"}[int(vote)]
-        lv = verdicts(votes, np.zeros_like(votes), 0.0)
+            row["llm_verdict"] = "no verdict" if np.isnan(vote) else {1: "win", 0: "tie", -1: "lose"}[int(vote)]
+        try:
+            lv = verdicts(votes, np.zeros_like(votes), 0.0)
+        except ValueError:
+            raise UserError(f"{llm['url']}: the LLM judge named no choice (A, B or tie) on any prompt") from None
+        if lv.excluded:
+            log.warning("%d of %d prompts left out of the LLM verdicts: a reply named no choice", lv.excluded,
+                        len(prompts))
         summary["llm"] = {"url": llm["url"], "model": llm["model"], "win": lv.win, "tie": lv.tie, "lose": lv.lose,
-                          "ci95": lv.ci95}
+                          "ci95": lv.ci95, "excluded": lv.excluded}
         v.llm = summary["llm"]
     atomic_write_text(out, "".join(json_text(r) + "\n" for r in rows))
     atomic_write_text(Path(out).with_suffix(".summary.json"), json_text(summary, indent=2))

@@ -1,7 +1,8 @@
 """Models: resolve a backbone name, build a reward model (a scalar head on any backbone), tokenize pairs.
 
 A reward model is `AutoModelForSequenceClassification` with `num_labels=1`, so a saved one loads unchanged in
-`transformers`, TRL and RewardBench. Encoders read the reward from their pooled [CLS]; causal LMs from the last
+`transformers`, TRL and RewardBench. Encoders read the reward through their own classification head (BERT's pooled
+[CLS], RoBERTa's and DeBERTa's first-token heads); causal LMs from the last
 real token (transformers finds it from `pad_token_id`, which we always set; we pad on the right). A causal RM gets a
 pad token of its own (`set_reward_pad_token`): an answer that ends with eos then reads its reward at the eos
 everywhere, instead of at the token before it wherever eos is also the pad token.
@@ -331,20 +332,50 @@ class Encoded:
     no_preference: list[int] = field(default_factory=list)  # `encode_pairs`: pairs whose two sequences are identical
 
 
+def causal_join(tokenizer) -> int | None:
+    """How a causal LM's tokenizer joins (prompt, answer): the number of special tokens its pair template puts
+    before the answer, which `encode` drops so that the sequence is the prompt's own tokens followed by the
+    answer's, as in `tokenizer(prompt + " " + answer)` (0: no pair template, GPT-2 / SmolLM2 / Qwen; 1: Llama 3
+    and Gemma's `bos $A bos $B`, transformers' template for any `add_bos_token` tokenizer). None for an
+    encoder's template that marks the answer (`[CLS] $A [SEP] $B [SEP]`, also one that appends eos), kept whole."""
+    single, pair = tokenizer("a")["input_ids"], tokenizer("a", "b")["input_ids"]
+    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("a", "b"))
+    if single[len(single) - len(a):] != a:  # special tokens after the text: an encoder's (or eos-adding) template
+        return None
+    lead = single[: len(single) - len(a)]
+    if pair == single + b:
+        return 0
+    return len(lead) if lead and pair == single + lead + b else None
+
+
+def answer_budget(tokenizer, max_length: int) -> int:
+    """The most answer tokens `encode` keeps: max_length less the special tokens and one prompt token."""
+    return max_length - tokenizer.num_special_tokens_to_add(pair=True) + (causal_join(tokenizer) or 0) - 1
+
+
 def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -> Encoded:
     """Tokenize (prompt, answer) as the tokenizer's text pair, keeping the answer and cutting the prompt
-    from the left: what the RM must judge is the answer, and the latest turns of the prompt matter most."""
-    n_special = tokenizer.num_special_tokens_to_add(pair=True)
-    # Tokenizers without a pair template (GPT-2/Llama style) simply concatenate: join with a space, unless the join
-    # has whitespace already (a chat-templated prompt ends with a newline), so a chat template's text is unchanged.
-    if n_special == 0:
+    from the left: what the RM must judge is the answer, and the latest turns of the prompt matter most.
+    A causal LM's tokenizer (`causal_join`) gives the prompt's tokens (with its leading bos, if any) followed
+    by the answer's, joined by a space."""
+    between = causal_join(tokenizer)
+    n_special = tokenizer.num_special_tokens_to_add(pair=True) - (between or 0)  # in each returned sequence
+    # A causal LM's tokenizer simply concatenates: join with a space, unless the join has whitespace already (a
+    # chat-templated prompt ends with a newline), so a chat template's text is unchanged.
+    if between is not None:
         answers = [a if p[-1:].isspace() or a[:1].isspace() else " " + a for p, a in zip(prompts, answers)]
-    budget = max_length - n_special - 1  # keep at least one prompt token
+    budget = answer_budget(tokenizer, max_length)  # keep at least one prompt token
     ans = tokenizer(answers, add_special_tokens=False, return_offsets_mapping=True)
     cut_answers = 0
     for i, (ids, offsets) in enumerate(zip(ans["input_ids"], ans["offset_mapping"])):
         if len(ids) > budget:
-            answers[i] = answers[i][: offsets[budget - 1][1]]
+            # cut after the budget-th token's characters; a character split over several byte-level tokens (CJK,
+            # emoji) shares their span, so the cut text may re-tokenize longer: step back until it fits
+            j = budget - 1
+            while j > 0 and len(tokenizer(answers[i][: offsets[j][1]],
+                                          add_special_tokens=False)["input_ids"]) > budget:
+                j -= 1
+            answers[i] = answers[i][: offsets[j][1]]
             cut_answers += 1
     prm = tokenizer(prompts, add_special_tokens=False)
     n_cut_prompts = sum(1 for p, a in zip(prm["input_ids"], ans["input_ids"])
@@ -352,15 +383,21 @@ def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
     try:
-        enc = tokenizer(prompts, answers, truncation="only_first", max_length=max_length)
+        enc = tokenizer(prompts, answers, truncation="only_first", max_length=max_length + (between or 0))
     finally:
         tokenizer.truncation_side = side
-    # A cut answer may re-tokenize one token longer at the cut; enforce the limit exactly.
-    ids = [x[-max_length:] if len(x) > max_length else x for x in enc["input_ids"]]
-    tt = enc.get("token_type_ids")
-    if tt is not None:
-        tt = [t[-max_length:] for t in tt]
+    ids, tt = enc["input_ids"], enc.get("token_type_ids")
     answer_lengths = [len(x) for x in tokenizer(answers, add_special_tokens=False)["input_ids"]]
+    if between:  # drop the special tokens the pair template put before each answer (Llama 3's second bos)
+        cuts = [len(x) - a - between for x, a in zip(ids, answer_lengths)]
+        ids = [x[:c] + x[c + between :] for x, c in zip(ids, cuts)]
+        tt = tt and [t[:c] + t[c + between :] for t, c in zip(tt, cuts)]
+        # a chat template writes the bos into the text (Llama 3, Gemma): one bos, as apply_chat_template gives
+        dup = [i for i, x in enumerate(ids) if x[:between] == x[between : 2 * between] and len(x) > 2 * between]
+        for i in dup:
+            ids[i] = ids[i][between:]
+            if tt:
+                tt[i] = tt[i][between:]
     prompt_lengths = [max(0, len(x) - n_special - a) for x, a in zip(ids, answer_lengths)]
     return Encoded(ids, tt, cut_answers, n_cut_prompts, prompt_lengths)
 
@@ -403,7 +440,7 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
     if diff_text:
         full = tokenizer([answers_a[i] for i in diff_text] + [answers_b[i] for i in diff_text],
                          add_special_tokens=False)["input_ids"]
-        budget = max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1  # as in `encode`: cut if > budget
+        budget = answer_budget(tokenizer, max_length)  # as in `encode`: cut if > budget
         m = len(diff_text)
         by_tokenizer = sum(full[k] == full[k + m] or max(len(full[k]), len(full[k + m])) <= budget for k in range(m))
         if by_tokenizer:
@@ -418,10 +455,11 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
 
 def can_share_prompt(model, tokenizer) -> bool:
     """Whether one packed sequence [prompt, answer_a, answer_b] can give both rewards of a pair: a causal LM
-    with a per-token score head (`...ForSequenceClassification.score`) and no pair template."""
+    with a per-token score head (`...ForSequenceClassification.score`) whose tokenizer concatenates
+    (`causal_join`)."""
     base = _inner(model)
     cfg = base.config
-    return (tokenizer.num_special_tokens_to_add(pair=True) == 0 and isinstance(getattr(base, "score", None),
+    return (causal_join(tokenizer) is not None and isinstance(getattr(base, "score", None),
             torch.nn.Module) and not getattr(cfg, "is_encoder_decoder", False)
             # the boolean 4D mask is honoured by SDPA only (eager adds it, flash-attention ignores it), and a
             # sliding-window layer would lose its window

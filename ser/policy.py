@@ -60,16 +60,29 @@ def prompt_texts(tokenizer, prompts: list[str]) -> list[str]:
             for p in prompts]
 
 
+def prompt_ids(tokenizer, text: str, max_prompt_length: int) -> list[int]:
+    """A prompt text's token ids as the policy sees them: cut from the left to max_prompt_length, after the
+    special tokens the tokenizer puts before a text (the bos of Llama, Mistral, Gemma; none for SmolLM2 or Qwen),
+    which stay first. A chat template that writes the bos into the text already gets no second one."""
+    from ser.models import causal_join
+
+    single, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    lead = single[: len(single) - len(bare)] if causal_join(tokenizer) else []
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if lead and ids[: len(lead)] == lead:
+        ids = ids[len(lead) :]
+    return lead + ids[-max(max_prompt_length - len(lead), 1) :]
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> dict:
-    """Left-padded prompt ids (B, P), cut from the left to max_prompt_length; the template's own special
-    tokens are in the text already."""
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        return tokenizer(prompt_texts(tokenizer, prompts), return_tensors="pt", padding=True, truncation=True,
-                         max_length=max_prompt_length, add_special_tokens=False)
-    finally:
-        tokenizer.truncation_side = side
+    """Left-padded prompt ids and attention mask (B, P) of `prompt_ids` for each prompt's `prompt_texts`."""
+    rows = [prompt_ids(tokenizer, t, max_prompt_length) for t in prompt_texts(tokenizer, prompts)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +93,29 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
     first = torch.where(ended, is_eos.int().argmax(-1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
     mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]
     return mask.float(), ended
+
+
+# generation settings that leave the sampled distribution alone: what generate() sets on every call, the special
+# tokens, and bookkeeping (caching, what is returned)
+_SAMPLING_KEYS = {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length", "pad_token_id",
+                  "bos_token_id", "eos_token_id", "transformers_version", "_from_model_config", "use_cache",
+                  "cache_implementation", "output_attentions", "output_hidden_states", "output_scores",
+                  "output_logits", "return_dict_in_generate"}
+
+
+def plain_sampling(model) -> list[str]:
+    """Replace the model's generation config with one that samples from logits / temperature alone, keeping only
+    its special tokens. transformers fills every field a `generate` call leaves unset from `model.generation_config`
+    (`GenerationMixin._prepare_generation_config`), so a checkpoint shipping e.g. `repetition_penalty` or
+    `no_repeat_ngram_size` would sample from another distribution than the one PPO's log-probabilities are taken
+    under (off-policy ratios and KL, silently). Returns the dropped settings as "name=value" (empty when none)."""
+    from transformers import GenerationConfig
+
+    old = model.generation_config
+    dropped = [f"{k}={v!r}" for k, v in sorted(old.to_diff_dict().items()) if k not in _SAMPLING_KEYS]
+    model.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
+                                               pad_token_id=old.pad_token_id)
+    return dropped
 
 
 @torch.no_grad()
@@ -132,7 +168,8 @@ def run_sft(cfg: Config, out: str) -> dict:
     prompts = prompt_texts(tok, [p.prompt for p in pairs])
     rows = []
     for prompt, answer in zip(prompts, [p.chosen for p in pairs]):
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"][-cfg.policy.max_prompt_length :]
+        p_ids = prompt_ids(tok, prompt, cfg.policy.max_prompt_length)  # what generation will see
+        answer = answer if prompt[-1:].isspace() or answer[:1].isspace() else " " + answer  # as the RM joins it
         a_ids = tok(answer, add_special_tokens=False)["input_ids"][: cfg.model.max_length - 1] + [tok.eos_token_id]
         rows.append((p_ids, a_ids))
     accelerator = make_accelerator(cfg.train)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ser.config import Config, load_config, to_dict
 from ser.errors import UserError
 from ser.frozen import disable_dropout
 from ser.models import full_parameters
-from ser.policy import generate, load_policy
+from ser.policy import generate, load_policy, plain_sampling
 from ser.rl import (AdaptiveKLController, entropy_from_logits, gae, kl_estimates, masked_mean, policy_loss,
                     shape_score, token_rewards, value_loss, whiten)
 from ser.scoring import score_texts
@@ -126,6 +127,13 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     if pc.reward == "normalize" and not {"reward_mean", "reward_std"} <= set(stats):
         raise UserError(f"{pc.rm}: ppo.reward=normalize needs the RM's reward_mean/reward_std in ser_config.json "
                         f"(saved by ser train-rm / ser evolve); use ppo.reward=sigmoid for other RMs")
+    if pc.reward == "normalize" and not (isinstance(stats["reward_mean"], (int, float))
+                                         and isinstance(stats["reward_std"], (int, float))
+                                         and math.isfinite(stats["reward_mean"])
+                                         and math.isfinite(stats["reward_std"]) and stats["reward_std"] > 0):
+        raise UserError(f"{pc.rm}/ser_config.json: ppo.reward=normalize needs a finite reward_mean and a finite "
+                        f"reward_std > 0, got {stats['reward_mean']!r} and {stats['reward_std']!r}; use "
+                        f"ppo.reward=sigmoid")
     start = 0
     if state:  # the last completed checkpoint: policy, value head, optimizer, KL coefficient
         policy, tok = load_policy(str(root / "checkpoint"))
@@ -134,6 +142,9 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
         policy, tok = load_policy(gen.backbone)
     if tok.eos_token_id is None:
         raise UserError(f"{gen.backbone}: the policy tokenizer has no eos token")
+    if dropped := plain_sampling(policy):  # rollouts sample where the log-probabilities are taken: logits / T
+        log.warning("ppo: the policy's generation_config set %s; PPO samples without them (the saved policy's "
+                    "generation_config is the plain one it was trained with)", ", ".join(dropped))
     # the rollout's log-probabilities, the update's and the reference's must come from one deterministic function
     # of the weights (TRL's PPO trainer turns dropout off too; SmolLM2 and Gemma 3 have none)
     disable_dropout(policy)
@@ -188,7 +199,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
                                               gen.temperature)
             ref_logp, _, _ = forward(reference, enc["input_ids"], enc["attention_mask"], responses, mask,
                                      gen.temperature)
-        kl = kl_estimates(old_logp, ref_logp)["k1"] * mask
+        kl = torch.where(mask.bool(), kl_estimates(old_logp, ref_logp)["k1"], 0.0)
         rewards = token_rewards(seq_reward, kl, mask, kl_ctl.value)
         if pc.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)

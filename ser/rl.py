@@ -1,7 +1,9 @@
 """The pure pieces of PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022), on right-padded token tensors.
 
 Every function takes `mask` (B, T) with 1 on the response tokens that count and 0 on padding, and returns
-plain tensors; nothing here touches a model. `ser ppo` (the loop) is built from these.
+plain tensors; nothing here touches a model. `ser ppo` (the loop) is built from these. Padding is selected away
+(`torch.where`), never multiplied by 0: an inf or NaN there (a log-ratio past the EOS) must not reach a sum or a
+gradient, as TRL fills padded log-probs rather than masking them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -20,7 +22,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
+    return torch.where(mask.bool(), out if shift_mean else out + mean, 0.0)
 
 
 def kl_estimates(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -34,7 +36,7 @@ def kl_estimates(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch.
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """The per-token reward PPO maximises: -kl_coef * KL at every response token, plus the sequence's RM
     score at its last response token. score: (B,), kl and mask: (B, T)."""
-    rewards = -kl_coef * kl * mask
+    rewards = torch.where(mask.bool(), -kl_coef * kl, 0.0)
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # the last counted token of each row
     return rewards + last * score[:, None]
 
@@ -48,20 +50,19 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     for t in reversed(range(T)):
-        m = mask[:, t]
+        m = mask[:, t].bool()
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * m  # padding (after the response) carries nothing back
+        last = torch.where(m, delta + gamma * lam * last, 0.0)  # padding (after the response) carries nothing back
         adv[:, t] = last
-        next_value = torch.where(m.bool(), values[:, t], next_value)
-        last = torch.where(m.bool(), last, torch.zeros_like(last))
-    return adv, (adv + values) * mask
+        next_value = torch.where(m, values[:, t], next_value)
+    return adv, torch.where(mask.bool(), adv + values, 0.0)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = p / p_old.
     Returns (loss, fraction of tokens where the clipped term was taken)."""
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(torch.where(mask.bool(), logp - old_logp, 0.0))  # padding: ratio 1, a zero gradient
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)

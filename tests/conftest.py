@@ -114,6 +114,22 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_bos_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """tiny_llama_dir with a tokenizer that adds bos (`add_bos_token`, as Llama 3's and Gemma's): its text pair
+    template is `bos $A bos $B`, which ser must not put between prompt and answer."""
+    import shutil
+
+    from ser.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama-bos")
+    shutil.copytree(tiny_llama_dir, out, dirs_exist_ok=True)
+    tok = load_tokenizer(str(out))
+    tok.add_bos_token = True
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def no_dropout_bert(tmp_path_factory) -> Path:
     """The packaged MiniLM with dropout switched off (dropout draws different masks in each process)."""
     from transformers import AutoModel, AutoTokenizer

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from ser.config import Config, load_config
@@ -25,6 +26,20 @@ def test_pair_metrics_hand_derived():
 def test_bootstrap_ci_brackets_mean():
     lo, hi = bootstrap_ci([1, 0] * 50, n_resamples=2000)
     assert lo < 0.5 < hi and hi - lo < 0.3
+
+
+def test_hierarchical_bootstrap_counts_shared_test_pairs_once():
+    """5 seeds that agree on every test pair (the pairs' difficulty is all there is): with shared pairs (a fixed
+    data.test) the CI is that of one seed's 200 pairs, sqrt(p (1 - p) / 200) = 0.035 wide per side at p = 0.6; the
+    nested bootstrap, drawing pairs anew per seed, would average 5 independent draws: about sqrt(5) = 2.2x narrower."""
+    from ser.evaluate import hierarchical_bootstrap
+
+    row = np.array([1.0] * 120 + [0.0] * 80)
+    m = np.tile(row, (5, 1))
+    lo, hi = hierarchical_bootstrap(m, 2000, shared_pairs=True)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * np.sqrt(0.6 * 0.4 / 200), rel=0.1)
+    nested_lo, nested_hi = hierarchical_bootstrap(m, 2000)
+    assert 1.8 < (hi - lo) / (nested_hi - nested_lo) < 2.7
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -33,6 +33,44 @@ def test_encode_counts_answers_longer_than_max_length(tiny_bert_dir):
     assert enc.truncated_answers == 1 and len(enc.input_ids[0]) == 16
 
 
+def test_encode_cuts_answers_of_multi_token_characters_without_error(tiny_llama_dir):
+    """SmolLM2's byte-level BPE spends several tokens on one CJK character or emoji, all with the character's
+    span: a cut at a token boundary inside it re-tokenized one token over the budget, and the tokenizer raised
+    "Sequence to truncate too short" (at max_length 19, 21, 22, ... for this answer)."""
+    from ser.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    answer = "这是一个很长的回答。" * 30 + "😀" * 20
+    for max_length in range(16, 80):
+        enc = encode(tok, ["Human: hi\n\nAssistant:"], [answer], max_length)
+        assert len(enc.input_ids[0]) <= max_length and enc.truncated_answers == 1, max_length
+        assert enc.prompt_lengths[0] >= 1  # a prompt token is always kept
+
+
+def test_a_bos_adding_tokenizer_gives_one_bos_then_prompt_and_answer(tiny_llama_dir, tiny_llama_bos_dir,
+                                                                      tiny_bert_dir):
+    """Llama 3 / Gemma tokenizers add bos, and transformers' text-pair template for them is `bos $A bos $B`: ser
+    keeps the first bos only (what `tok(prompt + " " + answer)` gives), none more when a chat template wrote one
+    into the text, and packs pairs as for SmolLM2. An encoder keeps its template whole."""
+    from ser.models import causal_join, load_tokenizer
+
+    bos = load_tokenizer(str(tiny_llama_bos_dir))
+    assert (causal_join(load_tokenizer(str(tiny_llama_dir))), causal_join(bos)) == (0, 1)
+    assert causal_join(load_reward_model(str(tiny_bert_dir))[1]) is None
+    b = bos.bos_token_id
+    enc = encode(bos, ["Human: hi\n\nAssistant:", bos.bos_token + "Human: hi"], ["hello there", "yes"], 64)
+    assert enc.input_ids[0] == bos("Human: hi\n\nAssistant: hello there")["input_ids"]
+    assert enc.input_ids[0][0] == b and b not in enc.input_ids[0][1:]
+    assert enc.input_ids[1] == [b] + bos("Human: hi yes", add_special_tokens=False)["input_ids"]
+    long = encode(bos, [" ".join(f"w{i}" for i in range(100))], ["the answer"], 16).input_ids[0]
+    assert len(long) == 16 and long[0] == b and b not in long[1:]  # cut from the left, the bos kept first
+    rm, tok = load_reward_model(str(tiny_llama_bos_dir))
+    assert can_share_prompt(rm, tok)
+    prompts, a, c = ["Human: which colour?\n\nAssistant:"] * 2, ["Blue.", "Red, I think."], ["Green.", "None."]
+    np.testing.assert_allclose(np.stack(score_pairs(rm, tok, prompts, a, c, 32)),
+                               np.stack(score_pairs(rm, tok, prompts, a, c, 32, share_prompt=False)), atol=1e-5)
+
+
 def test_causal_rm_pad_token_and_padding_invariance(tiny_llama_dir):
     rm, tok = load_reward_model(str(tiny_llama_dir))
     assert tok.pad_token is not None and rm.config.pad_token_id == tok.pad_token_id

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,26 @@ def test_hh_messages_and_response_mask():
     # eos = 9: the mask covers tokens up to and including the first eos; row 1 never ends (length limit)
     mask, ended = response_mask(torch.tensor([[5, 9, 9, 9], [5, 6, 7, 8]]), 9)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
+
+
+def test_policy_prompts_keep_the_bos_a_tokenizer_adds(tiny_llama_dir, tiny_llama_bos_dir):
+    """Generation and SFT see prompt ids cut from the left with the tokenizer's bos (Llama, Mistral, Gemma) kept
+    first, never doubled when a chat template wrote it into the text; SmolLM2's tokenizer adds none."""
+    from ser.models import load_tokenizer
+    from ser.policy import encode_prompts, prompt_ids
+
+    plain, bos = load_tokenizer(str(tiny_llama_dir)), load_tokenizer(str(tiny_llama_bos_dir))
+    text = "Human: " + "tell me more " * 20 + "\n\nAssistant:"
+    bare = plain(text, add_special_tokens=False)["input_ids"]
+    assert prompt_ids(plain, text, 1000) == bare and prompt_ids(plain, text, 10) == bare[-10:]
+    b = bos.bos_token_id
+    assert prompt_ids(bos, text, 1000) == [b] + bare and prompt_ids(bos, text, 10) == [b] + bare[-9:]
+    assert prompt_ids(bos, bos.bos_token + text, 1000) == [b] + bare  # the template's own bos: not a second one
+    plain.pad_token, plain.chat_template = plain.eos_token, None
+    enc = encode_prompts(plain, ["Human: hi\n\nAssistant:", text], 12)  # no chat template: the raw text
+    short = plain("Human: hi\n\nAssistant:", add_special_tokens=False)["input_ids"]
+    assert enc["input_ids"].shape == (2, 12) and enc["input_ids"][1].tolist() == bare[-12:]
+    assert enc["input_ids"][0, 12 - len(short):].tolist() == short and enc["attention_mask"][0].sum() == len(short)
 
 
 def _cfg(tiny_llama_dir, rm_dir, steps=2, **extra):
@@ -78,6 +99,42 @@ def test_ppo_refuses_filtered_sampling_before_any_write(tiny_llama_dir, tmp_path
         with pytest.raises(UserError, match="policy.top_k = .* and policy.top_p = .*: set them to 0 and 1.0"):
             run_ppo(_cfg(tiny_llama_dir, tmp_path / "no-rm", **extra), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mean, std", [(0.0, 0.0), (float("nan"), 1.0), (0.0, None)])
+def test_ppo_normalize_refuses_unusable_reward_statistics_before_any_write(tiny_llama_dir, tiny_bert_dir, tmp_path,
+                                                                         mean, std):
+    """ppo.reward=normalize divides by the RM's reward_std: 0 would scale rewards by 1e8, a NaN (stored as null
+    when every training reward was non-finite) would crash mid-run."""
+    from ser.errors import UserError
+    from ser.ppo import run_ppo
+
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    rm_dir = save_reward_model(rm, tok, tmp_path / "rm", {"config": {"model": {"max_length": 64}},
+                                                          "reward_mean": mean, "reward_std": std})
+    with pytest.raises(UserError, match="needs a finite reward_mean and a finite reward_std > 0"):
+        run_ppo(_cfg(tiny_llama_dir, rm_dir, **{"ppo.reward": "normalize"}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_rollouts_ignore_sampling_settings_the_checkpoint_ships(tiny_llama_dir):
+    """transformers fills what a generate call leaves unset from model.generation_config: a checkpoint's
+    repetition_penalty / suppress_tokens would change the rollout distribution under PPO's log-probs.
+    plain_sampling drops them (and says which); rollouts then equal those of a policy that never had them."""
+    from ser.config import PolicyConfig
+    from ser.policy import generate, load_policy, plain_sampling
+
+    pcfg = PolicyConfig(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0)
+    plain, tok = load_policy(str(tiny_llama_dir))
+    shipped, _ = load_policy(str(tiny_llama_dir))
+    prompts = ["Hello there", "How do I bake bread?"]
+    want = generate(plain, tok, prompts, pcfg, seed=3)[1]
+    first = sorted(set(want[:, 0].tolist()))  # the tokens sampled first: suppressed, they cannot be
+    shipped.generation_config.repetition_penalty, shipped.generation_config.suppress_tokens = 5.0, first
+    assert not torch.equal(generate(shipped, tok, prompts, pcfg, seed=3)[1], want)  # the settings did act
+    assert plain_sampling(shipped) == ["repetition_penalty=5.0", f"suppress_tokens={first!r}"]
+    assert torch.equal(generate(shipped, tok, prompts, pcfg, seed=3)[1], want)
+    assert shipped.generation_config.eos_token_id == tok.eos_token_id and plain_sampling(shipped) == []
 
 
 def test_disable_dropout_makes_a_training_mode_forward_deterministic():
@@ -142,7 +199,7 @@ def test_verdicts_hand_derived():
 def test_generate_pairs_feeds_evolve_and_judge_writes_verdicts(tiny_llama_dir, tiny_rm, shared_data, tmp_path,
                                                                caplog):
     from ser.data import load_unlabelled
-    from ser.judge import generate_pairs, judge
+    from ser.judge import generate_pairs, judge, load_prompts
 
     pool = tmp_path / "pool.jsonl"
     assert generate_pairs(str(tiny_llama_dir), None, "hh-rlhf:helpful-base", str(pool), limit=6,
@@ -150,6 +207,10 @@ def test_generate_pairs_feeds_evolve_and_judge_writes_verdicts(tiny_llama_dir, t
     rows = [json.loads(l) for l in pool.read_text().splitlines()]
     assert set(rows[0]) == {"prompt", "answer_a", "answer_b"}
     assert len(load_unlabelled(str(pool))) == sum(r["answer_a"] != r["answer_b"] for r in rows)
+    # an unlabelled file (this one) gives prompts to judge on too
+    usable = [r["prompt"] for r in rows if r["answer_a"] != r["answer_b"] and r["answer_a"].strip()
+              and r["answer_b"].strip()]
+    assert load_prompts(str(pool), None) == list(dict.fromkeys(usable)) != []
     v = judge(str(tiny_llama_dir), str(tiny_llama_dir), "hh-rlhf:helpful-base", str(tiny_rm),
               str(tmp_path / "verdicts.jsonl"), limit=5, max_new_tokens=5)
     # the same policy with the same seed gives the same answers: every prompt is a tie
@@ -182,6 +243,15 @@ def test_saved_rm_is_a_reward_function_for_trl_grpo(tiny_llama_dir, tiny_rm, tmp
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
 
 
+def test_llm_judge_replies_are_parsed_or_left_out():
+    from ser.judge import parse_choice
+
+    replies = {"A": "A", "B.": "B", "(A)": "A", "**B**": "B", "Response A": "A", "A,": "A", "Tie": "tie",
+               "tie.": "tie", "'B'": "B", "A tie": None, "A or B": None, "I cannot tell": None, "": None,
+               "a": None, "Both": None}
+    assert {r: parse_choice(r) for r in replies} == replies
+
+
 def test_llm_judge_asks_both_orders_over_the_openai_protocol():
     """A local OpenAI-compatible endpoint (no LLM is reachable here) that prefers the response containing "good":
     both orders agree -> a vote; an endpoint that always says "A" (pure position bias) -> only ties."""
@@ -199,6 +269,7 @@ def test_llm_judge_asks_both_orders_over_the_openai_protocol():
             text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
             a, b = text.split("Response A:\n")[1].split("\n\nResponse B:\n")
             reply = "A" if self.biased else ("tie" if ("good" in a) == ("good" in b) else "A" if "good" in a else "B.")
+            reply = "I cannot tell" if "unsure" in a + b else reply
             body = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -216,6 +287,7 @@ def test_llm_judge_asks_both_orders_over_the_openai_protocol():
         assert votes.tolist() == [1.0, -1.0, 0.0]
         Endpoint.biased = True
         assert llm_votes(["q1", "q2"], ["good", "x"], ["x", "good"], url, "m").tolist() == [0.0, 0.0]
+        assert np.isnan(llm_votes(["q"], ["unsure"], ["good"], url, "m")).all()  # no choice named: no verdict
     finally:
         server.shutdown()
     with pytest.raises(UserError, match="LLM judge endpoint failed"):

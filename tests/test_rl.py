@@ -81,6 +81,24 @@ def test_whiten_and_masked_mean():
     assert torch.allclose(whiten(x, m, shift_mean=False), torch.tensor([1.0, 3.0, 0.0]), atol=1e-4)
 
 
+def test_padding_never_reaches_a_loss_or_its_gradient():
+    """A non-finite value past the EOS (padding) changes no loss, return or gradient: the mask selects it away
+    (with x * mask, inf * 0 = NaN would end the run). Row: 2 response tokens, then 1 padded."""
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    logp = torch.tensor([[math.log(1.5), 0.0, 1000.0]], requires_grad=True)  # exp(1000 - 0) overflows
+    old, adv = torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 5.0]])
+    loss, frac = policy_loss(logp, old, adv, m, clip=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.2 - 1.0) / 2) and frac.item() == 0.5  # as without the padded token
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0.0
+    assert masked_mean(torch.tensor([[1.0, 3.0, math.inf]]), m).item() == 2.0
+    rewards = token_rewards(torch.tensor([2.0]), torch.tensor([[0.5, 0.5, math.inf]]), m, kl_coef=0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 1.95, 0.0]]))
+    assert whiten(torch.tensor([[1.0, 3.0, math.nan]]), m)[0, 2] == 0.0
+    adv, ret = gae(rewards, torch.tensor([[0.0, 0.0, math.nan]]), m)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all() and ret[0, 2] == 0.0
+
+
 def test_entropy_and_score_shaping():
     assert entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
     s = torch.tensor([0.0, 2.0])
