@@ -309,6 +309,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config: '{key}' must be >= 1, got {value}")
+    if cfg.model.max_length < 8:  # special tokens, a prompt token and an answer (`ser.models.answer_budget`)
+        raise UserError(f"config: 'model.max_length' must be >= 8, got {cfg.model.max_length}")
     for key, value in {"train.save_every": cfg.train.save_every, "train.eval_every": cfg.train.eval_every}.items():
         if value < 0:
             raise UserError(f"config: '{key}' must be >= 0, got {value}")

@@ -108,8 +108,9 @@ LLM_QUESTION = ("Below is a conversation with an AI assistant and two candidate 
                 "Conversation:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}")
 
 
-def _llm_choice(url: str, model: str, api_key: str | None, text: str, timeout: float) -> str:
-    """One chat completion from an OpenAI-compatible endpoint (`url` ends in /v1); returns 'A', 'B' or 'tie'."""
+def _llm_choice(url: str, model: str, api_key: str | None, text: str, timeout: float) -> str | None:
+    """One chat completion from an OpenAI-compatible endpoint (`url` ends in /v1); returns 'A', 'B', 'tie' or None
+    (`parse_choice`). Raises UserError when the endpoint fails."""
     import urllib.error
     import urllib.request
 

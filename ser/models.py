@@ -337,7 +337,10 @@ def causal_join(tokenizer) -> int | None:
     before the answer, which `encode` drops so that the sequence is the prompt's own tokens followed by the
     answer's, as in `tokenizer(prompt + " " + answer)` (0: no pair template, GPT-2 / SmolLM2 / Qwen; 1: Llama 3
     and Gemma's `bos $A bos $B`, transformers' template for any `add_bos_token` tokenizer). None for an
-    encoder's template that marks the answer (`[CLS] $A [SEP] $B [SEP]`, also one that appends eos), kept whole."""
+    encoder's template that marks the answer (`[CLS] $A [SEP] $B [SEP]`, also one that appends eos), kept whole.
+    The answer is tokenized on its own: a SentencePiece tokenizer that marks the start of every text as a word start
+    (Llama 2, Mistral) gives it that marker even after a prompt that ends with a newline, where
+    `tokenizer(prompt + answer)` would not; byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2) do not."""
     single, pair = tokenizer("a")["input_ids"], tokenizer("a", "b")["input_ids"]
     a, b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("a", "b"))
     if single[len(single) - len(a):] != a:  # special tokens after the text: an encoder's (or eos-adding) template
@@ -346,6 +349,12 @@ def causal_join(tokenizer) -> int | None:
     if pair == single + b:
         return 0
     return len(lead) if lead and pair == single + lead + b else None
+
+
+def leading_ids(tokenizer) -> list[int]:
+    """The special token ids a tokenizer puts before a single text (the bos of Llama, Gemma), [] for none."""
+    single, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    return single[: len(single) - len(bare)] if single[len(single) - len(bare) :] == bare else []
 
 
 def answer_budget(tokenizer, max_length: int) -> int:
@@ -365,6 +374,9 @@ def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -
     if between is not None:
         answers = [a if p[-1:].isspace() or a[:1].isspace() else " " + a for p, a in zip(prompts, answers)]
     budget = answer_budget(tokenizer, max_length)  # keep at least one prompt token
+    if budget < 4:  # room for at least one character of any byte-level tokenizer (up to 4 tokens)
+        raise UserError(f"model.max_length = {max_length} leaves {max(budget, 0)} tokens for an answer beside the "
+                        f"special tokens and a prompt token; use at least {max_length - budget + 4}")
     ans = tokenizer(answers, add_special_tokens=False, return_offsets_mapping=True)
     cut_answers = 0
     for i, (ids, offsets) in enumerate(zip(ans["input_ids"], ans["offset_mapping"])):
@@ -377,9 +389,6 @@ def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -
                 j -= 1
             answers[i] = answers[i][: offsets[j][1]]
             cut_answers += 1
-    prm = tokenizer(prompts, add_special_tokens=False)
-    n_cut_prompts = sum(1 for p, a in zip(prm["input_ids"], ans["input_ids"])
-                        if len(p) + min(len(a), budget) + n_special > max_length)
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
     try:
@@ -388,6 +397,8 @@ def encode(tokenizer, prompts: list[str], answers: list[str], max_length: int) -
         tokenizer.truncation_side = side
     ids, tt = enc["input_ids"], enc.get("token_type_ids")
     answer_lengths = [len(x) for x in tokenizer(answers, add_special_tokens=False)["input_ids"]]
+    prm = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    n_cut_prompts = sum(len(p) + a + n_special > max_length for p, a in zip(prm, answer_lengths))
     if between:  # drop the special tokens the pair template put before each answer (Llama 3's second bos)
         cuts = [len(x) - a - between for x, a in zip(ids, answer_lengths)]
         ids = [x[:c] + x[c + between :] for x, c in zip(ids, cuts)]
@@ -427,7 +438,9 @@ def encode_pairs(tokenizer, prompts: list[str], answers_a: list[str], answers_b:
                 if tt is not None:
                     tt[s] = tt[s][:lead] + tt[s][lead + cut :]
                 plen[s] = common
-    full = [len(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    own = leading_ids(tokenizer) if causal_join(tokenizer) else []  # a bos in the text: `encode` keeps one
+    full = [len(x) - len(own) * (bool(own) and x[: len(own)] == own)
+            for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     cut_prompts = sum(plen[s] < full[s % n] for s in range(2 * n))  # by max_length or to match the other side
     # Identical token ids: equal rewards, no preference to learn, a tie in evaluation. Three causes: the same text
     # (data loading drops such pairs with a count, `ser judge` warns about them: logged at info here); and, for

@@ -63,11 +63,11 @@ def prompt_texts(tokenizer, prompts: list[str]) -> list[str]:
 def prompt_ids(tokenizer, text: str, max_prompt_length: int) -> list[int]:
     """A prompt text's token ids as the policy sees them: cut from the left to max_prompt_length, after the
     special tokens the tokenizer puts before a text (the bos of Llama, Mistral, Gemma; none for SmolLM2 or Qwen),
-    which stay first. A chat template that writes the bos into the text already gets no second one."""
-    from ser.models import causal_join
+    which stay first (so at least the lead and one token). A chat template that writes the bos into the text
+    already gets no second one."""
+    from ser.models import causal_join, leading_ids
 
-    single, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    lead = single[: len(single) - len(bare)] if causal_join(tokenizer) else []
+    lead = leading_ids(tokenizer) if causal_join(tokenizer) is not None else []
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if lead and ids[: len(lead)] == lead:
         ids = ids[len(lead) :]

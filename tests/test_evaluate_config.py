@@ -57,6 +57,7 @@ def test_yaml_and_overrides(tmp_path):
     ("train:\n  batch_size: many\n", "'train.batch_size' must be int"),
     ("train:\n  lr: [1]\n", "'train.lr' must be float"),
     ("model:\n  mode: half\n", "'model.mode' must be one of full, lora, head"),
+    ("model:\n  max_length: 7\n", "'model.max_length' must be >= 8, got 7"),
     ("data: [1, 2]\n", "section 'data' must be a mapping"),
     ("data:\n  train: [\n", "not valid YAML"),
     ("ser:\n  target_precision: 0.3\n", "'ser.target_precision' must be 0 (off) or in [0.5, 1], got 0.3"),

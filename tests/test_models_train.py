@@ -31,6 +31,9 @@ def test_encode_counts_answers_longer_than_max_length(tiny_bert_dir):
     _, tok = load_reward_model(str(tiny_bert_dir))
     enc = encode(tok, ["q"], [" ".join(["word"] * 100)], max_length=16)
     assert enc.truncated_answers == 1 and len(enc.input_ids[0]) == 16
+    # [CLS] q [SEP] answer [SEP]: max_length 7 leaves 3 answer tokens, too few for one character of some tokenizers
+    with pytest.raises(UserError, match="model.max_length = 7 leaves 3 tokens for an answer.*use at least 8"):
+        encode(tok, ["q"], ["a b"], max_length=7)
 
 
 def test_encode_cuts_answers_of_multi_token_characters_without_error(tiny_llama_dir):
@@ -62,6 +65,8 @@ def test_a_bos_adding_tokenizer_gives_one_bos_then_prompt_and_answer(tiny_llama_
     assert enc.input_ids[0] == bos("Human: hi\n\nAssistant: hello there")["input_ids"]
     assert enc.input_ids[0][0] == b and b not in enc.input_ids[0][1:]
     assert enc.input_ids[1] == [b] + bos("Human: hi yes", add_special_tokens=False)["input_ids"]
+    # the text's own bos is not a prompt token cut
+    assert encode_pairs(bos, [bos.bos_token + "Human: hi"], ["yes"], ["no"], 64).truncated_prompts == 0
     long = encode(bos, [" ".join(f"w{i}" for i in range(100))], ["the answer"], 16).input_ids[0]
     assert len(long) == 16 and long[0] == b and b not in long[1:]  # cut from the left, the bos kept first
     rm, tok = load_reward_model(str(tiny_llama_bos_dir))
