@@ -84,7 +84,7 @@ class SERConfig:
     tau_high: float = 0.55  # SER paper §3: status-1 needs one answer with σ(r) > tau_high (and the other < tau_low)
     tau_low: float = 0.45  # SER paper §3: status-1 needs the other answer with σ(r) < tau_low
     tau_delta: float = 0.30  # SER paper §3: status-2 needs |σ(r1) - σ(r2)| >= tau_delta
-    min_pairs: float | int = 0.05  # SER paper's N_min (600 of 160k pairs); int = count, float = fraction of the pool
+    min_pairs: float | int = 0.05  # N_min; int = count, float = fraction of the pool (ours; the paper: 600 of 160k)
     rule: str = "paper"  # paper: status 1 else 2, else stop | code: released OR rule | ssrm: baseline | ensemble: folds vote
     calibration: str = "temperature"  # none (paper) | center: minus the seed mean | temperature: center + fit T
     pseudo_loss: str = "sigmoid"  # loss on pseudo-labelled pairs: sigmoid (released code) | hinge (paper)

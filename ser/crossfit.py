@@ -268,13 +268,16 @@ def budget_accept(p: ArrayLike, agree: ArrayLike, n_members: int, fraction: floa
     """(n,) bool: the per-iteration budget alternative to a threshold: the floor(fraction · E) most confident of
     the E eligible pairs (>= min_agree members agree; default all), confidence as in `accept`; equal confidences
     go to the lower index. A budget bounds how fast pseudo-labels accumulate whatever the RM's scale (the
-    top-percentile schedule of Curriculum Labeling, Cascante-Bonilla et al., 2021).
+    top-percentile schedule of Curriculum Labeling, Cascante-Bonilla et al., 2021). With a_wins given, a pair whose
+    mean p leans against its majority label (confidence < 0.5, possible when min_agree < n_members) is not eligible,
+    as under `accept`'s threshold >= 0.5: its soft target would pull the RM the other way.
 
     Raises ValueError as `accept` does, and if fraction is outside [0, 1].
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
     eligible, conf = _eligible(p, agree, n_members, min_agree, a_wins)
+    eligible &= conf >= 0.5
     ranked = _most_confident_first(eligible, conf)
     budget = math.floor(fraction * len(ranked) + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996 in floats
     take = np.zeros(len(eligible), dtype=bool)

@@ -447,7 +447,7 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             take, bias = trim_and_guard(sel, pool, seed, s)
             record |= {**sel["record"], "ser/added": int(take.sum()), **bias,
                        "ser/expected_precision": expected_precision(take, sel["target"]),
-                       **audit(take, sel["a_wins"], sel["groups"], sel["group_name"], sel["confidence"], hidden)}
+                       **audit(take, sel["a_wins"], sel["groups"], sel["group_name"], sel["target"], hidden)}
             save_scores(run, it, accelerator, ids=np.array([p.id for p in pool]), take=take, a_wins=sel["a_wins"],
                         truth=hidden if hidden is not None else np.zeros(0), **sel["scores"])
             if sel["learning"] == STOP or not take.any():
@@ -651,6 +651,10 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
     state.data_hash = digest
     log.info("SER: %d seed pairs, %d validation pairs, %d pool pairs (%s), %d test pairs", len(split.seed), len(val),
              len(pool), "labels hidden, audited" if truth else "unlabelled", len(split.test))
+    if cfg.ser.target_precision and not val and not cfg.ser.folds:
+        log.warning("ser.target_precision: the temperature is fitted on the seed pairs the RM trained on, which makes "
+                    "it look more confident than it is, so the expected precision runs high; set ser.validation "
+                    "(held-out seed pairs) or use rule=ensemble (out-of-fold)")
     if state.stopped is None:
         truncate_jsonl(run / "metrics.jsonl", "iteration", state.completed)  # the interrupted one is redone
         state = evolve(cfg, run, split, pool, truth, state, accelerator, val)

@@ -31,6 +31,8 @@ def fit_temperature(margins, grid=np.exp(np.linspace(math.log(1e-3), math.log(1e
     m = np.asarray(margins, dtype=np.float64)
     if m.size == 0:
         return 1.0
+    if m.mean() <= 0:  # no better than chance on these pairs: the flattest σ, never the grid's sharpest (the NLL is
+        return float(grid[-1])  # flat at all-zero margins, and argmin would take its first point, T = 1e-3)
     target = (m.size + 1) / (m.size + 2)
     nll = [(target * np.logaddexp(0.0, -m / t) + (1 - target) * np.logaddexp(0.0, m / t)).mean() for t in grid]
     return float(grid[int(np.argmin(nll))])
@@ -38,7 +40,8 @@ def fit_temperature(margins, grid=np.exp(np.linspace(math.log(1e-3), math.log(1e
 
 def pair_status(p_a, p_b, tau_high: float = 0.55, tau_low: float = 0.45, tau_delta: float = 0.30) -> np.ndarray:
     """Per-pair status: 1 if one answer has p > tau_high and the other p < tau_low (SER §3, status 1);
-    else 2 if |p_a - p_b| >= tau_delta (status 2); else 0. Thresholds are strict as written in the paper."""
+    else 2 if |p_a - p_b| >= tau_delta (status 2); else 0. tau_high and tau_low are strict as written in the paper,
+    tau_delta inclusive (the released code's `> 0.3` is strict; equal only on an exact tie)."""
     p_a, p_b = np.asarray(p_a, dtype=np.float64), np.asarray(p_b, dtype=np.float64)
     s1 = ((p_a > tau_high) & (p_b < tau_low)) | ((p_b > tau_high) & (p_a < tau_low))
     s2 = ~s1 & (np.abs(p_a - p_b) >= tau_delta)

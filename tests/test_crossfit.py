@@ -252,6 +252,9 @@ def test_budget_accept_top_fraction_of_eligible():
     assert np.flatnonzero(budget_accept(p, agree, 3, 0.39)).tolist() == [1]  # floor(1.95) = 1
     assert budget_accept(p, agree, 3, 1.0).sum() == 5 and budget_accept(p, agree, 3, 0.0).sum() == 0
     assert budget_accept(np.zeros(0), np.zeros(0, dtype=int), 3, 0.5).tolist() == []
+    # a 2-of-3 majority for A whose mean p = 0.35 leans to B: never taken (its soft target would train B), while a
+    # pair whose p agrees with its label is
+    assert budget_accept([0.35, 0.8], [2, 2], 3, 1.0, min_agree=2, a_wins=[True, True]).tolist() == [False, True]
     with pytest.raises(ValueError, match=r"fraction must lie in \[0, 1\]"):
         budget_accept(p, agree, 3, 1.5)
 

@@ -80,6 +80,10 @@ def test_fit_temperature_recovers_calibrated_scale():
     assert fit_temperature([2.0, 2.0, 2.0, -2.0]) == pytest.approx(2 / math.log(2), rel=0.03)
     # separable: 4 pairs at +2, t = 5/6 -> σ(2/T) = 5/6, T = 2 / log 5 (without smoothing: the grid's floor)
     assert fit_temperature([2.0] * 4) == pytest.approx(2 / math.log(5), rel=0.03)
+    # no better than chance (mean margin <= 0; all zero: a collapsed RM): the flattest T, never the sharpest, which
+    # would make every pool vote look certain
+    flattest = np.exp(math.log(1e3))  # the grid's last point
+    assert fit_temperature([0.0] * 4) == fit_temperature([1e-9, -1e-9]) == fit_temperature([1.0, -3.0]) == flattest
 
 
 def test_ssrm_threshold():
