@@ -271,7 +271,7 @@ def run(argv: list[str]) -> int:
 
         r = run_score(args.rm, args.data, args.out, args.limit, args.batch_size)
         skipped = sum(r["skipped"].values())
-        print(f"scored {r['scored']} pairs; skipped {skipped} records"
+        print(f"scored {r['scored']} pairs; skipped {skipped} record{'s' if skipped != 1 else ''}"
               + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(r['skipped'].items()))})" if skipped else ""))
         print(f"wrote {args.out} and {r['skipped_file']} (the records skipped, with the reason)")
     elif args.command == "eval":
