@@ -209,6 +209,19 @@ def restore_swapped(target: str | Path) -> Path:
     return target
 
 
+def remove_debris(run: Path) -> None:
+    """Delete what killed writers leave under `run`, which nothing reads and repeated kills would pile up: the
+    temporary files and directories of `atomic_write_bytes` and `atomic_dir` (`.NAME.*.tmp`, never renamed, so
+    never complete), and a `.NAME.old` whose NAME is in place (atomic_dir's second rename happened). Call before
+    any writer starts (`check_resumable`, after `restore_swapped`). A frozen-layer cache's files in writing
+    (`KEY.tmpPID`, which another process sharing the cache may own) are no dotfiles: left alone."""
+    for p in sorted(run.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        stale = p.name.endswith(".tmp") or (p.name.endswith(".old") and p.with_name(p.name[1:-4]).exists())
+        if stale and p.exists():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            log.info("%s: removed what a killed process left", p)
+
+
 def check_whole(model) -> None:
     """Refuse to save a DeepSpeed ZeRO-3 shard (its large parameters are empty tensors on each process) or an
     FSDP shard (DTensor parameters) as if it were the model: gather first with `ser.models.full_parameters`."""
@@ -300,6 +313,8 @@ def check_resumable(run: str | Path, kind: str) -> Path:
     found = run_kind(run)
     if found not in (None, kind):
         raise UserError(f"{run}: a `ser {found}` run, not a `ser {kind}` run")
+    if int(os.environ.get("RANK", "0")) == 0:  # no writer runs yet: what a killed one left is debris
+        remove_debris(run)
     return run
 
 

@@ -656,7 +656,9 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
                     "it look more confident than it is, so the expected precision runs high; set ser.validation "
                     "(held-out seed pairs) or use rule=ensemble (out-of-fold)")
     if state.stopped is None:
-        truncate_jsonl(run / "metrics.jsonl", "iteration", state.completed)  # the interrupted one is redone
+        if accelerator.is_main_process:  # the interrupted iteration is redone
+            truncate_jsonl(run / "metrics.jsonl", "iteration", state.completed)
+        accelerator.wait_for_everyone()  # no process appends before the file is cut
         state = evolve(cfg, run, split, pool, truth, state, accelerator, val)
         final = final_iteration(cfg, state)
         if accelerator.is_main_process:

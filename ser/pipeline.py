@@ -129,6 +129,8 @@ def fit_rm(cfg: Config, prompts, chosen, rejected, *, accelerator, init: str | N
     set_seed(cfg.train.seed % 2**32)
     lora = {"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "dropout": cfg.model.lora_dropout,
             "targets": cfg.model.lora_targets}
+    if init and (Path(init) / "manifest.json").exists():  # a saved RM continued from: whole, or an error
+        verify_manifest(init)
     rm, tokenizer = load_reward_model(init or cfg.model.backbone, cfg.model.mode, lora,
                                       trainable_layers=cfg.model.trainable_layers)
     if cfg.model.mode == "freeze" and accelerator.distributed_type == DistributedType.NO:

@@ -179,7 +179,8 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
                      losses: list[float], totals: np.ndarray, seconds: float = 0.0) -> None:
     """A resumable mid-training checkpoint, written atomically with a manifest: weights, optimizer, schedule,
     the step, the running statistics, the wall seconds trained so far (all segments) and every process's RNG
-    states (dropout continues exactly; an fp16 loss scaler's state is not kept). Under DeepSpeed each process
+    states (dropout continues exactly) and an fp16 loss scaler's state (`accelerator.scaler`: its scale and growth
+    count, so a resumed GPU run skips the steps the uninterrupted one skips). Under DeepSpeed each process
     writes its own partition of the weights and optimizer state (`accelerator.save_state`) into the main
     process's temporary directory; so does FSDP."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
@@ -195,6 +196,8 @@ def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, s
                      "rng": rng, "launch": launch(accelerator), "seconds": seconds}
             if not sharded:
                 state |= {"model": accelerator.unwrap_model(rm).state_dict(), "optimizer": optimizer.state_dict()}
+                if getattr(accelerator, "scaler", None) is not None:  # fp16 (sharded: in accelerate's save_state)
+                    state["scaler"] = accelerator.scaler.state_dict()
             torch.save(state, tmp / "train_state.pt")
             (tmp / "step.json").write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
@@ -206,7 +209,7 @@ def launch(accelerator: Accelerator) -> str:
     return f"{engine} on {accelerator.num_processes} processes" if engine else "a run without DeepSpeed or FSDP"
 
 
-def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int, launched: str) -> dict:
+def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int, launched: str, scaler=None) -> dict:
     """Restore what `save_train_state` wrote (before `accelerator.prepare`; a DeepSpeed or FSDP checkpoint's
     weights and optimizer state are loaded after it, by `accelerator.load_state`). A corrupt checkpoint, or one
     written by another launch (`launch`: partitions depend on the engine and the number of processes), is an
@@ -219,6 +222,8 @@ def load_train_state(directory: Path, rm, optimizer, scheduler, rank: int, launc
     if "model" in state:
         rm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
     scheduler.load_state_dict(state["scheduler"])
     cpu_rng, cuda_rng = state["rng"][rank % len(state["rng"])]
     torch.set_rng_state(cpu_rng)
@@ -310,7 +315,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     step, window, totals = 0, [], np.zeros(3)  # totals: summed loss, pairs, correct pairs
     before = 0.0  # wall seconds of earlier segments of this training (a resumed run)
     if checkpoint is not None and restore_swapped(checkpoint).exists():
-        state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index, launch(accelerator))
+        state = load_train_state(checkpoint, rm, optimizer, scheduler, accelerator.process_index, launch(accelerator),
+                                 getattr(accelerator, "scaler", None))
         step, losses, totals = state["step"], list(state["losses"]), np.array(state["totals"])
         before = float(state.get("seconds", 0.0))
         log.info("%s: resumed from %s at step %d of %d", desc, checkpoint, step, steps)

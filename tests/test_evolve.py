@@ -295,6 +295,17 @@ def test_a_checkpoint_caught_between_its_two_renames_is_restored_on_resume(tmp_p
     check_resumable(run, "train-rm")
     assert json.loads((run / "checkpoint" / "step.json").read_text()) == {"step": 3}
     assert not (run / ".checkpoint.old").exists()
+    # what other kills leave is removed on resume: temporary files and directories (never complete) and an .old
+    # whose replacement is in place; an .old without one is not debris
+    debris = [run / ".metrics.jsonl.x1.tmp", run / "checkpoint" / ".train_state.pt.x2.tmp",
+              run / ".checkpoint.x3.tmp" / "train_state.pt", run / "sub" / ".a.old" / "b"]
+    for f in debris + [run / "sub" / "a" / "b", run / "sub" / ".c.old" / "d"]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    check_resumable(run, "train-rm")
+    assert not any(f.exists() for f in debris) and not (run / ".checkpoint.x3.tmp").exists()
+    assert (run / "sub" / "a" / "b").exists() and (run / "sub" / ".c.old" / "d").exists()
+    assert json.loads((run / "checkpoint" / "step.json").read_text()) == {"step": 3}
     assert restore_swapped(run / "checkpoint") == run / "checkpoint"  # nothing to restore: unchanged
     # several processes of one run restore at once: the one that loses the race finds the rename done, not an error
     os.rename(run / "checkpoint", run / ".checkpoint.old")

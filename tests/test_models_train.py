@@ -234,6 +234,28 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_bert_dir):
         train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg))
 
 
+def test_a_checkpoint_keeps_the_fp16_loss_scalers_state(tiny_bert_dir, tmp_path):
+    """fp16 runs on GPUs only, but the checkpoint code is the same: an accelerator's loss scaler (here a real CPU
+    GradScaler, its scale quartered and its growth count advanced) comes back with the weights, so a resumed
+    run skips the optimizer steps the uninterrupted one skips."""
+    from transformers import get_scheduler
+
+    from ser.train import launch, load_train_state, save_train_state
+
+    rm, _ = load_reward_model(str(tiny_bert_dir))
+    accelerator = make_accelerator(TrainConfig())
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=1e-3)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=4)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    accelerator.scaler.scale(torch.tensor(1.0))  # its state exists from the first scaled loss
+    accelerator.scaler.update(new_scale=256.0)
+    accelerator.scaler._growth_tracker.fill_(7)
+    save_train_state(tmp_path / "ckpt", accelerator, rm, optimizer, scheduler, 2, [0.7, 0.6], np.zeros(3))
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    load_train_state(tmp_path / "ckpt", rm, optimizer, scheduler, 0, launch(accelerator), fresh)
+    assert fresh.get_scale() == 256.0 and fresh.state_dict()["_growth_tracker"] == 7
+
+
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="fp16 autocast exists on GPUs")
 def test_fp16_on_a_cpu_is_refused_not_silently_fp32():
     with pytest.raises(UserError, match="fp16 needs a GPU"):
