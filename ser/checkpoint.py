@@ -29,12 +29,15 @@ MANIFEST = "manifest.json"
 SER_CONFIG = "ser_config.json"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable across a power loss (a kill never loses it). Best effort: some
+    filesystems refuse to open or fsync a directory, and the rename stays atomic there all the same."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -51,7 +54,7 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part: a uniquely
-    named temporary file in the same directory, fsync'd, then os.replace (atomic on POSIX)."""
+    named temporary file in the same directory, fsync'd, then os.replace (atomic on POSIX) and the directory fsync'd."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -66,6 +69,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -171,10 +175,12 @@ def atomic_dir(target: str | Path):
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, as for atomic_write_bytes
         yield tmp
         write_manifest(tmp)
-        for p in tmp.rglob("*"):
+        for p in [*tmp.rglob("*"), tmp]:  # the files, then the directories that name them
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+            elif p.is_dir():
+                fsync_dir(p)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -183,7 +189,7 @@ def atomic_dir(target: str | Path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError) and isinstance(e, Exception) and shutil.disk_usage(target.parent).free < 1 << 20:
@@ -205,6 +211,7 @@ def restore_swapped(target: str | Path) -> Path:
             if not target.exists():
                 raise
         else:
+            fsync_dir(target.parent)
             log.warning("%s: restored the previous version, which a killed process was replacing", target)
     return target
 

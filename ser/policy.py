@@ -158,7 +158,7 @@ def run_sft(cfg: Config, out: str) -> dict:
 
     from ser.pipeline import load_splits
     from ser.train import (epoch_order, length_grouped_batches, make_accelerator, micro_batch, prepare_for_training,
-                           rank_share)
+                           rank_share, step_totals)
 
     root = check_writable(out)
     set_seed(cfg.train.seed)
@@ -194,25 +194,25 @@ def run_sft(cfg: Config, out: str) -> dict:
 
     accum = cfg.train.grad_accum
     steps = math.ceil(len(batches) / accum)
+    step_tokens = step_totals([sum(len(rows[j][1]) for j in b) for b in batches], accum)  # answer tokens
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * steps),
                               num_training_steps=steps)
     model.train()
     model, optimizer = prepare_for_training(accelerator, model, optimizer)
     t0, step, losses, window = time.time(), 0, [], np.zeros(2)  # window: summed token loss, answer tokens
     for i, global_batch in enumerate(batches):
-        # This process's rows; the loss is a sum over answer tokens divided by the global batch's count, so the
-        # mean over processes (DDP) is the per-token mean of the whole batch, as on one process.
+        # This process's rows; the loss is a sum over answer tokens divided by the count of the optimizer step's
+        # (all its micro-batches', all processes'), so the mean over processes (DDP) and micro-batches is the
+        # per-token mean of the whole step, as one batch on one process gives.
         idx, share = rank_share(global_batch, accelerator.process_index, accelerator.num_processes)
-        tokens = sum(len(rows[j][1]) for j in global_batch)
         batch = {k: v.to(accelerator.device) for k, v in collate(idx).items()}
         labels = batch.pop("labels")
         sync = (i + 1) % accum == 0 or i + 1 == len(batches)
-        n_micro = min(accum, len(batches) - i // accum * accum)
         with micro_batch(accelerator, model, sync):
             logits = model(**batch).logits[:, :-1].float()
             token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
                                                            ignore_index=-100, reduction="sum")
-            loss = token_loss * (share > 0) * accelerator.num_processes / tokens / n_micro
+            loss = token_loss * (share > 0) * accelerator.num_processes / step_tokens[i]
             if not torch.isfinite(loss):
                 raise UserError(f"sft: non-finite loss at step {step}; stopped (lower train.lr)")
             accelerator.backward(loss)

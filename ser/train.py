@@ -143,13 +143,27 @@ def micro_batch(accelerator: Accelerator, model, sync: bool):
         accelerator.gradient_state._set_sync_gradients(True)
 
 
-def rank_share(batch: list[int], rank: int, world: int) -> tuple[list[int], float]:
+def rank_share(batch: list[int], rank: int, world: int, total: float | None = None) -> tuple[list[int], float]:
     """This process's rows of a global batch, and the weight that turns their summed loss into its share of
-    the batch mean: DDP averages gradients over the `world` processes, so weight = world / len(batch) gives
-    the mean over the whole batch, as on one process. A process left without rows recomputes the first row
-    with weight 0 (every process must run forward and backward)."""
+    the mean over `total` rows (default: this batch's; under gradient accumulation, the optimizer step's, from
+    `step_totals`): DDP averages gradients over the `world` processes, so weight = world / total gives that mean,
+    as on one process. A process left without rows recomputes the first row with weight 0 (every process must
+    run forward and backward)."""
     mine = batch[rank::world]
-    return (mine, world / len(batch)) if mine else (batch[:1], 0.0)
+    return (mine, world / (total or len(batch))) if mine else (batch[:1], 0.0)
+
+
+def step_totals(sizes: list[float], accum: int) -> list[float]:
+    """For each micro-batch of `sizes` (its pairs, or its answer tokens), the summed size of the optimizer step it
+    belongs to, with `accum` micro-batches per step (the last step may have fewer). Dividing every micro-batch's
+    summed loss by this makes the step's gradient the mean over all of its rows, as one batch of them gives; the
+    mean of the micro-batches' own means over-weights the rows of a shorter micro-batch (the gradient-accumulation
+    fix of transformers 4.46, its `num_items_in_batch`). Example: sizes [4, 4, 2], accum 2 -> [8, 8, 2]."""
+    totals: list[float] = []
+    for start in range(0, len(sizes), accum):
+        step = sizes[start : start + accum]
+        totals += [sum(step)] * len(step)
+    return totals
 
 
 def epoch_order(n: int, epochs: float, seed: int) -> list[int]:
@@ -304,6 +318,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     order = [i for i in epoch_order(n, epochs, tcfg.seed) if i not in skip] or [min(set(range(n)) - skip)]
     batches = length_grouped_batches(order, pair_len, tcfg.batch_size, tcfg.seed)
     steps = math.ceil(len(batches) / tcfg.grad_accum)
+    step_pairs = step_totals([len(b) for b in batches], tcfg.grad_accum)  # pairs in each micro-batch's step
     params = [p for p in rm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     from transformers import get_scheduler
@@ -329,11 +344,11 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     for i, global_batch in enumerate(batches):
         if i < done:
             continue
-        idx, weight = rank_share(global_batch, accelerator.process_index, accelerator.num_processes)
+        idx, weight = rank_share(global_batch, accelerator.process_index, accelerator.num_processes,
+                                 step_pairs[i])
         batch = {k: v.to(accelerator.device) for k, v in collate_pairs(idx).items()}
         pseudo_mask, soft = batch.pop("pseudo"), batch.pop("target", None)
         sync = (i + 1) % tcfg.grad_accum == 0 or i + 1 == len(batches)
-        n_micro = min(tcfg.grad_accum, len(batches) - i // tcfg.grad_accum * tcfg.grad_accum)
         with micro_batch(accelerator, rm, sync):
             if packed and cache is not None:  # the top layers and the head on cached frozen states, packed
                 with accelerator.autocast():  # what the prepared model's own forward runs under
@@ -355,7 +370,7 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
             machine = (pairwise_losses(margins, *pseudo_loss) if soft is None
                        else soft_pairwise_losses(r_chosen, r_rejected, soft))
             per_pair = torch.where(pseudo_mask, machine, human)
-            loss = per_pair.sum() * weight / n_micro  # averaged over processes by DDP: the global batch's mean
+            loss = per_pair.sum() * weight  # averaged over processes by DDP: the mean over the step's pairs
             if not torch.isfinite(loss):
                 raise UserError(f"{desc}: non-finite loss ({loss.item()}) at step {step + 1}; stopped before "
                                 f"corrupting the model (lower train.lr or check the data)")

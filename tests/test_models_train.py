@@ -12,7 +12,7 @@ from ser.errors import UserError
 from ser.models import (can_share_prompt, collate, encode, encode_pairs, leading_special_tokens, load_reward_model,
                         pack_pairs, packed_pair_rewards, resolve_backbone)
 from ser.scoring import score_pairs, score_texts
-from ser.train import make_accelerator, train_reward_model
+from ser.train import make_accelerator, rank_share, step_totals, train_reward_model
 
 
 def test_encode_keeps_answer_and_cuts_prompt_from_the_left(tiny_bert_dir):
@@ -192,6 +192,37 @@ def test_parameters_change_after_one_step(tiny_bert_dir):
     assert summary["steps"] == 1
     changed = [n for n, q in rm.named_parameters() if not torch.equal(before[n], q.detach())]
     assert "classifier.weight" in changed and any(n.startswith("bert.encoder") for n in changed)
+
+
+def test_gradient_accumulation_weighs_every_pair_of_a_step_alike(tiny_bert_no_dropout_dir, monkeypatch):
+    """5 pairs as micro-batches of 3 and 2 under grad_accum=2 take the same optimizer step as one batch of 5: the
+    step's gradient is the mean over its 5 pairs, not the mean of the two micro-batches' means (which gives each
+    pair of the short micro-batch weight 1/4 instead of 1/5). Plain SGD stands in for AdamW here, so the update is
+    lr x the gradient and the weights compare the gradients themselves (AdamW's first step is about lr x sign(g),
+    which turns rounding noise in a near-zero gradient into a full-size update)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    p, c, r = _separable_pairs(5)
+    c = [x + " indeed" * i for i, x in enumerate(c)]  # answers of mixed length: the micro-batches pad differently
+    weights = []
+    for batch_size, accum in ((5, 1), (3, 2)):
+        torch.manual_seed(0)  # the same reward head
+        rm, tok = load_reward_model(str(tiny_bert_no_dropout_dir))
+        tcfg = TrainConfig(epochs=1, batch_size=batch_size, grad_accum=accum, lr=1.0, warmup_ratio=0.0)
+        rm, summary = train_reward_model(rm, tok, p, c, r, tcfg, 32, accelerator=make_accelerator(tcfg))
+        assert summary["steps"] == 1
+        weights.append({n: q.detach().clone() for n, q in rm.named_parameters()})
+    for n in weights[0]:
+        torch.testing.assert_close(weights[1][n], weights[0][n], atol=1e-6, rtol=1e-4)
+
+
+def test_step_totals_hand_derived():
+    assert step_totals([4, 4, 2], 2) == [8, 8, 2]
+    assert step_totals([3, 2], 2) == [5, 5]
+    assert step_totals([3, 2, 7], 1) == [3, 2, 7]
+    assert step_totals([1, 2, 3, 4, 5], 3) == [6, 6, 6, 9, 9]
+    assert rank_share([10, 11, 12], 1, 2, total=6) == ([11], 2 / 6)  # world / the step's pairs
+    assert rank_share([10, 11, 12], 0, 2) == ([10, 12], 2 / 3)
+    assert rank_share([10], 1, 2, total=6) == ([10], 0.0)  # no rows for process 1: the first again, weight 0
 
 
 def test_learns_trivially_separable_data(tiny_bert_dir):

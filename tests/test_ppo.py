@@ -177,6 +177,27 @@ def test_sft_trains_on_answers(tiny_llama_dir, shared_data, tmp_path):
     assert tok.padding_side == "left" and (tmp_path / "sft" / "policy" / "manifest.json").exists()
 
 
+def test_sft_gradient_accumulation_weighs_every_answer_token_of_a_step_alike(tiny_llama_dir, shared_data, tmp_path,
+                                                                            monkeypatch):
+    """20 answers as one batch, or as micro-batches of 3, 3, 3, 3, 3, 3, 2 accumulated into one optimizer step
+    (grad_accum=7), give the same step: the loss is the mean over all the step's answer tokens, not the mean of the
+    micro-batches' means. Plain SGD stands in for AdamW so that the weights compare the gradients themselves."""
+    from ser.policy import load_policy, run_sft
+
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    weights = []
+    for batch_size, accum in ((20, 1), (3, 7)):
+        cfg = load_config(None, [f"policy.backbone={tiny_llama_dir}", "data.limit=24", "data.test_size=4",
+                                 f"train.batch_size={batch_size}", f"train.grad_accum={accum}", "train.lr=1.0",
+                                 "train.warmup_ratio=0", "model.max_length=32", "policy.max_prompt_length=32"])
+        summary = run_sft(cfg, str(tmp_path / f"sft{accum}"))
+        assert summary["steps"] == 1 and summary["pairs"] == 20
+        model, _ = load_policy(str(tmp_path / f"sft{accum}" / "policy"))
+        weights.append({n: q.detach().clone() for n, q in model.named_parameters()})
+    for n in weights[0]:
+        torch.testing.assert_close(weights[1][n], weights[0][n], atol=1e-5, rtol=1e-4)
+
+
 def test_verdicts_hand_derived():
     from ser.judge import verdicts
 
