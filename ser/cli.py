@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ser.errors import UserError
+from ser.errors import UserError, shown
 
 log = logging.getLogger("ser")
 
@@ -59,14 +59,22 @@ def _config_unless_resume(args, extra: list[str]):
     return None if args.resume else load_config(args.config, _split_overrides(extra))
 
 
+def _integer(text: str) -> int:
+    """argparse type: an integer (a seed); argparse's own `int` would print a 5,000-digit value whole."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {shown(text)}") from None
+
+
 def _count(text: str) -> int:
     """argparse type: an integer >= 1 (a batch size, a number of pairs or tokens)."""
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {shown(text)}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {shown(n)}")
     return n
 
 
@@ -75,9 +83,10 @@ def _margin(text: str) -> float:
     try:
         x = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {shown(text)}") from None
     if not (x >= 0 and x != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        shown_text = text if len(text) <= 60 else shown(text)  # a number as typed; a 5,000-digit one cut
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {shown_text}")
     return x
 
 
@@ -169,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .jsonl (prompt, answer_a, answer_b)")
     p.add_argument("--limit", type=_count, help="first N unique prompts")
     p.add_argument("--max-new-tokens", type=_count, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_integer, default=0)
 
     p = sub.add_parser("judge", help="win / tie / lose of policy A against B, judged by a gold RM")
     p.add_argument("--a", required=True, help="policy A directory (or backbone name)")
@@ -183,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "http://localhost:8000/v1); the API key is read from $OPENAI_API_KEY")
     p.add_argument("--llm-model", help="model name for --llm-url")
     p.add_argument("--max-new-tokens", type=_count, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_integer, default=0)
 
     p = _config_parser(sub, "curve", "learning curve: RM test accuracy vs number of human labels, with CIs")
     _add_config_args(p)

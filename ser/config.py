@@ -8,10 +8,13 @@ An unknown key or a value of the wrong type is a `UserError` naming the key (and
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import io
 import math
+import re
+import sys
 import tokenize
 import types
 import typing
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from ser.errors import UserError
+from ser.errors import UserError, shown
 
 
 @dataclass
@@ -104,7 +107,7 @@ class SERConfig:
     budget: float = 0.0  # rule=ensemble: > 0 accepts this top fraction of the agreeing pairs by confidence instead
     target_precision: float = 0.0  # > 0: keep the most confident accepted pairs while their expected precision >= this
     soft_labels: bool = False  # train pseudo-labelled pairs towards the ensemble's calibrated p (soft Bradley-Terry)
-    relabel: bool = False  # re-label the whole pool each iteration (earlier pseudo-labels revised or dropped)
+    relabel: bool = False  # re-label the whole pool each iteration (earlier labels revised; voted in-sample)
 
 
 @dataclass
@@ -168,6 +171,15 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
+def _first_line(e: Exception) -> str:
+    """An exception's message, its first line cut to 200 characters (a 5,000-digit value stays readable)."""
+    line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
+_INT_TEXT = re.compile(r"\s*[+-]?\d+\s*")  # what int() reads as a quoted integer (not "--5" or "²", isdigit's)
+
+
 def _coerce(value, tp, key: str, origin: str):
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected. YAML 1.1 reads an
     unquoted `no` as false: for `train.mixed_precision` (whose choices include "no") false means "no"."""
@@ -179,14 +191,14 @@ def _coerce(value, tp, key: str, origin: str):
             return None
         # Prefer the member type that matches exactly (so 500 stays an int in `float | int`), and int for a quoted
         # integer ("12" is 12 pairs, not a fraction of 12.0).
-        exact = type(value) if not isinstance(value, str) or not value.strip().lstrip("+-").isdigit() else int
+        exact = int if isinstance(value, str) and _INT_TEXT.fullmatch(value) else type(value)
         for t in sorted((a for a in args if a is not type(None)), key=lambda a: a is not exact):
             try:
                 return _coerce(value, t, key, origin)
             except UserError:
                 pass
         names = " or ".join("null" if a is type(None) else a.__name__ for a in args)
-        raise UserError(f"{origin}: '{key}' must be {names}, got {value!r}")
+        raise UserError(f"{origin}: '{key}' must be {names}, got {shown(value)}")
     if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             number = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
@@ -196,15 +208,16 @@ def _coerce(value, tp, key: str, origin: str):
             number = math.inf
         if number is not None:
             if not math.isfinite(number):  # nan and inf (".nan", 1e999) are never a meaningful setting
-                raise UserError(f"{origin}: '{key}' must be a finite number, got {value!r}")
+                raise UserError(f"{origin}: '{key}' must be a finite number, got {shown(value)}")
             return number
-    if tp is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)  # a quoted integer: YAML `seed_size: "12"`, an override --data.seed_size="12"
+    if tp is int and isinstance(value, str) and _INT_TEXT.fullmatch(value):
+        with contextlib.suppress(ValueError):  # more digits than int() reads: refused below, the value shown
+            return int(value)  # a quoted integer: YAML `seed_size: "12"`, an override --data.seed_size="12"
     if tp in (list, dict) and isinstance(value, tp):
         return value
     if isinstance(tp, type) and isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool):
         return value
-    raise UserError(f"{origin}: '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise UserError(f"{origin}: '{key}' must be {getattr(tp, '__name__', tp)}, got {shown(value)}")
 
 
 def _set(cfg: Config, key: str, value, origin: str) -> None:
@@ -234,14 +247,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except IsADirectoryError:
             raise UserError(f"{path}: is a directory, expected a YAML config file") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}: not valid YAML ({_first_line(e)})") from None
+        except ValueError:  # YAML's int() of a longer number than Python converts
+            raise UserError(f"{path}: an integer of more than {sys.get_int_max_str_digits()} digits") from None
         if raw is None:  # an empty file (or comments only): most likely the wrong file
             raise UserError(f"{path}: no settings (an empty config file); leave out --config for the defaults")
         if not isinstance(raw, dict):
             raise UserError(f"{path}: expected a mapping of sections at the top level")
         for section, values in raw.items():
             if not isinstance(values, dict):
-                raise UserError(f"{path}: section '{section}' must be a mapping, got {values!r}")
+                raise UserError(f"{path}: section '{section}' must be a mapping, got {shown(values)}")
             for name, value in values.items():
                 _set(cfg, f"{section}.{name}", value, str(path))
                 origins[f"{section}.{name}"] = str(path)
@@ -251,7 +266,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise UserError(f"override '{item}': expected --section.field=value")
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # not YAML, or an int YAML cannot convert: the text, checked below
             value = text
         _set(cfg, key, value, "command line")
         origins[key] = "command line"
@@ -299,7 +314,7 @@ def validate(cfg: Config) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise UserError(f"config: '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+            raise UserError(f"config: '{key}' must be one of {', '.join(allowed)}, got {shown(value)}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "model.max_length": cfg.model.max_length, "train.score_batch_size": cfg.train.score_batch_size,
                 "model.trainable_layers": cfg.model.trainable_layers,
@@ -308,20 +323,21 @@ def validate(cfg: Config) -> None:
                 "ppo.save_every": cfg.ppo.save_every}
     for key, value in positive.items():
         if value < 1:
-            raise UserError(f"config: '{key}' must be >= 1, got {value}")
+            raise UserError(f"config: '{key}' must be >= 1, got {shown(value)}")
     if cfg.model.max_length < 8:  # special tokens, a prompt token and an answer (`ser.models.answer_budget`)
         raise UserError(f"config: 'model.max_length' must be >= 8, got {cfg.model.max_length}")
     for key, value in {"train.save_every": cfg.train.save_every, "train.eval_every": cfg.train.eval_every}.items():
         if value < 0:
-            raise UserError(f"config: '{key}' must be >= 0, got {value}")
+            raise UserError(f"config: '{key}' must be >= 0, got {shown(value)}")
     if not 0 <= cfg.ser.tau_low <= cfg.ser.tau_high <= 1:
         raise UserError(f"config: need 0 <= ser.tau_low <= ser.tau_high <= 1, got {cfg.ser.tau_low}, {cfg.ser.tau_high}")
     min_pairs = cfg.ser.min_pairs  # N_min = 0 would continue with zero selected pairs instead of stopping
     if not (0 < min_pairs <= 1 if isinstance(min_pairs, float) else min_pairs >= 1):
-        raise UserError(f"config: 'ser.min_pairs' must be a count >= 1 or a fraction in (0, 1], got {min_pairs}")
+        raise UserError(f"config: 'ser.min_pairs' must be a count >= 1 or a fraction in (0, 1], got {shown(min_pairs)}")
     validation = cfg.ser.validation
     if not (0 <= validation < 1 if isinstance(validation, float) else validation >= 0):
-        raise UserError(f"config: 'ser.validation' must be a count >= 0 or a fraction in [0, 1), got {validation}")
+        raise UserError(f"config: 'ser.validation' must be a count >= 0 or a fraction in [0, 1), "
+                        f"got {shown(validation)}")
     s = cfg.ser
     if (s.rule == "ensemble") != (s.folds >= 2) or s.folds == 1 or s.folds < 0:
         raise UserError(f"config: 'ser.rule=ensemble' goes with 'ser.folds' >= 2 (k fold models vote), and 'ser.folds' "
@@ -391,7 +407,7 @@ def _check_ranges(cfg: Config) -> None:
         above = high is not None and (value > high if high_in else value >= high)
         if below or above:
             interval = f"{'[' if low_in else '('}{low}, {'∞' if high is None else high}{']' if high_in else ')'}"
-            raise UserError(f"config: '{key}' must lie in {interval}, got {value}")
+            raise UserError(f"config: '{key}' must lie in {interval}, got {shown(value)}")
     columns = cfg.data.columns or {}
     for ours, theirs in columns.items():
         if ours not in COLUMN_TARGETS or not isinstance(theirs, str):

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ser.errors import UserError, where
+from ser.errors import UserError, shown, where
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,10 @@ def resolve_data_spec(spec: str) -> str:
     if spec not in KNOWN and spec.rsplit(":", 1)[0] in KNOWN:
         name, split = spec.rsplit(":", 1)
     if name in KNOWN:
-        rel = KNOWN[name][0].format(split=split or DEFAULT_SPLIT.get(name, "test"))
+        default = DEFAULT_SPLIT.get(name, "test")
+        if split not in (None, default) and "{split}" not in KNOWN[name][0]:  # pandalm: one file, its test set
+            raise UserError(f"{spec}: {name} has only the split '{default}'")
+        rel = KNOWN[name][0].format(split=split or default)
         for d in data_dirs():
             if (d / rel).exists():
                 return str(d / rel)
@@ -205,10 +208,12 @@ def _read_records(path: str):
                     if len(raw.rstrip(b"\r\n")) > MAX_RECORD_BYTES:
                         raise UserError(f"{where(p, n)}: line longer than {MAX_RECORD_BYTES >> 20} MiB, too long "
                                         f"for one record")
+                    if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM, before the blank-line check
+                        raw = raw[3:]
                     if not raw.strip():
                         continue
                     try:
-                        text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                        text = raw.decode("utf-8")
                         rec = json.loads(text, object_pairs_hook=_unique_keys)
                     except _DuplicateKey as e:
                         raise UserError(f"{where(p, n)}: key '{e.args[0]}' appears twice in the record") from None
@@ -254,7 +259,7 @@ def _read_records(path: str):
                     header = header[:-1]
                 if len(set(header)) < len(header):
                     dup = next(h for h in header if header.count(h) > 1)
-                    raise UserError(f"{where(p, 1)}: the header names column '{dup}' twice")
+                    raise UserError(f"{where(p, rows.line_num)}: the header names column '{dup}' twice")
                 for values in rows:
                     n = rows.line_num  # the file line where the row ends (quoted answers may span lines)
                     if not values:
@@ -314,12 +319,6 @@ def _hub_records(spec: str):
 # ---------------------------------------------------------------- formats
 
 
-def _short(value, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters for an error message (a label may be a 5,000-digit string)."""
-    r = repr(value)
-    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
-
-
 def _text(rec, key, loc) -> str:
     if key not in rec:
         raise UserError(f"{loc}: missing field '{key}' (fields: {', '.join(map(str, rec))})")
@@ -327,6 +326,26 @@ def _text(rec, key, loc) -> str:
     if not isinstance(v, str):
         raise UserError(f"{loc}: field '{key}' is {type(v).__name__}, expected a string")
     return v
+
+
+def _text_parts(messages, loc):
+    """Messages whose content is a list of parts (the OpenAI / transformers multimodal form,
+    [{"type": "text", "text": ...}, ...]) with their text parts joined into one string; other messages as given.
+    A non-text part (an image) is an error: a reward model here reads text."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            parts = m["content"]
+            if not all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str)
+                       for x in parts):
+                kinds = sorted({str(x.get("type")) if isinstance(x, dict) else type(x).__name__ for x in parts})
+                raise UserError(f"{loc}: message content parts must all be {{\"type\": \"text\", \"text\": ...}}, "
+                                f"got {', '.join(kinds)}")
+            m = {**m, "content": "".join(x["text"] for x in parts)}
+        out.append(m)
+    return out
 
 
 def _render(messages, loc, chat_template) -> str:
@@ -358,7 +377,7 @@ def _majority(rec, loc) -> int:
     for k in ("annotator1", "annotator2", "annotator3"):
         v = rec.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (0, 1, 2):
-            raise UserError(f"{loc}: '{k}' must be 0, 1 or 2, got {_short(v)}")
+            raise UserError(f"{loc}: '{k}' must be 0, 1 or 2, got {shown(v)}")
         votes.append(int(v))
     label, count = Counter(votes).most_common(1)[0]
     return label if count >= 2 else 0
@@ -378,6 +397,14 @@ def _conversational(rec, c: list, r: list, loc, chat_template) -> tuple[str, str
                         f"must answer one shared conversation)")
     prompt = rec.get("prompt")
     if prompt is None or prompt == "":
+        prompt = []
+    elif isinstance(prompt, str) and c[:-1] and c[0]["role"] in ("user", "system"):
+        # HuggingFaceH4/ultrafeedback_binarized: a string prompt beside whole conversations that already hold it.
+        # TRL (`maybe_extract_prompt`) then takes the conversation's own turns; a prompt that is none of its user
+        # turns means the record is not what it seems. (Turns that start with the assistant continue the prompt.)
+        if not any(m["role"] == "user" and m["content"].strip() == prompt.strip() for m in c[:-1]):
+            raise UserError(f"{loc}: field 'prompt' is not one of the user turns of the conversational "
+                            f"chosen/rejected that follow it; give the prompt in one place")
         prompt = []
     elif isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
@@ -400,10 +427,10 @@ def _scores_tie(rec, loc) -> bool:
         v = scores[k]
         try:
             x = float(v) if not isinstance(v, bool) else math.nan  # CSV values are strings
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float's range
             x = math.nan
         if not math.isfinite(x):
-            raise UserError(f"{loc}: '{k}' must be a finite number, got {_short(v)}")
+            raise UserError(f"{loc}: '{k}' must be a finite number, got {shown(v)}")
         values.append(x)
     return values[0] == values[1]
 
@@ -428,7 +455,7 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
                     pass  # refused below, with the value shown
             # 0 = answer_a is better, 1 = answer_b is better.
             if lab not in (0, 1) or isinstance(lab, bool):
-                raise UserError(f"{loc}: label must be 0 or 1 (answer_a / answer_b better), got {_short(lab)}")
+                raise UserError(f"{loc}: label must be 0 or 1 (answer_a / answer_b better), got {shown(lab)}")
             a, b = _text(rec, "answer_a", loc), _text(rec, "answer_b", loc)
             first = lab == 0
             return ("pair", _text(rec, "prompt", loc), a if first else b, b if first else a)
@@ -455,11 +482,12 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
     if {"chosen", "rejected"} <= keys:
         c, r = rec["chosen"], rec["rejected"]
         if isinstance(c, list) and isinstance(r, list):  # TRL conversational format
-            pair = ("pair", *_conversational(rec, c, r, loc, chat_template))
+            pair = ("pair", *_conversational({**rec, "prompt": _text_parts(rec.get("prompt"), loc)},
+                                             _text_parts(c, loc), _text_parts(r, loc), loc, chat_template))
         else:
             c, r = _text(rec, "chosen", loc), _text(rec, "rejected", loc)
             if isinstance(rec.get("prompt"), list):  # a conversation as the prompt, plain-text answers
-                pair = ("pair", _render(rec["prompt"], loc, chat_template), c, r)
+                pair = ("pair", _render(_text_parts(rec["prompt"], loc), loc, chat_template), c, r)
             elif "prompt" in rec:  # TRL standard format
                 pair = ("pair", _text(rec, "prompt", loc), c, r)
             elif ASSISTANT in c:  # HH-RLHF raw dialogues
@@ -633,10 +661,10 @@ def resolve_count(size, n: int, name: str) -> int:
     """A size given as a fraction of n (float) or a count (int), as an int; `name` is for the error."""
     if isinstance(size, float):
         if not 0 <= size <= 1:
-            raise UserError(f"config: '{name}' as a fraction must be in [0, 1], got {size}")
+            raise UserError(f"config: '{name}' as a fraction must be in [0, 1], got {shown(size)}")
         return round(size * n)
     if size < 0:
-        raise UserError(f"config: '{name}' must be >= 0, got {size}")
+        raise UserError(f"config: '{name}' must be >= 0, got {shown(size)}")
     return size
 
 

@@ -12,3 +12,10 @@ class UserError(Exception):
 def where(path, record=None) -> str:
     """`path` or `path:record` — the prefix every UserError message starts with."""
     return f"{path}" if record is None else f"{path}:{record}"
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) for an error message, cut to `limit` characters with the full length said (a label or a setting
+    may be a 5,000-digit string), so that the message stays one readable line."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"

@@ -21,8 +21,8 @@ import yaml
 
 from ser.bias import length_balanced_accept, longer_chosen_share
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_write_text, check_resumable,
-                            check_writable, refuse_existing_run, save_reward_model, start_run, truncate_jsonl,
-                            verify_manifest)
+                            check_writable, fsync_dir, refuse_existing_run, save_reward_model, start_run,
+                            truncate_jsonl, verify_manifest)
 from ser.config import Config, load_config, to_dict
 from ser.crossfit import (calibrated_log_likelihood, choose_iteration, expected_precision, fold_assignment,
                           holdout_mask, precision_by_agreement, precision_by_decile, select_by_vote,
@@ -65,18 +65,24 @@ def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config, accelerator=No
     if cfg.ser.calibration == "none":
         return 0.0, 1.0
     r_c, r_r = rm_scores(rm, tokenizer, seed_pairs, cfg, accelerator)
-    offset = float(np.concatenate([r_c, r_r]).mean())
-    return offset, (fit_temperature(r_c - r_r) if cfg.ser.calibration == "temperature" else 1.0)
+    rewards = np.concatenate([r_c, r_r])
+    if not np.isfinite(rewards).all():  # one inf would make the offset inf and the fitted T the sharpest
+        log.warning("calibration: %d of %d rewards are not finite (NaN or inf); left out of the offset, their "
+                    "pairs' margins count as 0", (~np.isfinite(rewards)).sum(), rewards.size)
+    offset = float(rewards[np.isfinite(rewards)].mean()) if np.isfinite(rewards).any() else 0.0
+    return offset, (fit_temperature(finite_margins(r_c, r_r)) if cfg.ser.calibration == "temperature" else 1.0)
 
 
 def select_pseudo_labels(r_a, r_b, offset: float, temperature: float, cfg: Config, pool_size: int):
     """Steps 2-4 of an iteration: per-pair status, the iteration's learning status, the selected mask and
-    each pair's orientation (True: answer A is the pseudo-chosen one). Pure given the scores."""
+    each pair's orientation (True: answer A is the pseudo-chosen one). Pure given the scores. A pair with a
+    non-finite reward (NaN, or an overflow to inf: `score_pairs` warns) has status 0 and is never selected."""
     s = cfg.ser
+    finite = np.isfinite(r_a) & np.isfinite(r_b)
     p_a, p_b = probabilities(r_a, offset, temperature), probabilities(r_b, offset, temperature)
-    status = pair_status(p_a, p_b, s.tau_high, s.tau_low, s.tau_delta)
+    status = np.where(finite, pair_status(p_a, p_b, s.tau_high, s.tau_low, s.tau_delta), 0)
     if s.rule == "ssrm":  # baseline: pairwise confidence only, no statuses, stop only when nothing is confident
-        take = ssrm_select(r_a, r_b, s.ssrm_threshold, temperature)
+        take = ssrm_select(r_a, r_b, s.ssrm_threshold, temperature) & finite
         learning = 3 if take.any() else STOP
         return status, learning, take, np.asarray(r_a) > np.asarray(r_b)
     learning = learning_status(status, resolve_min_pairs(s.min_pairs, pool_size), s.rule)
@@ -177,7 +183,9 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
     del rm
     accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
     status, learning, take, a_wins = select_pseudo_labels(r_a, r_b, offset, temperature, cfg, len(pool))
-    p = probabilities(np.asarray(r_a) - np.asarray(r_b), 0.0, temperature)  # calibrated P(A better)
+    with np.errstate(invalid="ignore"):  # inf - inf
+        p = probabilities(np.asarray(r_a) - np.asarray(r_b), 0.0, temperature)  # calibrated P(A better)
+    p = np.where(np.isfinite(r_a) & np.isfinite(r_b), p, np.nan)  # a broken reward has no confidence (audit: left out)
     target = np.where(a_wins, p, 1 - p)
     return {"take": take, "a_wins": a_wins, "target": target, "confidence": np.maximum(p, 1 - p), "groups": status,
             "group_name": "status", "learning": learning,
@@ -215,6 +223,9 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
 
     A pseudo-label chosen by the ensemble carries information from every seed pair, so fold j's training data
     depend weakly on fold j's pairs through the pool; the pairs themselves are never trained on by their scorer.
+    Pool pairs are not: with ser.relabel every fold model votes again on the pseudo-labelled pairs it trained on, an
+    in-sample vote (more confident than the out-of-fold temperature says), so re-labelling confirms an earlier
+    label more readily than it revises it.
 
     init / keep / votes (the seed RM's epochs chosen on validation, `seed_rm_by_validation`): continue the fold
     models in `init/j` instead, keep the trained ones in `keep/j`, write the votes file there."""
@@ -341,6 +352,7 @@ def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: 
                 shutil.rmtree(run / "folds" / "0", ignore_errors=True)
                 (run / "folds").mkdir(exist_ok=True)
                 os.replace(chosen / "folds", run / "folds" / "0")
+                fsync_dir(run / "folds")
     accelerator.wait_for_everyone()
     record = {"ser/seed_epochs": cfg.train.epochs + best,
               "val/by_seed_epoch": {f"{cfg.train.epochs + i:g}": r["val/acc"] for i, r in enumerate(records)},
@@ -348,24 +360,34 @@ def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: 
     return rm, tok, summaries[best], oof, record
 
 
-def validate(rm, tokenizer, val: list[Pair], cfg: Config, accelerator) -> dict:
-    """Accuracy (strict r_chosen > r_rejected) on the validation pairs, with its 95% bootstrap CI, and the
-    calibrated log-likelihood of their margins (`crossfit.calibrated_log_likelihood`)."""
-    r_c, r_r = rm_scores(rm, tokenizer, val, cfg, accelerator)
-    correct = (r_c > r_r).astype(np.float64)
+def margin_validation(margins: np.ndarray, cfg: Config) -> dict:
+    """Accuracy (strict: margin > 0) of validation margins r_chosen - r_rejected, shape (n,), with its 95%
+    bootstrap CI, and their calibrated log-likelihood (`crossfit.calibrated_log_likelihood`). A non-finite margin
+    (a reward that overflowed or is NaN) is scored as a tie, margin 0: wrong for accuracy, log 2 nats lost for the
+    log-likelihood, counted in `val/non_finite` and warned about; a broken RM is never credited for it."""
+    bad = ~np.isfinite(margins)
+    if bad.any():
+        log.warning("validation: %d of %d margins are not finite (NaN or inf rewards); scored as ties", bad.sum(),
+                    len(margins))
+    margins = finite_margins(margins, 0.0)
+    correct = (margins > 0).astype(np.float64)
     lo, hi = bootstrap_ci(correct, seed=cfg.train.seed)
-    return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(val),
-            "val/log_lik": calibrated_log_likelihood(r_c - r_r)}
+    return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(margins),
+            "val/log_lik": calibrated_log_likelihood(margins), "val/non_finite": int(bad.sum())}
+
+
+def validate(rm, tokenizer, val: list[Pair], cfg: Config, accelerator) -> dict:
+    """`margin_validation` of the RM's margins on the held-out validation pairs."""
+    r_c, r_r = rm_scores(rm, tokenizer, val, cfg, accelerator)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, scored as a tie
+        return margin_validation(r_c - r_r, cfg)
 
 
 def oof_validation(oof: np.ndarray, cfg: Config) -> dict:
-    """Validation from cross-fitting: accuracy of the out-of-fold margins (n_seed,) on the human seed pairs, with
-    its 95% bootstrap CI. It estimates the accuracy of an RM trained by this iteration's recipe on all the seed
-    (k-fold cross-validation; Stone, 1974), without holding any label out of the returned RM."""
-    correct = (oof > 0).astype(np.float64)
-    lo, hi = bootstrap_ci(correct, seed=cfg.train.seed)
-    return {"val/acc": float(correct.mean()), "val/acc_lo": lo, "val/acc_hi": hi, "val/n": len(oof),
-            "val/log_lik": calibrated_log_likelihood(oof), "val/source": "out-of-fold"}
+    """Validation from cross-fitting: `margin_validation` of the out-of-fold margins (n_seed,) on the human seed
+    pairs. It estimates the accuracy of an RM trained by this iteration's recipe on all the seed (k-fold
+    cross-validation; Stone, 1974), without holding any label out of the returned RM."""
+    return {**margin_validation(oof, cfg), "val/source": "out-of-fold"}
 
 
 def val_score(record: dict, cfg: Config) -> float:
@@ -373,12 +395,18 @@ def val_score(record: dict, cfg: Config) -> float:
     return record["val/acc" if cfg.ser.val_metric == "accuracy" else "val/log_lik"]
 
 
-def validation_split(cfg: Config, split) -> tuple[object, list[Pair]]:
+def validation_split(cfg: Config, split, resumed: bool = False) -> tuple[object, list[Pair]]:
     """(split with the seed minus the validation pairs, validation pairs). `ser.validation` human seed pairs
     (fraction or count) are held out of every RM's training: a labelled signal that never touches the test set.
     Why a hold-out and not k-fold cross-fitting: cross-fitting needs k RMs per iteration (k times the training);
     a hold-out costs only the labels it holds out, and its accuracy is the returned RM's own, not fold models'."""
     n_val = resolve_count(cfg.ser.validation, len(split.seed), "ser.validation")
+    if n_val == 0 and cfg.ser.validation and resumed:  # a run started before this check: it goes on as it began
+        log.warning("ser.validation = %s holds out no pair of the %d seed pairs: no validation", cfg.ser.validation,
+                    len(split.seed))
+    elif n_val == 0 and cfg.ser.validation:  # a fraction that rounds to no pair: not the validation asked for
+        raise UserError(f"config: 'ser.validation' = {cfg.ser.validation} holds out no pair of the "
+                        f"{len(split.seed)} seed pairs; give a larger fraction or a count")
     if n_val == 0:
         return split, []
     if n_val >= len(split.seed):
@@ -478,7 +506,10 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             state.val_score.append(val_score(record, cfg))
             record["ser/chosen"] = choose_iteration(state.val_score, s.patience)[0]
         m = evaluate_rm(rm, tok, test, cfg, accelerator)
-        record |= {"rm/acc": m["accuracy"], "rm/ece": m["ece"], "rm/brier": m["brier"],
+        # accuracy over every test pair, a non-finite reward wrong (pair_metrics leaves it out), as the experiment's
+        # tables count it (`experiment._correct`)
+        acc = m["accuracy"] * m["n"] / len(test) if m["n"] else 0.0
+        record |= {"rm/acc": acc, "rm/non_finite": m["non_finite"], "rm/ece": m["ece"], "rm/brier": m["brier"],
                    "rm/mean_margin": m["mean_margin"], "bias/test_length_corr": m["length_corr"],
                    "bias/test_acc_chosen_longer": m["acc_chosen_longer"],
                    "bias/test_acc_chosen_shorter": m["acc_chosen_shorter"], "train/pairs": len(train_pairs),
@@ -635,7 +666,7 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
     split = load_splits(cfg.data)  # bad data or a bad backbone fails here, before anything is written
     require_seed_and_test(split, cfg.data)
     pool, truth = build_pool(cfg, split)
-    split, val = validation_split(cfg, split)
+    split, val = validation_split(cfg, split, resumed=bool(resume))
     if cfg.ser.folds > len(split.seed):
         raise UserError(f"config: 'ser.folds' = {cfg.ser.folds} folds need at least as many training seed pairs, "
                         f"got {len(split.seed)}")

@@ -5,7 +5,8 @@ Methods (all on the same seed/pool/test split of a given seed):
   full_label  all human labels of seed + pool — the ceiling
   seed_continued  the seed RM continued on the human seed alone with a continuing loop's schedule (ser.max_iterations
               times ser.iteration_epochs, each from the previous RM): the control for the ensemble methods, which
-              continue on seed + pseudo-labels; it tells self-labelling's gain from that of more epochs
+              continue on seed + pseudo-labels; it tells self-labelling's gain from that of more epochs (each
+              method is paired with the control after as many iterations as the RM it returns)
   ser_paper   SER with the paper's status rule            (ser.rule = paper)
   ser_code    SER with the released code's one-pass rule  (ser.rule = code)
   ssrm        plain confidence-threshold self-training     (ser.rule = ssrm), same number of iterations
@@ -47,12 +48,12 @@ import yaml
 from ser.checkpoint import atomic_write_text, check_writable, json_text, save_reward_model
 from ser.config import Config, to_dict, validate
 from ser.data import resolve_count
-from ser.errors import UserError
+from ser.errors import UserError, shown
 from ser.evaluate import hierarchical_bootstrap
 from ser.evolve import (State, final_iteration, iteration_config, load_iteration, load_state, oof_validation,
-                        run_evolve, save_state, val_score)
+                        run_evolve, save_state, val_score, validation_split)
 from ser.models import load_reward_model
-from ser.pipeline import evaluate_rm, fit_rm, load_splits, require_seed_and_test, rm_scores
+from ser.pipeline import fit_rm, load_splits, require_seed_and_test, rm_scores
 from ser.train import make_accelerator
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,14 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
             pairs = split.seed + split.pool
             rm, tok, _ = fit_rm(cfg, [p.prompt for p in pairs], [p.chosen for p in pairs],
                                 [p.rejected for p in pairs], accelerator=accelerator, desc=f"seed {seed} full-label")
-            m = evaluate_rm(rm, tok, split.test, cfg)
-            atomic_write_text(path, json_text({"correct": _correct(rm, tok, split.test, cfg).tolist(),
-                                                "accuracy": m["accuracy"], "seconds": time.time() - t0}))
+            correct = _correct(rm, tok, split.test, cfg)  # a non-finite reward wrong, as for every method
+            atomic_write_text(path, json_text({"correct": correct.tolist(), "accuracy": float(correct.mean()),
+                                                "seconds": time.time() - t0}))
         results["full_label"] = {"correct": np.array(json.loads(path.read_text())["correct"]), "metrics": []}
+    control = {}  # seed_continued's per-test-pair correctness after each iteration (0: the seed RM)
     if "seed_continued" in methods:
-        results["seed_continued"] = {"metrics": [], "correct": _seed_continued(
-            cfg, split, seed_run, base, results["seed_only"]["correct"], accelerator)}
+        control = _seed_continued(cfg, split, seed_run, base, results["seed_only"]["correct"], accelerator)
+        results["seed_continued"] = {"metrics": [], "correct": control[max(control)]}
     for method in SELF_LABELLING:
         if method not in methods:
             continue
@@ -156,8 +158,11 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
                 run_evolve(mcfg, str(run))
         run_evolve(None, None, resume=str(run))
         state = load_state(run)
-        rm, tok = load_iteration(run, final_iteration(mcfg, state), cfg)
+        returned = final_iteration(mcfg, state)
+        rm, tok = load_iteration(run, returned, cfg)
         results[method] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(run)}
+        if control:  # the control after as many continuations as the returned RM had (not always the last)
+            results[method]["control"] = control[min(returned, max(control))]
     return results
 
 
@@ -172,32 +177,46 @@ def seed_rm_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, ser=ser)
 
 
-def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.ndarray, accelerator) -> np.ndarray:
+def _trained_pairs(rm_dir: Path) -> int | None:
+    """The number of pairs a saved RM trained on (its ser_config.json's `train_pairs`), None if unknown."""
+    try:
+        return json.loads((rm_dir / "ser_config.json").read_text()).get("train_pairs")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.ndarray,
+                    accelerator) -> dict[int, np.ndarray]:
     """The `seed_continued` control: iteration it continues the previous RM (from the seed RM) on the human seed
-    alone for ser.iteration_epochs with training seed train.seed + it, as a continuing loop trains its RM minus
-    the pseudo-labels. Each RM is kept in `seed_continued/IT/`; the per-test-pair correctness (n_test,) of the
-    last (`correct`, the seed RM's, with ser.max_iterations = 0), with every iteration's accuracy, in
-    `seed_continued.json` (resumable per iteration)."""
-    path, init, done = base / "seed_continued.json", str(seed_run / "iterations" / "0"), []
+    alone (minus the ser.validation pairs, which the loops do not train on either) for ser.iteration_epochs with
+    training seed train.seed + it, as a continuing loop trains its RM minus the pseudo-labels. Each RM is kept in
+    `seed_continued/IT/`. Returns {iteration: per-test-pair correctness (n_test,)} for 0 (the seed RM's, `correct`)
+    to ser.max_iterations, so that a method is paired with the control after as many iterations as the RM it
+    returned; written to `seed_continued.json` (`correct`: the last iteration's, with every iteration's accuracy)."""
+    path, init, done, by_it = base / "seed_continued.json", str(seed_run / "iterations" / "0"), [], {0: correct}
     if path.exists():
-        return np.array(json.loads(path.read_text())["correct"])
-    seed = split.seed
+        saved = json.loads(path.read_text())
+        if "by_iteration" in saved:
+            return {int(k): np.array(v) for k, v in saved["by_iteration"].items()}
+        log.warning("%s: from before per-iteration results; its RMs in seed_continued/ are scored again", path)
+    seed = validation_split(cfg, split)[0].seed  # the human pairs the loops train on (ser.validation held out)
     for it in range(1, cfg.ser.max_iterations + 1):
         out, t0 = base / "seed_continued" / str(it), time.time()
-        if (out / "model.safetensors").exists():  # a resumed experiment
+        if (out / "model.safetensors").exists() and _trained_pairs(out) == len(seed):  # a resumed experiment
             rm, tok = load_reward_model(str(out), "full")
-        else:
+        else:  # not yet trained, or trained on other pairs (before the ser.validation pairs were held out)
             cfg_it = iteration_config(cfg, it)
             rm, tok, _ = fit_rm(cfg_it, [p.prompt for p in seed], [p.chosen for p in seed],
                                 [p.rejected for p in seed], accelerator=accelerator, init=init,
                                 epochs=cfg.ser.iteration_epochs, desc=f"seed_continued {it}")
             save_reward_model(rm, tok, out, {"config": to_dict(cfg_it), "iteration": it, "train_pairs": len(seed)})
-        correct = _correct(rm, tok, split.test, cfg)
-        done.append({"iteration": it, "accuracy": float(correct.mean()), "seconds": time.time() - t0})
+        by_it[it] = _correct(rm, tok, split.test, cfg)
+        done.append({"iteration": it, "accuracy": float(by_it[it].mean()), "seconds": time.time() - t0})
         log.info("seed_continued %d: test accuracy %.4f", it, done[-1]["accuracy"])
         init = str(out)
-    atomic_write_text(path, json_text({"correct": correct.tolist(), "iterations": done}))
-    return correct
+    atomic_write_text(path, json_text({"correct": by_it[max(by_it)].tolist(), "iterations": done,
+                                       "by_iteration": {str(k): v.tolist() for k, v in by_it.items()}}))
+    return by_it
 
 
 def ensemble_source(base: Path, cfg: Config) -> Path | None:
@@ -337,7 +356,10 @@ def summarise(per_seed: dict, cfg: Config) -> dict:
                     "per_seed": [float(x) for x in matrix.mean(axis=1)]}
         for ref in PAIRED_WITH:
             if ref in matrices and ref != m and (ref == "seed_only" or m in SELF_LABELLING):
-                diff = matrix - matrices[ref]
+                reference = matrices[ref]
+                if ref == "seed_continued":  # after as many continuations as the method's returned RM had
+                    reference = np.stack([per_seed[s][m].get("control", per_seed[s][ref]["correct"]) for s in per_seed])
+                diff = matrix - reference
                 table[m][f"vs_{ref}"] = {"diff": float(diff.mean()),
                                          "ci95": list(hierarchical_bootstrap(diff, cfg.experiment.bootstrap,
                                                                              shared_pairs=shared))}
@@ -356,7 +378,8 @@ def write_report(root: Path, summary: dict, per_seed: dict, cfg: Config) -> None
     its tables rendered and each plot embedded under the heading of its section."""
     plt = _pyplot()
     methods = [m for m in SELF_LABELLING if m in cfg.experiment.methods]
-    plots = {"accuracy.png": _accuracy_plot(root / "accuracy.png", summary, per_seed, methods, plt)}
+    plots = {"accuracy.png": _accuracy_plot(root / "accuracy.png", summary, per_seed, methods, plt,
+                                            shared_pairs=cfg.data.test is not None)}
     if methods:
         plots["precision.png"] = _iteration_plot(root / "precision.png", per_seed, methods, "ser/pseudo_precision",
                                                  "Pseudo-label precision per iteration", "precision", plt)
@@ -387,14 +410,17 @@ def _save(fig, ax, path: Path, plt, fontsize: int = 8) -> None:
     plt.close(fig)
 
 
-def _ci95_half_width(accuracies, n_test: int) -> float:
+def _ci95_half_width(accuracies, n_test: int, shared_pairs: bool = False) -> float:
     """Half-width of the 95% CI of a mean accuracy over seeds and test pairs: the normal approximation of the
-    tables' hierarchical bootstrap (seeds resampled, then test pairs within each seed)."""
+    tables' hierarchical bootstrap (seeds resampled, then test pairs within each seed). With `shared_pairs` (every
+    seed tested on data.test's same pairs: a crossed design) the pairs' sampling noise is common to all seeds and
+    does not average out over them: p(1 - p) / n_test instead of p(1 - p) / (seeds n_test)."""
     a = np.asarray(accuracies, dtype=np.float64)
-    return float(1.96 * np.sqrt(a.var() / a.size + np.mean(a * (1 - a)) / (a.size * n_test)))
+    pairs = np.mean(a * (1 - a)) / (n_test if shared_pairs else a.size * n_test)
+    return float(1.96 * np.sqrt(a.var() / a.size + pairs))
 
 
-def _accuracy_plot(path: Path, summary: dict, per_seed: dict, methods: list, plt) -> str:
+def _accuracy_plot(path: Path, summary: dict, per_seed: dict, methods: list, plt, shared_pairs: bool) -> str:
     """Test accuracy per iteration: each method's mean over seeds with its 95% CI band, and the full-label RM.
     A seed whose run stopped early keeps its last RM. The table reports the returned RM: the last, or the
     iteration chosen on validation for methods that validate (marked in the per-iteration table)."""
@@ -409,7 +435,7 @@ def _accuracy_plot(path: Path, summary: dict, per_seed: dict, methods: list, plt
         its = np.arange(last + 1)
         accs = np.array([[run[max(j for j in run if j <= k)] for k in its] for run in runs if run])  # (seeds, its)
         mean = accs.mean(axis=0)
-        half = np.array([_ci95_half_width(accs[:, k], n_test) for k in its])
+        half = np.array([_ci95_half_width(accs[:, k], n_test, shared_pairs) for k in its])
         ax.plot(its, mean, marker="o", color=f"C{i}", label=m)
         ax.fill_between(its, mean - half, mean + half, color=f"C{i}", alpha=0.15, lw=0)
     full = summary["methods"].get("full_label")
@@ -508,7 +534,8 @@ def _markdown(summary, per_seed, cfg, plots: dict, src=lambda name: name) -> str
              "## Test accuracy", "",
              "Accuracy is strict (r_chosen > r_rejected); 95% CI: bootstrap over seeds and test pairs. *vs X*: the "
              "paired difference to method X in points, with its 95% CI (the same bootstrap on the per-pair "
-             "differences).", ""]
+             "differences); *vs seed_continued* pairs each seed's returned RM with the control after as many "
+             "iterations (a method that returns iteration 1 of 2 is compared with the control's iteration 1).", ""]
     refs = [ref for ref in PAIRED_WITH if ref in summary["methods"]]
     gap = summary.get("gap")
     if gap is not None:
@@ -620,7 +647,7 @@ def run_curve(cfg: Config, out: str, sizes: list, modes: list[str] | None = None
     try:
         sizes = [s if s == "all" else float(s) if "." in s else int(s) for s in sizes]
     except ValueError:
-        raise UserError(f"--sizes: expected counts, fractions or 'all', got {','.join(sizes)}") from None
+        raise UserError(f"--sizes: expected counts, fractions or 'all', got {shown(','.join(sizes))}") from None
     configs = {None: cfg} if not modes else {m: mode_config(cfg, m) for m in modes}
     root = check_writable(out)
     t0, commit = time.time(), _commit()

@@ -27,10 +27,14 @@ def fit_temperature(margins, grid=np.exp(np.linspace(math.log(1e-3), math.log(1e
     Platt's (1999) smoothed (n + 1) / (n + 2) rather than 1: the seed RM is calibrated on the pairs it was trained
     on, and an RM that separates them all would otherwise get the grid's smallest T, making every pool pair look
     certain. With n pairs all at margin m > 0 the fit is σ(m / T) = (n + 1) / (n + 2).
+
+    Raises ValueError on a non-finite margin (the NLL would be NaN at every T; `evolve.finite_margins` first).
     """
     m = np.asarray(margins, dtype=np.float64)
     if m.size == 0:
         return 1.0
+    if not np.isfinite(m).all():
+        raise ValueError(f"fit_temperature: {(~np.isfinite(m)).sum()} of {m.size} margins are not finite")
     if m.mean() <= 0:  # no better than chance on these pairs: the flattest σ, never the grid's sharpest (the NLL is
         return float(grid[-1])  # flat at all-zero margins, and argmin would take its first point, T = 1e-3)
     target = (m.size + 1) / (m.size + 2)

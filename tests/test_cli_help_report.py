@@ -271,7 +271,8 @@ def test_accuracy_plot_has_ci_bands_and_a_labelled_full_label_line(experiment_re
 
     root, summary, per_seed, _ = experiment_results
     keep = _KeepFigures()
-    _accuracy_plot(root / "accuracy.png", summary, per_seed, ["ser_paper", "ser_code", "ssrm"], keep)
+    _accuracy_plot(root / "accuracy.png", summary, per_seed, ["ser_paper", "ser_code", "ssrm"], keep,
+                   shared_pairs=False)
     ax = keep.axes[0]
     labels = ax.get_legend_handles_labels()[1]
     full = summary["methods"]["full_label"]["accuracy"]

@@ -208,6 +208,40 @@ def test_conversational_case_files():
                                          "\n\nHuman: Name a primary colour.\n\nAssistant:"]
 
 
+def test_a_string_prompt_beside_whole_conversations_is_not_doubled(tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized: `prompt` a string, chosen/rejected whole conversations that hold it
+    (TRL's maybe_extract_prompt takes the conversation's own turns); the prompt appears once."""
+    turn = {"role": "user", "content": "How do I boil an egg?"}
+    rec = {"prompt": "How do I boil an egg?", "chosen": [turn, {"role": "assistant", "content": "Simmer it."}],
+           "rejected": [turn, {"role": "assistant", "content": "Microwave it."}], "score_chosen": 8.0,
+           "score_rejected": 3.0}
+    (pair,) = load_pairs(write_jsonl(tmp_path / "h4.jsonl", [rec]))
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("\n\nHuman: How do I boil an egg?\n\nAssistant:",
+                                                         "Simmer it.", "Microwave it.")
+    # turns that start with the assistant continue the string prompt, which is then the first user turn
+    turns = [{"role": "assistant", "content": "Hey."}, {"role": "user", "content": "And?"}]
+    rec = {"prompt": "Hi", "chosen": turns + [{"role": "assistant", "content": "Fine."}],
+           "rejected": turns + [{"role": "assistant", "content": "No."}]}
+    (pair,) = load_pairs(write_jsonl(tmp_path / "continued.jsonl", [rec]))
+    assert pair.prompt == "\n\nHuman: Hi\n\nAssistant: Hey.\n\nHuman: And?\n\nAssistant:"
+
+
+def test_message_content_given_as_text_parts_is_joined(tmp_path):
+    """Content as a list of parts (the OpenAI / transformers multimodal form) reads as its text parts joined; it
+    matches the same conversation written with plain strings (the shared prefix is compared after joining)."""
+    parts = [{"type": "text", "text": "How do I "}, {"type": "text", "text": "boil an egg?"}]
+    rec = {"chosen": [{"role": "user", "content": parts}, {"role": "assistant", "content": [
+               {"type": "text", "text": "Simmer it."}]}],
+           "rejected": [{"role": "user", "content": "How do I boil an egg?"},
+                        {"role": "assistant", "content": "Microwave it."}]}
+    explicit = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "chosen": "Hello!",
+                "rejected": "Go away."}
+    a, b = load_pairs(write_jsonl(tmp_path / "parts.jsonl", [rec, explicit]))
+    assert (a.prompt, a.chosen, a.rejected) == ("\n\nHuman: How do I boil an egg?\n\nAssistant:", "Simmer it.",
+                                                "Microwave it.")
+    assert b.prompt == "\n\nHuman: Hi\n\nAssistant:"
+
+
 # ---------------------------------------------------------------- 3. test pairs never trained on
 
 

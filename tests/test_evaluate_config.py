@@ -132,3 +132,12 @@ def test_experiment_variants_change_one_setting_of_their_base():
         assert changed - {"iteration_epochs"} == expected[option], (m, changed)
     assert (ser["ser_ensemble_unguarded"]["budget"], ser["ser_ensemble_unguarded_top10"]["budget"]) == (0.2, 0.1)
     assert ser["ser_ensemble_unguarded_precision80"]["target_precision"] == 0.8
+
+
+def test_the_plots_ci_band_widens_for_test_pairs_shared_by_all_seeds():
+    """3 seeds at 0.6 on 100 test pairs: their own pairs, 1.96 sqrt(0.24 / 300) = 0.0554; data.test's same pairs for
+    every seed (a crossed design, as hierarchical_bootstrap(shared_pairs=True)), 1.96 sqrt(0.24 / 100) = 0.0960."""
+    from ser.experiment import _ci95_half_width
+
+    assert abs(_ci95_half_width([0.6, 0.6, 0.6], 100) - 0.05543) < 1e-4
+    assert abs(_ci95_half_width([0.6, 0.6, 0.6], 100, shared_pairs=True) - 0.09602) < 1e-4

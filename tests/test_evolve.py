@@ -267,6 +267,25 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, mo
     assert target.read_bytes() == b"new" and os.listdir(target.parent) == ["0.npz"]
 
 
+def test_an_atomic_write_fsyncs_its_directory_where_the_filesystem_allows(tmp_path, monkeypatch):
+    """The rename is made durable (the directory fsync'd after the file); a filesystem that refuses to fsync a
+    directory (EINVAL on some network filesystems) still gets the file, atomically."""
+    import errno
+    import stat
+
+    calls, real = [], os.fsync
+
+    def fsync(fd):
+        calls.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        if calls[-1] == "dir":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_bytes(tmp_path / "state.json", b"{}")
+    assert calls == ["file", "dir"] and (tmp_path / "state.json").read_bytes() == b"{}"
+
+
 def test_a_checkpoint_caught_between_its_two_renames_is_restored_on_resume(tmp_path, monkeypatch):
     """atomic_dir replaces checkpoint/ by renaming it to .checkpoint.old, then the new one in; stopped between
     the two (here: the second rename raises), only .checkpoint.old is left. Resuming restores it (it is the
@@ -425,6 +444,18 @@ def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
         assert control["iterations"][0]["accuracy"] == np.mean(control["correct"])
         assert summary["methods"]["seed_continued"]["per_seed"][i] == np.mean(control["correct"])
         assert (root / seed / "seed_continued" / "1" / "config.json").exists()
+        assert control["by_iteration"]["1"] == control["correct"] and set(control["by_iteration"]) == {"0", "1"}
+    # each method is paired with the control after as many iterations as the RM it returned (0: the seed RM)
+    from ser.evolve import final_iteration, load_state, run_config
+
+    for m in ("ser_paper", "ssrm", "ser_ensemble", "ser_ensemble_threshold"):
+        expected = []
+        for i, seed in enumerate(("seed0", "seed1")):
+            run = root / seed / m
+            returned = final_iteration(run_config(run), load_state(run))
+            control = json.loads((root / seed / "seed_continued.json").read_text())["by_iteration"][str(returned)]
+            expected.append(summary["methods"][m]["per_seed"][i] - np.mean(control))
+        assert summary["methods"][m]["vs_seed_continued"]["diff"] == pytest.approx(np.mean(expected), abs=1e-12)
     for m in summary["methods"].values():
         lo, hi = m["ci95"]
         assert lo <= m["accuracy"] <= hi and len(m["per_seed"]) == 2
@@ -818,3 +849,59 @@ def test_audit_hand_example():
     assert sum(n for _, n, _ in out["audit/precision_by_decile"]) == 4
     assert audit(take, a_wins, agree, "agree", np.ones(4), None) == {}
     assert "ser/pseudo_precision" not in audit(np.zeros(4, bool), a_wins, agree, "agree", np.ones(4), truth)
+
+
+def test_a_non_finite_validation_margin_counts_as_a_tie_not_a_win():
+    """An overflowed (inf) or NaN reward on a validation pair is scored as margin 0: wrong for accuracy (not right,
+    as `inf > x` would say), chance's log 2 for the log-likelihood (not a crash)."""
+    from ser.config import Config
+    from ser.crossfit import calibrated_log_likelihood
+    from ser.evolve import oof_validation
+
+    record = oof_validation(np.array([np.inf, 0.5, -0.2, np.nan]), Config())
+    assert record["val/acc"] == 0.25 and record["val/non_finite"] == 2 and record["val/n"] == 4
+    assert record["val/log_lik"] == calibrated_log_likelihood([0.0, 0.5, -0.2, 0.0])
+
+
+def test_calibration_leaves_a_non_finite_reward_out(monkeypatch):
+    """One inf reward on the calibration pairs would make the offset inf and the fitted temperature the grid's
+    sharpest (every pool pair 'certain'): it is left out of the offset and its margin counts as 0."""
+    from ser import evolve
+    from ser.config import Config
+    from ser.selection import fit_temperature
+
+    r_c, r_r = np.array([0.2, 0.3, np.inf, 0.1]), np.array([0.0, 0.4, 0.0, -0.2])
+    monkeypatch.setattr(evolve, "rm_scores", lambda *a, **k: (r_c, r_r))
+    cfg = Config()
+    cfg.ser.calibration = "temperature"
+    offset, temperature = evolve.calibrate(None, None, [], cfg)
+    assert offset == pytest.approx(0.8 / 7) and temperature == fit_temperature([0.2, -0.1, 0.0, 0.3])
+    with pytest.raises(ValueError, match="1 of 4 margins are not finite"):
+        fit_temperature([0.2, -0.1, np.inf, 0.3])
+
+
+def test_a_validation_fraction_that_rounds_to_no_pair_is_a_config_error():
+    from ser.config import Config
+    from ser.data import Split
+    from ser.errors import UserError
+    from ser.evolve import validation_split
+
+    cfg = Config()
+    cfg.ser.validation = 0.004
+    split = Split(seed=[object()] * 100, pool=[], test=[])
+    with pytest.raises(UserError, match="'ser.validation' = 0.004 holds out no pair of the 100 seed pairs"):
+        validation_split(cfg, split)
+
+
+@pytest.mark.parametrize("rule", ["paper", "code", "ssrm"])
+def test_a_pool_pair_with_a_non_finite_reward_is_never_pseudo_labelled(rule):
+    """Pairs 0, 2 and 4 have an inf or NaN reward: status 0, never selected (an inf reward is an overflow, not a
+    certain preference); pair 3 (rewards 2 and -2, p = 0.88 and 0.12 at T = 1) is status 1 and selected."""
+    from ser.config import Config
+    from ser.evolve import select_pseudo_labels
+
+    cfg = Config()
+    cfg.ser.rule = rule
+    r_a, r_b = np.array([np.inf, 0.1, np.nan, 2.0, -3.0]), np.array([0.0, 0.0, 0.0, -2.0, np.inf])
+    status, _, take, _ = select_pseudo_labels(r_a, r_b, 0.0, 1.0, cfg, 5)
+    assert status.tolist() == [0, 0, 0, 1, 0] and take.tolist() == [False, False, False, True, False]
