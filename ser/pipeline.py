@@ -217,7 +217,7 @@ def load_saved_rm(directory: str | Path):
     if (directory / "manifest.json").exists():
         verify_manifest(directory)
     saved = read_ser_config(directory)
-    rm, tokenizer = load_reward_model(str(directory), "full")
+    rm, tokenizer = load_reward_model(str(directory.resolve()), "full")  # ./minilm is this directory, not a short name
     check_reward_head(rm, directory)
     rm.eval()
     model_cfg = saved.get("config", {}).get("model", {}) if isinstance(saved.get("config"), dict) else {}

