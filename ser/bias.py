@@ -74,7 +74,7 @@ def length_reward_correlation(rewards: ArrayLike, lengths: ArrayLike) -> float:
 
 def accuracy_by_length(r_chosen: ArrayLike, r_rejected: ArrayLike, len_chosen: ArrayLike,
                        len_rejected: ArrayLike) -> dict[str, float | int]:
-    """Pairwise accuracy (strict r_chosen > r_rejected, as SER_METHOD.md's evaluation) split by whether the human-
+    """Pairwise accuracy (strict r_chosen > r_rejected, as the SER paper's evaluation) split by whether the human-
     chosen answer is the longer or the shorter one; pairs of equal length are counted in n_equal only.
 
     Returns {"acc_chosen_longer", "n_chosen_longer", "acc_chosen_shorter", "n_chosen_shorter", "n_equal"};

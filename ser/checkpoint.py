@@ -283,7 +283,7 @@ def read_ser_config(directory: str | Path) -> dict:
     return data
 
 
-RUN_COMMAND = "command"  # a run directory's first file: the command that writes it (train-rm, evolve, ppo)
+RUN_COMMAND = "command"  # a run directory's first file: the command that writes it (train-rm, evolve, ppo, ...)
 
 
 def start_run(out: str | Path, command: str, config_yaml: str) -> None:
@@ -344,7 +344,9 @@ def refuse_existing_run(out: str | Path) -> None:
     kind = run_kind(out)
     if (kind or "config.yaml" in names) and not names <= EARLY_RUN_FILES:
         how = (f"`ser {kind} --resume {out}` continues it" if kind in RESUMABLE else
-               f"--resume {out} continues it" if kind is None else f"a `ser {kind}` run cannot be resumed")
+               f"--resume {out} continues it" if kind is None else
+               f"`ser {kind}` with the same --out continues it" if kind in ("experiment", "curve") else
+               f"a `ser {kind}` run cannot be resumed")
         raise UserError(f"{out}: already holds a run; {how}, or give another --out")
 
 

@@ -81,7 +81,7 @@ class TrainConfig:
 
 @dataclass
 class SERConfig:
-    """Settings of the self-evolution loop (`ser evolve`); see SER_METHOD.md."""
+    """Settings of the self-evolution loop (`ser evolve`); Huang et al., ICLR 2025 (arXiv 2411.00418), §3."""
 
     max_iterations: int = 3  # SER iterations after the seed RM (the paper's runs stopped after 3)
     tau_high: float = 0.55  # SER paper §3: status-1 needs one answer with σ(r) > tau_high (and the other < tau_low)
@@ -118,8 +118,8 @@ class PolicyConfig:
     max_prompt_length: int = 256  # prompt tokens (cut from the left, keeping the latest turns)
     max_new_tokens: int = 64  # answer length limit; answers that hit it without EOS are "unfinished"
     temperature: float = 0.7  # sampling during PPO rollouts
-    top_k: int = 0  # sample from the k most likely tokens only; 0 = off
-    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much probability; 1.0 = off
+    top_k: int = 0  # top-k filter; ppo refuses any but 0 (its log-probs need the whole distribution)
+    top_p: float = 1.0  # nucleus filter; ppo refuses any but 1.0 (generate-pairs uses judge.PAIR_SAMPLING)
 
 
 @dataclass

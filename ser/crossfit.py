@@ -1,8 +1,8 @@
 """Pure pieces of a validated, ensemble-guarded SER loop (numpy only).
 
-SER (Huang et al., ICLR 2025, §3) trusts one reward model's confidence to pseudo-label the pool. SER_METHOD.md
-measured that trust decaying: pseudo-label precision fell 83% → 73% → 59% over three iterations while accuracy
-drifted down. These functions are the guards the loop composes against that:
+SER (Huang et al., ICLR 2025, §3) trusts one reward model's confidence to pseudo-label the pool. The method notes
+this project started from measured that trust decaying: pseudo-label precision fell 83% → 73% → 59% over three
+iterations while accuracy drifted down. These functions are the guards the loop composes against that:
 
 - cross-fitting: k fold models on the seed, each scored only on the seed pairs it did not train on, so the
   calibration temperature and the audit are fitted on honest (out-of-fold) margins (k-fold cross-fitting;
@@ -14,7 +14,7 @@ drifted down. These functions are the guards the loop composes against that:
   tri-training, Zhou & Li, 2005; per-member temperature scaling, Guo et al., 2017; SSRM's max(P, 1 - P) >= 0.8
   rule, He et al., 2024);
 - the audit: precision of the pseudo-labels against the pool's hidden human labels, per agreement level and
-  per confidence decile (SER_METHOD.md, "Nobody measured how accurate the self-labels are").
+  per confidence decile (the paper does not measure how accurate its self-labels are).
 
 Vocabulary: a margin is r_a - r_b for a pair (Q, A, B); `a_wins` is True where A is the (pseudo-)chosen answer;
 `truth` is True where A is the human-chosen answer; confidence is max(p, 1 - p) in [0.5, 1].

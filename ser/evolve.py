@@ -453,7 +453,7 @@ def load_state(run: Path) -> State:
 
 def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dict | None, state: State,
            accelerator, val: list[Pair] = ()) -> State:
-    """The SER loop (SER_METHOD.md §"The loop"). All persistent state lives in `state` and on disk. `val`: human
+    """The SER loop (Huang et al., ICLR 2025, §3). All persistent state lives in `state` and on disk. `val`: human
     pairs never trained on (`validation_split`); they calibrate, pick the returned iteration and stop the loop.
     With ser.folds = k, cross-fitting does all three without holding labels out, and the fold models vote."""
     seed, test, s = split.seed, split.test, cfg.ser

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ser.checkpoint import atomic_write_text, check_writable, json_text, save_reward_model
+from ser.checkpoint import RUN_COMMAND, atomic_write_text, check_writable, json_text, run_kind, save_reward_model
 from ser.config import Config, to_dict, validate
 from ser.data import resolve_count
 from ser.errors import UserError, shown
@@ -287,7 +287,8 @@ def run_experiment(cfg: Config, out: str) -> Path:
         raise UserError("config: 'experiment.methods' has full_label, which trains on the pool's human labels, but "
                         f"data.pool ({cfg.data.pool}) is an unlabelled pool; drop full_label or data.pool")
     check_backbone(cfg.model)  # a typo fails here, before settings.json would tie --out to it
-    root = check_writable(out)
+    check_inputs(cfg)
+    root = claim_out(out, "experiment")
     check_same_settings(root, cfg)
     t0, commit = time.time(), _commit()  # the code that ran, even if the checkout moves during the run
     per_seed = {seed: run_seed(cfg, root, seed) for seed in cfg.experiment.seeds}
@@ -296,6 +297,41 @@ def run_experiment(cfg: Config, out: str) -> Path:
     summary["commit"] = commit
     atomic_write_text(root / "summary.json", json_text(summary, indent=2, default=float))
     write_report(root, summary, per_seed, cfg)
+    return root
+
+
+def _label_count(size, labelled: int, total: int) -> int:
+    """How many labels a `ser curve` size means: `all` the split's labelled training pairs (seed + pool), a count,
+    or a fraction of `total` (data.seed_size's reference). UserError if it is not in (0, labelled]."""
+    n = labelled if size == "all" else resolve_count(size, total, "--sizes")
+    if not 0 < n <= labelled:
+        raise UserError(f"--sizes: {size} means {n} labels, but the split has {labelled} labelled training pairs")
+    return n
+
+
+def check_inputs(cfg: Config, need_seed: bool = True, sizes: list | None = None) -> None:
+    """The first seed's split (bad data, too few pairs) and the curve's sizes, checked before --out is written:
+    a typo must not leave files that tie the directory to it."""
+    scfg = seed_config(cfg, cfg.experiment.seeds[0])
+    split = load_splits(scfg.data)
+    require_seed_and_test(split, scfg.data, need_seed=need_seed)
+    for size in sizes or []:
+        _label_count(size, len(split.seed) + len(split.pool), split.n_pairs)
+
+
+def claim_out(out: str, command: str) -> Path:
+    """--out of `ser experiment` / `ser curve`: refused if it holds another command's run (a curve must not write
+    its report over an experiment's, nor either into a train-rm, evolve, ppo or sft run); then marked as this
+    command's (`RUN_COMMAND`), so that the same command run again goes on with it (finished points and methods
+    are kept)."""
+    path = Path(out)
+    if path.is_dir():
+        kind = run_kind(path) or ("experiment" if (path / "settings.json").exists() else
+                                  "curve" if (path / "curve.json").exists() else None)
+        if kind not in (None, command):
+            raise UserError(f"{path}: holds a `ser {kind}` run; give `ser {command}` another --out")
+    root = check_writable(path)
+    atomic_write_text(root / RUN_COMMAND, command + "\n")
     return root
 
 
@@ -652,7 +688,8 @@ def run_curve(cfg: Config, out: str, sizes: list, modes: list[str] | None = None
     configs = {None: cfg} if not modes else {m: mode_config(cfg, m) for m in modes}
     for mcfg in configs.values():  # before any point's files would tie --out to a typo
         check_backbone(mcfg.model)
-    root = check_writable(out)
+    check_inputs(cfg, need_seed=False, sizes=sizes)
+    root = claim_out(out, "curve")
     t0, commit = time.time(), _commit()
     curves, all_labels = {}, None
     for label, mcfg in configs.items():
@@ -684,10 +721,7 @@ def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int
         all_labels = len(labelled)
         total, done = split.n_pairs, set()  # what data.seed_size's fractions are of (so 0.15 is its count)
         for size in sizes:
-            n = len(labelled) if size == "all" else resolve_count(size, total, "--sizes")
-            if not 0 < n <= len(labelled):
-                raise UserError(f"--sizes: {size} means {n} labels, but the split has {len(labelled)} "
-                                f"labelled training pairs")
+            n = _label_count(size, len(labelled), total)
             if n in done:
                 continue  # two sizes that mean the same number of labels: one point
             done.add(n)

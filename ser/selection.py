@@ -1,6 +1,6 @@
 """SER's selection rules as pure functions of reward scores (numpy only).
 
-Notation follows SER_METHOD.md: for an unlabelled pair (Q, A1, A2) the RM gives r1, r2 and each answer's
+Notation follows the SER paper (Huang et al., ICLR 2025, §3): for an unlabelled pair (Q, A1, A2) the RM gives r1, r2 and each answer's
 probability is p_k = σ(r_k), each answer scored on its own as in the released code.
 """
 

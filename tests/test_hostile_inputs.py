@@ -27,6 +27,7 @@ LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING) [\w.]+: ")  # the CLI's lo
 
 def file(name, content):
     def setup(t, rm):
+        (t / name).parent.mkdir(parents=True, exist_ok=True)
         (t / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     return setup
 
@@ -222,6 +223,16 @@ CASES = [
                                         "--model.backbone={t}/nope"], ["unknown backbone '{t}/nope'"]),
     ("curve-backbone-typo", good, ["curve", "--out", "{out}", "--sizes", "5", "--data.train={t}/good.jsonl",
                                    "--model.backbone={t}/nope"], ["unknown backbone '{t}/nope'"]),
+    ("experiment-data-typo", None, ["experiment", "--out", "{out}", "--data.train={t}/nope.jsonl"],
+     ["{t}/nope.jsonl: no such file"]),
+    ("curve-size-beyond-the-data", good, ["curve", "--out", "{out}", "--sizes", "5,500", "--data.train={t}/good.jsonl",
+                                          "--data.test_size=2"], ["--sizes: 500 means 500 labels, but the split has 10"]),
+    ("curve-into-an-experiment", steps(good, file("exp/command", "experiment\n"), file("exp/settings.json", "{}")),
+     ["curve", "--out", "{t}/exp", "--sizes", "5", "--data.train={t}/good.jsonl", "--data.test_size=2"],
+     ["{t}/exp: holds a `ser experiment` run; give `ser curve` another --out"]),
+    ("train-rm-into-an-experiment", steps(good, file("exp/command", "experiment\n"), file("exp/settings.json", "{}")),
+     ["train-rm", "--out", "{t}/exp", "--data.train={t}/good.jsonl", "--data.test_size=2"],
+     ["{t}/exp: already holds a run; `ser experiment` with the same --out continues it"]),
     ("override-unknown-key", None, ["train-rm", "--out", "{out}", "--train.lrr=1"],
      ["command line: unknown config key 'train.lrr'"]),
     ("override-int-with-two-signs", None, ["train-rm", "--out", "{out}", "--train.seed=--5"],
