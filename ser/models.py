@@ -102,6 +102,8 @@ def resolve_backbone(name: str) -> str:
             gguf_file = next((p.name for p in sorted(pkg.glob("*.gguf"))), None)
             if gguf_file is None:
                 raise UserError(f"{pkg}: no model files found for backbone '{name}'")
+        if (cache_dir() / "models" / name / "model.safetensors").exists():  # converted: no lock (a read-only cache)
+            return str(cache_dir() / "models" / name)
         from filelock import FileLock
 
         cache_dir().mkdir(parents=True, exist_ok=True)
