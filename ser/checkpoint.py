@@ -298,7 +298,7 @@ def start_run(out: str | Path, command: str, config_yaml: str) -> None:
 
 def run_kind(run: str | Path) -> str | None:
     """Which command wrote the run directory `run`: its `RUN_COMMAND` file, else (runs from before it) the files
-    only that command writes: "evolve", "ppo", "train-rm", or None (none of them yet)."""
+    only that command writes: "evolve", "ppo", "train-rm", "experiment", "curve", or None (none of them yet)."""
     run = Path(run)
     if (run / RUN_COMMAND).is_file():
         return (run / RUN_COMMAND).read_text(encoding="utf-8", errors="replace").strip() or None
@@ -308,6 +308,10 @@ def run_kind(run: str | Path) -> str | None:
         return "ppo"
     if (run / "result.json").exists() or (run / "rm").exists() or (run / "checkpoint").exists():
         return "train-rm"
+    if (run / "settings.json").exists():
+        return "experiment"
+    if (run / "curve.json").exists():
+        return "curve"
     return None
 
 

@@ -171,12 +171,6 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
-def _first_line(e: Exception) -> str:
-    """An exception's message, its first line cut to 200 characters (a 5,000-digit value stays readable)."""
-    line = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return line if len(line) <= 200 else line[:200] + "..."
-
-
 _INT_TEXT = re.compile(r"\s*[+-]?\d+\s*")  # what int() reads as a quoted integer (not "--5" or "²", isdigit's)
 
 
@@ -247,7 +241,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except IsADirectoryError:
             raise UserError(f"{path}: is a directory, expected a YAML config file") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid YAML ({_first_line(e)})") from None
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         except ValueError:  # YAML's int() of a longer number than Python converts
             raise UserError(f"{path}: an integer of more than {sys.get_int_max_str_digits()} digits") from None
         if raw is None:  # an empty file (or comments only): most likely the wrong file

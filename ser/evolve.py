@@ -66,10 +66,11 @@ def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config, accelerator=No
         return 0.0, 1.0
     r_c, r_r = rm_scores(rm, tokenizer, seed_pairs, cfg, accelerator)
     rewards = np.concatenate([r_c, r_r])
-    if not np.isfinite(rewards).all():  # one inf would make the offset inf and the fitted T the sharpest
+    finite = np.isfinite(rewards)
+    if not finite.all():  # one inf would make the offset inf and the fitted T the sharpest
         log.warning("calibration: %d of %d rewards are not finite (NaN or inf); left out of the offset, their "
-                    "pairs' margins count as 0", (~np.isfinite(rewards)).sum(), rewards.size)
-    offset = float(rewards[np.isfinite(rewards)].mean()) if np.isfinite(rewards).any() else 0.0
+                    "pairs' margins count as 0", (~finite).sum(), rewards.size)
+    offset = float(rewards[finite].mean()) if finite.any() else 0.0
     return offset, (fit_temperature(finite_margins(r_c, r_r)) if cfg.ser.calibration == "temperature" else 1.0)
 
 

@@ -326,8 +326,7 @@ def claim_out(out: str, command: str) -> Path:
     are kept)."""
     path = Path(out)
     if path.is_dir():
-        kind = run_kind(path) or ("experiment" if (path / "settings.json").exists() else
-                                  "curve" if (path / "curve.json").exists() else None)
+        kind = run_kind(path)
         if kind not in (None, command):
             raise UserError(f"{path}: holds a `ser {kind}` run; give `ser {command}` another --out")
     root = check_writable(path)
