@@ -77,7 +77,9 @@ def hierarchical_bootstrap(correct, n_resamples: int = 1000, seed: int = 0, alph
     its own (a split per seed), drawn anew for each resampled seed. shared_pairs: column j is the same test pair
     for every seed (a fixed `data.test`), a crossed design: one draw of columns per resample serves every seed, so
     a pair's difficulty counts once rather than averaging out over the seeds (which would make the CI too narrow).
-    Returns (lo, hi)."""
+    Returns (lo, hi). With few seeds (S = 3) resampling them understates the seed-to-seed variance (by (S-1)/S,
+    with normal rather than t quantiles): where seeds differ by 3-4 points the interval covered about 85% of the
+    time in simulation (500 pairs per seed), 95% where they differ by at most 2. Report per-seed values with it."""
     m = np.asarray(correct, dtype=np.float64)
     if m.size == 0:
         return float("nan"), float("nan")

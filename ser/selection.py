@@ -20,7 +20,11 @@ def probabilities(rewards, offset: float = 0.0, temperature: float = 1.0) -> np.
     return sigmoid((np.asarray(rewards, dtype=np.float64) - offset) / temperature)
 
 
-def fit_temperature(margins, grid=np.exp(np.linspace(math.log(1e-3), math.log(1e3), 481))) -> float:
+T_MIN, T_MAX = 1e-6, 1e6  # fit_temperature's grid: wide enough for an RM whose margins are thousandths (a weak
+TEMPERATURE_GRID = np.exp(np.linspace(math.log(T_MIN), math.log(T_MAX), 961))  # seed RM) or thousands; 2.9% apart
+
+
+def fit_temperature(margins, grid=TEMPERATURE_GRID) -> float:
     """The T minimising the NLL of σ(margin / T) on human-labelled pairs (margin = r_chosen - r_rejected).
 
     Temperature scaling (Guo et al., 2017) done by a grid search: one parameter, no optimiser state. The target is
@@ -36,7 +40,7 @@ def fit_temperature(margins, grid=np.exp(np.linspace(math.log(1e-3), math.log(1e
     if not np.isfinite(m).all():
         raise ValueError(f"fit_temperature: {(~np.isfinite(m)).sum()} of {m.size} margins are not finite")
     if m.mean() <= 0:  # no better than chance on these pairs: the flattest σ, never the grid's sharpest (the NLL is
-        return float(grid[-1])  # flat at all-zero margins, and argmin would take its first point, T = 1e-3)
+        return float(grid[-1])  # flat at all-zero margins, and argmin would take its first point, T = T_MIN)
     target = (m.size + 1) / (m.size + 2)
     nll = [(target * np.logaddexp(0.0, -m / t) + (1 - target) * np.logaddexp(0.0, m / t)).mean() for t in grid]
     return float(grid[int(np.argmin(nll))])

@@ -836,6 +836,42 @@ def test_seed_rm_epochs_on_a_hold_out_and_shared_by_an_experiment(tiny_bert_dir,
     assert "Seed RM epochs, chosen on out-of-fold log-likelihood" in (root / "report.md").read_text()
 
 
+class _OneProcess:  # the two accelerate calls save_state makes, on one process
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_a_fork_starts_from_the_seed_rm_validation_of_its_own_source(tmp_path):
+    """With ser.validation > 0 the shared seed RM was validated on the hold-out, as every later iteration of the
+    fork will be: the fork's iteration-0 score is that hold-out value in the fork's metric, not the out-of-fold
+    margins of the fold models (weaker RMs, a different number) that its votes also keep."""
+    import dataclasses
+
+    from ser.config import Config
+    from ser.crossfit import calibrated_log_likelihood
+    from ser.evolve import load_state, save_state
+    from ser.experiment import _fork_from_seed_rm, method_config
+
+    cfg = Config()
+    cfg = method_config(dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, validation=50)), "ser_ensemble_soft")
+    src = tmp_path / "ser_ensemble"
+    for d in ("iterations/0", "folds/0", "votes"):
+        (src / d).mkdir(parents=True)
+    oof = np.array([1.0, -0.5, 2.0, 0.3])
+    np.savez(src / "votes" / "0.npz", oof=oof)
+    held_out = {"iteration": 0, "val/acc": 0.7, "val/log_lik": -0.55, "rm/acc": 0.6}
+    (src / "metrics.jsonl").write_text(json.dumps(held_out) + "\n")
+    save_state(src, State(completed=0, val_acc=[0.7], val_score=[-0.55]), _OneProcess())
+    _fork_from_seed_rm(src, tmp_path / "fork", cfg, _OneProcess())
+    state = load_state(tmp_path / "fork")
+    assert state.val_acc == [0.7] and state.val_score == [-0.55] != [calibrated_log_likelihood(oof)]
+    acc_cfg = dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, val_metric="accuracy"))
+    _fork_from_seed_rm(src, tmp_path / "fork_acc", acc_cfg, _OneProcess())
+    assert load_state(tmp_path / "fork_acc").val_score == [0.7]
+
+
 def test_audit_hand_example():
     from ser.evolve import audit
 

@@ -82,8 +82,12 @@ def test_fit_temperature_recovers_calibrated_scale():
     assert fit_temperature([2.0] * 4) == pytest.approx(2 / math.log(5), rel=0.03)
     # no better than chance (mean margin <= 0; all zero: a collapsed RM): the flattest T, never the sharpest, which
     # would make every pool vote look certain
-    flattest = np.exp(math.log(1e3))  # the grid's last point
+    flattest = np.exp(math.log(1e6))  # the grid's last point
     assert fit_temperature([0.0] * 4) == fit_temperature([1e-9, -1e-9]) == fit_temperature([1.0, -3.0]) == flattest
+    # a weak RM's margins in ten-thousandths (or a loud one's in thousands) are fitted to the same σ: T scales with
+    # them (a grid floored at 1e-3 gave 1e-3, σ(2e-4 / 1e-3) = 0.55 in place of 5/6)
+    assert fit_temperature([2e-4] * 4) == pytest.approx(2e-4 / math.log(5), rel=0.03)
+    assert fit_temperature([2e3] * 4) == pytest.approx(2e3 / math.log(5), rel=0.03)
 
 
 def test_ssrm_threshold():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ser.selection import (STATUS_1, STATUS_2, STATUS_ANY, STOP, fit_temperature, learning_status, orient,
-                           pair_status, probabilities, resolve_min_pairs, select, sigmoid, ssrm_select)
+from ser.selection import (STATUS_1, STATUS_2, STATUS_ANY, STOP, T_MAX, T_MIN, fit_temperature, learning_status,
+                           orient, pair_status, probabilities, resolve_min_pairs, select, sigmoid, ssrm_select)
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # σ of |x| > 709 saturates: fine
 FAST = settings(max_examples=150, deadline=None)
@@ -22,7 +22,7 @@ reward = st.floats(-60, 60, allow_nan=False)
 rewards = st.lists(st.tuples(reward, reward), max_size=60).map(
     lambda xs: (np.array([a for a, _ in xs], dtype=np.float64), np.array([b for _, b in xs], dtype=np.float64)))
 offset = st.floats(-10, 10, allow_nan=False)
-temperature = st.floats(1e-3, 1e3)  # fit_temperature's range
+temperature = st.floats(1e-3, 1e3)  # what fit_temperature gives for margins of ordinary size
 min_pairs = st.integers(1, 70)
 
 
@@ -200,7 +200,7 @@ def test_ssrm_is_monotone_in_threshold_and_temperature(r, t1, t2, th1, th2):
     assert not (ssrm_select(*r, th_lo, t_hi) & ~keep).any()
 
 
-GRID_STEP = math.log(1e6) / 480  # fit_temperature's log-spaced grid from 1e-3 to 1e3
+GRID_STEP = math.log(1e12) / 960  # fit_temperature's log-spaced grid from T_MIN = 1e-6 to T_MAX = 1e6
 
 
 margin = st.one_of(st.just(0.0), st.floats(1e-2, 20), st.floats(-20, -1e-2))  # NLL differences resolvable
@@ -215,19 +215,19 @@ def test_fit_temperature_scales_with_the_margins(margins, k):
     when the mean margin is > 0; with mean <= 0 it is infinite."""
     m = np.array(margins)
     t, tk = fit_temperature(m), fit_temperature(k * m)
-    lo, hi = 1e-3 * (1 - 1e-9), 1e3 * (1 + 1e-9)
+    lo, hi = T_MIN * (1 - 1e-9), T_MAX * (1 + 1e-9)
     assert lo <= t <= hi and lo <= tk <= hi
     if m.mean() <= 0:
-        assert t == pytest.approx(1e3)  # no better than chance: the flattest scale on the grid
+        assert t == pytest.approx(T_MAX)  # no better than chance: the flattest scale on the grid
     elif (m >= 0).all():
         # separable: T stays finite (unsmoothed it would be 0, the grid's floor). Each positive margin alone would
         # be fitted at σ(m / T) = (n+1)/(n+2), i.e. T = m / log(n+1); zero margins add a constant; the NLL's
         # derivative in 1/T is the sum of the single-pair ones, so T* lies between the smallest and largest of these
         pos = m[m > 0]
         lo_t, hi_t = pos.min() / math.log(len(m) + 1), pos.max() / math.log(len(m) + 1)
-        lo_t, hi_t = min(max(lo_t, 1e-3), 1e3), min(max(hi_t, 1e-3), 1e3)  # the grid's range
+        lo_t, hi_t = min(max(lo_t, T_MIN), T_MAX), min(max(hi_t, T_MIN), T_MAX)  # the grid's range
         assert lo_t * math.exp(-2 * GRID_STEP) <= t <= hi_t * math.exp(2 * GRID_STEP)
-    edge = (1e-3 * math.exp(GRID_STEP), 1e3 * math.exp(-GRID_STEP))
+    edge = (T_MIN * math.exp(GRID_STEP), T_MAX * math.exp(-GRID_STEP))
     if edge[0] < t < edge[1] and edge[0] < tk < edge[1]:
         assert abs(math.log(tk / (k * t))) <= 2 * GRID_STEP + 1e-9
 
