@@ -40,7 +40,7 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process's umask: from /proc/self/status where Linux has it (reading it with os.umask means setting it,
     for a moment, for every thread), else by setting it and straight back."""
     with contextlib.suppress(OSError, ValueError):
@@ -59,7 +59,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename: the mode `open` would give
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would outlive the rename: the mode `open` would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -172,10 +172,10 @@ def atomic_dir(target: str | Path):
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, as for atomic_write_bytes
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700, as for atomic_write_bytes
         yield tmp
         write_manifest(tmp)
-        mask = _umask()
+        mask = current_umask()
         for p in [*tmp.rglob("*"), tmp]:  # the files, then the directories that name them
             if p.is_file():
                 p.chmod(0o666 & ~mask)  # safetensors writes 0600: others could not load the RM
@@ -223,7 +223,8 @@ def remove_debris(run: Path) -> None:
     temporary files and directories of `atomic_write_bytes` and `atomic_dir` (`.NAME.*.tmp`, never renamed, so
     never complete), and a `.NAME.old` whose NAME is in place (atomic_dir's second rename happened). Call before
     any writer starts (`check_resumable`, after `restore_swapped`). A frozen-layer cache's files in writing
-    (`KEY.tmpPID`, which another process sharing the cache may own) are no dotfiles: left alone."""
+    (`KEY.*.tmp`, which another process sharing the cache may own) are no dotfiles: left alone
+    (`ser.frozen.remove_stale_writes` removes them after a day)."""
     for p in sorted(run.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
         stale = p.name.endswith(".tmp") or (p.name.endswith(".old") and p.with_name(p.name[1:-4]).exists())
         if stale and p.exists():

@@ -264,6 +264,10 @@ def run(argv: list[str]) -> int:
 
     if args.command in ("score", "eval", "generate-pairs", "judge") and extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if "SER_FROZEN_CACHE_GIB" in os.environ:  # checked before any output is written, not at the first freeze RM
+        from ser.frozen import memory_cap_gib
+
+        memory_cap_gib()
     if args.command == "train-rm":
         from ser.pipeline import run_train_rm
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from accelerate.utils import DistributedType
 
 from ser.bias import length_balanced_accept, longer_chosen_share
 from ser.checkpoint import (append_jsonl, atomic_dir, atomic_write_npz, atomic_write_text, check_resumable,
@@ -625,8 +626,8 @@ def load_rm(directory: Path, cfg: Config | None = None, accelerator=None):
     from ser.models import load_reward_model
 
     verify_manifest(directory)
-    freeze = (cfg is not None and cfg.model.mode == "freeze"
-              and (accelerator is None or accelerator.num_processes == 1))
+    freeze = (cfg is not None and cfg.model.mode == "freeze"  # as `pipeline.fit_rm`: without DeepSpeed/FSDP/DDP
+              and (accelerator is None or accelerator.distributed_type == DistributedType.NO))
     rm, tok = load_reward_model(str(directory), "freeze" if freeze else "full",
                                 trainable_layers=cfg.model.trainable_layers if freeze else 2)
     if freeze:

@@ -24,14 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ser.errors import UserError
+from ser.checkpoint import current_umask
+from ser.errors import UserError, shown
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +151,10 @@ _DTYPES = {torch.float32: (0, np.float32), torch.float16: (1, np.float16)}
 class FrozenCache:
     """Frozen-part outputs by sequence: key = sha256 of (backbone identity, N, vocabulary, max_length, token ids,
     token type ids, and the dtype unless fp32) -> hidden states (T, H), stored in `dtype` (fp32 by default: cached
-    training equals uncached training; fp16 halves the size and rounds the states).
+    training equals uncached fp32 training; fp16 halves the size and rounds the states). The frozen part always runs
+    in fp32 here: under bf16 autocast (`train.mixed_precision`) the uncached forward (DDP, DeepSpeed and FSDP
+    train freeze mode without the cache) rounds the frozen states, so rewards differ by bf16 rounding (up to 0.007
+    on MiniLM with rewards spread 0.3: a near-tie pair can flip).
 
     The backbone identity hashes the config and the frozen weights themselves, so an RM that continues from a
     previous one (SER's next iteration) with the same frozen part hits the same entries, and any change to them
@@ -163,6 +170,7 @@ class FrozenCache:
         self.dtype, self.directory = dtype, Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
+            remove_stale_writes(self.directory)
         self.memory: dict[bytes, torch.Tensor] = {} if memory is None else memory
         self.hits = self.misses = self.rebuilt = 0
         self.identity = backbone_identity(model, tokenizer)
@@ -205,9 +213,17 @@ class FrozenCache:
         payload = states.cpu().numpy().tobytes()
         header = _HEADER.pack(MAGIC, key, hashlib.sha256(payload).digest(), *states.shape, code)
         path = self.directory / f"{key.hex()}.bin"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(header + payload)
-        os.replace(tmp, path)  # a killed run leaves a stray .tmp file, never a half-written entry
+        # a name of its own (mkstemp), not the pid: processes of two hosts or containers sharing the directory can
+        # have the same pid. A killed run leaves a stray .tmp file (`remove_stale_writes`), never a half-written entry
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f"{key.hex()}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(header + payload)
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep the cache from another user sharing it
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return states
 
     def nbytes(self) -> int:
@@ -299,6 +315,21 @@ class FrozenCache:
         return forward_top_packed(model, hidden.to(device), batch)
 
 
+STALE_SECONDS = 24 * 3600  # a temporary entry file this old belongs to no live writer (one entry takes seconds)
+
+
+def remove_stale_writes(directory: Path) -> None:
+    """Delete the temporary files (`KEY.*.tmp`) that killed writers left in a cache directory more than a day
+    ago; younger ones may belong to a process writing now (a cache directory can be shared)."""
+    now = time.time()
+    for p in directory.glob("*.tmp"):
+        try:
+            if now - p.stat().st_mtime > STALE_SECONDS:
+                p.unlink()
+        except FileNotFoundError:  # another process removed or renamed it first
+            pass
+
+
 def _decode(data: bytes, key: bytes, want: int) -> torch.Tensor | None:
     """The states (T, H) of an entry file, or None if it is truncated, corrupt, another key's, or stored in another
     dtype than the reading cache's (`want`, a `_DTYPES` code: an fp32 cache never reads fp16-rounded states)."""
@@ -342,6 +373,9 @@ class MemoryStore(dict):
         super().__init__()
         self.limit, self.nbytes, self.warned = limit_gib * 2**30, 0, False
 
+    def set_limit(self, limit_gib: float) -> None:
+        self.limit = limit_gib * 2**30
+
     def add(self, key: bytes, states: torch.Tensor) -> None:
         size = states.numel() * states.element_size()
         if self.nbytes + size > self.limit:
@@ -359,12 +393,27 @@ class MemoryStore(dict):
         self.nbytes, self.warned = 0, False
 
 
-SHARED_MEMORY = MemoryStore(float(os.environ.get("SER_FROZEN_CACHE_GIB", "8")))
+SHARED_MEMORY = MemoryStore(8.0)  # its cap set from the environment when a cache uses it (`memory_cap_gib`)
+
+
+def memory_cap_gib() -> float:
+    """$SER_FROZEN_CACHE_GIB (default 8) in GiB. Raises UserError unless it is a finite number >= 0."""
+    value = os.environ.get("SER_FROZEN_CACHE_GIB", "8")
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = float("nan")
+    if not math.isfinite(gib) or gib < 0:
+        raise UserError(f"SER_FROZEN_CACHE_GIB={shown(value)}: expected a number of GiB >= 0 (e.g. 8 or 0.5)")
+    return gib
 
 
 def shared_cache(model, tokenizer, directory: str | Path | None = None) -> FrozenCache:
     """A `FrozenCache` for `model` over the process-wide store `SHARED_MEMORY`, or over files in `directory`
-    (then also shared with later processes: a resumed run, another run given the same directory)."""
+    (then also shared with later processes: a resumed run, another run given the same directory).
+    Raises UserError on a bad $SER_FROZEN_CACHE_GIB (`memory_cap_gib`)."""
+    if not directory:
+        SHARED_MEMORY.set_limit(memory_cap_gib())
     return FrozenCache(model, tokenizer, directory=directory, memory=None if directory else SHARED_MEMORY)
 
 

@@ -50,7 +50,8 @@ def resolve_precision(name: str) -> str:
 def make_accelerator(tcfg: TrainConfig) -> Accelerator:
     """Device placement, DDP/DeepSpeed/FSDP wrapping and mixed precision. The loops below shard the data and
     accumulate gradients themselves (`rank_share`), so `train.batch_size` is the global batch and a run
-    gives the same result on 1 or N processes."""
+    gives the same result on 1 or N processes (up to float rounding; in bf16, model.mode=freeze differs more: one
+    process runs the frozen layers in fp32 through the cache, several run them under bf16 autocast)."""
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     no_gpu = not torch.accelerator.is_available()

@@ -1,5 +1,7 @@
 """model.mode=freeze: frozen lower layers, the cache of their output, and that it changes nothing but the speed."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -221,6 +223,69 @@ def test_damaged_cache_file_is_rebuilt_not_used(tiny_bert_dir, tmp_path, damage)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     assert target.read_bytes() == data  # rewritten whole
+
+
+def test_writers_sharing_a_cache_directory_never_collide(tiny_bert_dir, tmp_path):
+    """Two writers of one entry at once (threads here; processes of two containers with the same pid in use) each
+    write a temporary file of their own: no writer fails, the entry is whole, the file has the umask's mode, and a
+    day-old temporary file that a killed writer left is removed when a cache opens the directory (a fresh one,
+    maybe a live writer's, is kept)."""
+    import stat
+    import threading
+    import time
+
+    from ser.checkpoint import current_umask
+
+    rm, tok = load(str(tiny_bert_dir))
+    cache = FrozenCache(rm, tok, directory=tmp_path)
+    key, states = cache.key(32, [1, 2, 3], None), torch.randn(3, 32)
+    errors = []
+
+    def write():
+        try:
+            for _ in range(200):
+                cache.put(key, states)
+        except Exception as e:  # noqa: BLE001 (collected for the assertion)
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and torch.equal(cache.get(key), states) and not list(tmp_path.glob("*.tmp"))
+    entry = tmp_path / f"{key.hex()}.bin"
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o666 & ~current_umask()
+    old, young = tmp_path / f"{key.hex()}.abc.tmp", tmp_path / f"{key.hex()}.def.tmp"
+    old.write_bytes(b"x")
+    young.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    FrozenCache(rm, tok, directory=tmp_path)
+    assert not old.exists() and young.exists() and entry.exists()
+
+
+@pytest.mark.parametrize("value", ["8GiB", "-1", "nan", "inf", ""])
+def test_a_bad_memory_cap_is_a_one_line_error(value, tiny_bert_dir, monkeypatch, tmp_path):
+    """$SER_FROZEN_CACHE_GIB is read when a cache uses it, not at import (a typo crashed every command with a
+    traceback), and a bad value stops any command before it writes."""
+    import subprocess
+    import sys
+
+    from ser.frozen import memory_cap_gib
+
+    monkeypatch.setenv("SER_FROZEN_CACHE_GIB", "0.5")
+    assert memory_cap_gib() == 0.5
+    monkeypatch.setenv("SER_FROZEN_CACHE_GIB", value)
+    with pytest.raises(UserError, match="SER_FROZEN_CACHE_GIB"):
+        memory_cap_gib()
+    if value == "8GiB":
+        out = tmp_path / "scores.jsonl"
+        r = subprocess.run([sys.executable, "-m", "ser", "score", "--rm", str(tiny_bert_dir), "--data",
+                            str(tmp_path / "missing.jsonl"), "--out", str(out)], capture_output=True, text=True,
+                           env={**os.environ, "SER_FROZEN_CACHE_GIB": value})
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            "error: SER_FROZEN_CACHE_GIB='8GiB': expected a number of GiB >= 0 (e.g. 8 or 0.5)"]
+        assert not out.exists()
 
 
 def test_a_continued_rm_reuses_the_entries_of_the_previous_one(tiny_bert_dir, tmp_path):

@@ -489,14 +489,14 @@ def test_a_saved_rm_is_readable_by_others_and_a_local_directory_beats_a_short_na
     import os
     import stat
 
-    from ser.checkpoint import _umask
+    from ser.checkpoint import current_umask
     from ser.pipeline import load_saved_rm
 
     torch.manual_seed(0)
     rm, tok = load_reward_model(str(tiny_bert_dir))
     save_reward_model(rm, tok, tmp_path / "minilm", {"config": {"model": {"max_length": 32}}})
     for f in (tmp_path / "minilm").iterdir():
-        assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~_umask(), f
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~current_umask(), f
     monkeypatch.chdir(tmp_path)
     loaded, _, _ = load_saved_rm("minilm")
     assert loaded.config.hidden_size == 32  # the tiny saved RM (MiniLM's is 384)
