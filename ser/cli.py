@@ -26,7 +26,7 @@ READS = {
     "sft": ("data", "model.max_length", "policy.backbone", "policy.max_prompt_length", "train.epochs",
             "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay", "train.warmup_ratio",
             "train.max_grad_norm", "train.seed", "train.mixed_precision"),
-    "ppo": ("data", "policy", "ppo", "train.mixed_precision"),  # data: the split ppo_prompts makes (load_splits)
+    "ppo": ("data", "policy", "ppo", "train.mixed_precision", "train.max_grad_norm"),  # data: ppo_prompts' split
 }
 
 

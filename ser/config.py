@@ -318,6 +318,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config: '{key}' must be >= 1, got {shown(value)}")
+    if cfg.ppo.mini_batch_size > cfg.ppo.batch_size:  # randperm(batch).split(mini) would make one short step
+        raise UserError(f"config: 'ppo.mini_batch_size' ({cfg.ppo.mini_batch_size}) must be <= 'ppo.batch_size' "
+                        f"({cfg.ppo.batch_size})")
+    if cfg.ppo.kl_target is not None and cfg.ppo.kl_coef == 0:  # the controller multiplies: 0 stays 0
+        raise UserError("config: 'ppo.kl_coef' = 0 with 'ppo.kl_target' set: adaptive KL control cannot move a "
+                        "coefficient of 0; give ppo.kl_coef > 0, or ppo.kl_target: null for no KL penalty")
     if cfg.model.max_length < 8:  # special tokens, a prompt token and an answer (`ser.models.answer_budget`)
         raise UserError(f"config: 'model.max_length' must be >= 8, got {cfg.model.max_length}")
     for key, value in {"train.save_every": cfg.train.save_every, "train.eval_every": cfg.train.eval_every}.items():

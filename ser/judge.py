@@ -16,7 +16,7 @@ from ser.checkpoint import atomic_write_text, check_out_file, json_text
 from ser.config import PolicyConfig
 from ser.data import load_records, local_path
 from ser.errors import UserError
-from ser.policy import generate, load_policy
+from ser.policy import check_policy, generate, load_policy
 
 log = logging.getLogger(__name__)
 # The released SER pipeline's sampling for generating comparison pairs.
@@ -54,6 +54,8 @@ def generate_pairs(policy_a: str, policy_b: str | None, spec: str, out: str, *, 
     """Two answers per prompt, from two checkpoints or two samples of one; writes prompt/answer_a/answer_b
     JSONL (what `data.pool` accepts). Returns the number of rows."""
     check_out_file(out, *filter(None, (local_path(spec),)))
+    for policy in dict.fromkeys((policy_a, policy_b or policy_a)):  # a typo fails now, not after the other's generation
+        check_policy(policy)
     prompts = load_prompts(spec, limit)
     pcfg = PolicyConfig(max_new_tokens=max_new_tokens, **PAIR_SAMPLING)
     a = _answers(policy_a, prompts, pcfg, seed, batch_size)
@@ -159,6 +161,10 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
 
     for path in (out, Path(out).with_suffix(".summary.json")):
         check_out_file(path, *filter(None, (local_path(spec), judge_rm)))
+    if not Path(judge_rm).is_dir():  # as load_saved_rm would say, before the generation rather than after it
+        raise UserError(f"{judge_rm}: no such reward-model directory")
+    for policy in dict.fromkeys((policy_a, policy_b)):
+        check_policy(policy)
     if llm:  # an unreachable endpoint fails now, not after the generation
         _llm_choice(llm["url"], llm["model"], llm.get("api_key"), "Answer with one word: A", 30.0)
     prompts = load_prompts(spec, limit)

@@ -42,6 +42,19 @@ def load_policy(backbone: str, dtype=torch.float32):
     return model, tokenizer
 
 
+def check_policy(backbone: str) -> None:
+    """Fail now, as `load_policy` would later (a command that generates first would find out after the
+    generation): an unknown backbone, or one without a tokenizer or a readable config. Raises UserError."""
+    from transformers import AutoConfig
+
+    path = resolve_backbone(backbone)
+    load_tokenizer(path)
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+
+
 def hh_messages(prompt: str) -> list[dict]:
     """An HH-RLHF style prompt ('\\n\\nHuman: ...\\n\\nAssistant:') as chat messages; the trailing empty
     assistant turn is dropped (the model writes it). Text without the markers is one user message."""
@@ -153,6 +166,12 @@ def save_policy(model, tokenizer, target: str | Path, cfg: Config, extra: dict |
     return Path(target)
 
 
+def sft_target(answer_ids: list[int], eos_id: int, max_length: int) -> list[int]:
+    """The answer tokens SFT learns, at most max_length: the answer then eos, or, for an answer of max_length tokens
+    or more, its first max_length tokens without eos (an eos after a cut would teach stopping mid-sentence)."""
+    return answer_ids + [eos_id] if len(answer_ids) < max_length else answer_ids[:max_length]
+
+
 def run_sft(cfg: Config, out: str) -> dict:
     """`ser sft`: fine-tune the policy on (prompt, chosen) of `data.train`'s training split; loss on the
     answer tokens (and the closing eos) only. Saves `OUT/policy`."""
@@ -172,8 +191,8 @@ def run_sft(cfg: Config, out: str) -> dict:
     for prompt, answer in zip(prompts, [p.chosen for p in pairs]):
         p_ids = prompt_ids(tok, prompt, cfg.policy.max_prompt_length)  # what generation will see
         answer = answer if prompt[-1:].isspace() or answer[:1].isspace() else " " + answer  # as the RM joins it
-        a_ids = tok(answer, add_special_tokens=False)["input_ids"][: cfg.model.max_length - 1] + [tok.eos_token_id]
-        rows.append((p_ids, a_ids))
+        rows.append((p_ids, sft_target(tok(answer, add_special_tokens=False)["input_ids"], tok.eos_token_id,
+                                       cfg.model.max_length)))
     accelerator = make_accelerator(cfg.train)
     root = check_writable(out)
     if accelerator.is_main_process:

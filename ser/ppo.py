@@ -62,9 +62,12 @@ class PolicyWithValue(torch.nn.Module):
         return out.logits, self.value_head(hidden)[..., 0].float()
 
 
-def forward(model, prompt_ids, prompt_mask, responses, response_mask, temperature: float = 1.0):
+def forward(model, prompt_ids, prompt_mask, responses, response_mask, temperature: float = 1.0,
+            entropy: bool = False):
     """Log-probabilities of the response tokens under the sampling distribution (logits / temperature), the
-    values before each of them (None for the reference) and the entropy, all (B, T). model: a PolicyWithValue."""
+    values before each of them (None for the reference) and, with `entropy`, the entropy (else None), all (B, T).
+    model: a PolicyWithValue. The entropy is a statistic: computed without a graph (as TRL does), since keeping
+    it for backward would hold two more (B, T, vocabulary) fp32 tensors."""
     ids = torch.cat([prompt_ids, responses], 1)
     attn = torch.cat([prompt_mask, response_mask.long()], 1)
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left-padded prompts keep positions from 0
@@ -72,7 +75,9 @@ def forward(model, prompt_ids, prompt_mask, responses, response_mask, temperatur
     p = prompt_ids.shape[1]
     logits = logits[:, p - 1 : -1].float() / temperature  # the position before each response token predicts it
     logp = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
-    return logp, None if values is None else values[:, p - 1 : -1], entropy_from_logits(logits)
+    with torch.no_grad():
+        ent = entropy_from_logits(logits.detach()) if entropy else None
+    return logp, None if values is None else values[:, p - 1 : -1], ent
 
 
 def ppo_prompts(cfg: Config) -> list[str]:
@@ -153,7 +158,7 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
     value_head = torch.nn.Linear(policy.config.hidden_size, 1)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
     policy = PolicyWithValue(policy, value_head)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.lr)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=pc.lr, weight_decay=0.0)  # TRL's PPO default (torch's: 0.01)
     kl_ctl = AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
     accelerator = make_accelerator(cfg.train)  # one optimizer step per mini-batch: nothing accumulates
     engine = sharded_engine(accelerator)  # DeepSpeed / FSDP split the optimizer state across processes
@@ -213,14 +218,16 @@ def run_ppo(cfg: Config | None, out: str | None, resume: str | None = None) -> P
             for idx in torch.randperm(pc.batch_size, generator=shuffle).split(pc.mini_batch_size):
                 idx = idx.to(device)
                 logp, values, entropy = forward(policy, enc["input_ids"][idx], enc["attention_mask"][idx],
-                                                responses[idx], mask[idx], gen.temperature)
+                                                responses[idx], mask[idx], gen.temperature, entropy=True)
                 pg, clip_frac = policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], pc.clip)
                 vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], pc.clip_value)
                 loss = pg + pc.vf_coef * vf
-                if not torch.isfinite(loss):
+                # every process stops together (one alone would leave the others waiting in backward's all-reduce)
+                if accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).logical_not().any():
                     raise UserError(f"ppo: non-finite loss at step {step}; the last checkpoint is intact")
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(policy.parameters(), 1.0)
+                if cfg.train.max_grad_norm > 0:  # the value DeepSpeed's engine clips at (`make_accelerator`)
+                    accelerator.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
                 records.append((pg.item(), vf.item(), clip_frac.item(), masked_mean(entropy, mask[idx]).item()))

@@ -62,6 +62,8 @@ def test_yaml_and_overrides(tmp_path):
     ("data:\n  train: [\n", "not valid YAML"),
     ("ser:\n  target_precision: 0.3\n", "'ser.target_precision' must be 0 (off) or in [0.5, 1], got 0.3"),
     ("ser:\n  target_precision: 0.8\n  calibration: none\n", "with rule=paper it needs ser.calibration=temperature"),
+    ("ppo:\n  batch_size: 2\n  mini_batch_size: 4\n", "'ppo.mini_batch_size' (4) must be <= 'ppo.batch_size' (2)"),
+    ("ppo:\n  kl_coef: 0\n", "adaptive KL control cannot move a coefficient of 0"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, needle):
     f = tmp_path / "bad.yaml"

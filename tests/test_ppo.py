@@ -137,6 +137,20 @@ def test_rollouts_ignore_sampling_settings_the_checkpoint_ships(tiny_llama_dir):
     assert shipped.generation_config.eos_token_id == tok.eos_token_id and plain_sampling(shipped) == []
 
 
+def test_the_update_keeps_no_graph_for_the_entropy(tiny_llama_dir):
+    """The entropy is logged, never differentiated: computed without a graph (two (B, T, vocabulary) fp32 tensors
+    fewer held for backward), and only where asked for (the rollout's and the reference's passes do not)."""
+    from ser.policy import load_policy
+    from ser.ppo import PolicyWithValue, forward
+
+    policy = PolicyWithValue(load_policy(str(tiny_llama_dir))[0], torch.nn.Linear(32, 1))
+    prompt, responses = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
+    args = (policy, prompt, torch.ones_like(prompt), responses, torch.ones_like(responses))
+    logp, values, entropy = forward(*args, entropy=True)
+    assert logp.requires_grad and values.requires_grad and entropy.grad_fn is None and entropy.shape == (1, 2)
+    assert forward(*args)[2] is None
+
+
 def test_disable_dropout_makes_a_training_mode_forward_deterministic():
     """Rollout and update log-probabilities must be one function of the weights (the policy is in train mode
     between rollouts): nn.Dropout's p and a Llama attention's float attention_dropout go to 0."""
@@ -163,6 +177,15 @@ def test_ppo_prompts_come_from_the_split_the_rm_commands_make(tmp_path):
     cfg = load_config(None, [f"data.train={train}", f"data.test={test}", "data.seed_size=4",
                              "data.columns={prompt: q, chosen: good, rejected: bad}"])
     assert sorted(ppo_prompts(cfg), key=lambda q: int(q[1:])) == [f"q{i}" for i in range(2, 12)]
+
+
+def test_sft_ends_whole_answers_only():
+    from ser.policy import sft_target
+
+    assert sft_target([4, 5], 9, 3) == [4, 5, 9]  # fits with its eos
+    assert sft_target([4, 5, 6], 9, 3) == [4, 5, 6]  # exactly max_length: no room for eos, none added
+    assert sft_target([4, 5, 6, 7], 9, 3) == [4, 5, 6]  # cut: no eos mid-sentence (it was [4, 5, 9])
+    assert sft_target([], 9, 3) == [9]
 
 
 def test_sft_trains_on_answers(tiny_llama_dir, shared_data, tmp_path):
@@ -218,6 +241,24 @@ def test_verdicts_hand_derived():
     assert w.mean_score_a - w.mean_score_b == pytest.approx(0.0125)
     with pytest.raises(ValueError, match="no prompt of 1 has finite scores"):
         verdicts([float("nan")], [0.0], tie_margin=0.1)
+
+
+def test_judge_and_generate_pairs_check_every_input_before_generating(tiny_llama_dir, tiny_rm, shared_data,
+                                                                      tmp_path, monkeypatch):
+    """A typo in --b or --judge fails before the first answer is generated (it surfaced after all of A's)."""
+    import ser.judge
+    from ser.errors import UserError
+    from ser.judge import generate_pairs, judge
+
+    monkeypatch.setattr(ser.judge, "_answers", lambda *a, **k: pytest.fail("generated before checking"))
+    out = str(tmp_path / "verdicts.jsonl")
+    with pytest.raises(UserError, match="no such reward-model directory"):
+        judge(str(tiny_llama_dir), str(tiny_llama_dir), "hh-rlhf:helpful-base", str(tmp_path / "nope"), out, limit=2)
+    with pytest.raises(UserError, match="no_such_policy"):
+        judge(str(tiny_llama_dir), "no_such_policy", "hh-rlhf:helpful-base", str(tiny_rm), out, limit=2)
+    with pytest.raises(UserError, match="no_such_policy"):
+        generate_pairs(str(tiny_llama_dir), "no_such_policy", "hh-rlhf:helpful-base", str(tmp_path / "p.jsonl"))
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".jsonl"]
 
 
 def test_generate_pairs_feeds_evolve_and_judge_writes_verdicts(tiny_llama_dir, tiny_rm, shared_data, tmp_path,
