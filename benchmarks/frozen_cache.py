@@ -35,7 +35,7 @@ from ser.config import TrainConfig
 from ser.data import load_pairs
 from ser.frozen import FrozenCache, attach_cache
 from ser.models import can_share_prompt, encode_pairs, load_reward_model
-from ser.train import make_accelerator, train_reward_model
+from ser.train import make_accelerator, resolve_precision, train_reward_model
 
 
 def pairs_per_second(rm, tok, pairs, tcfg: TrainConfig, max_length: int, share_prompt: bool = True) -> float:
@@ -69,13 +69,17 @@ def main() -> None:
     parser.add_argument("--trainable-layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="alternating full / freeze-cached epochs")
+    parser.add_argument("--precision", default="no", choices=["auto", "no", "bf16"],
+                        help="train.mixed_precision of both modes (default fp32; auto: bf16 where the CPU is fast "
+                             "at it). The frozen pass itself always runs in fp32")
     parser.add_argument("--smoke", action="store_true", help="8 pairs: checks the code runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     n = 8 if args.smoke else args.pairs
     pairs = load_pairs("hh-rlhf:helpful-base", limit=n)[:n]
-    tcfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=2e-5)
+    tcfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=2e-5,
+                       mixed_precision=resolve_precision(args.precision))
 
     def run(mode: str, cache_memory: dict | None = None, share_prompt: bool = True):
         torch.manual_seed(0)
@@ -106,6 +110,7 @@ def main() -> None:
     rounding = batch_rounding(rm.eval(), tok, pairs[:16], args.max_length)
     result = {"backbone": args.backbone, "pairs": len(pairs), "max_length": args.max_length,
               "trainable_layers": args.trainable_layers, "threads": torch.get_num_threads(),
+              "precision": tcfg.mixed_precision, "fast_bf16": resolve_precision("auto") == "bf16",
               "full_pairs_per_s": round(full, 2), "full_runs_pairs_per_s": [round(x, 2) for x in full_runs],
               "freeze_cached_runs_pairs_per_s": [round(x, 2) for x in cached_runs],
               "freeze_epoch1_pairs_per_s": round(first, 2),

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from ser.config import TrainConfig
 from ser.data import load_pairs
 from ser.models import load_reward_model
-from ser.train import make_accelerator, train_reward_model
+from ser.train import make_accelerator, resolve_precision, train_reward_model
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_scaled_dot_product_flash_attention_for_cpu",
           "aten::_scaled_dot_product_attention_math", "mkldnn::", "aten::mkldnn")
@@ -35,7 +35,8 @@ def main() -> None:
     args = p.parse_args()
     pairs = load_pairs("hh-rlhf:helpful-base", limit=args.batch_size * args.steps)
     data = [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
-    tcfg = TrainConfig(batch_size=args.batch_size, epochs=1.0, lr=5e-5, mixed_precision=args.precision)
+    tcfg = TrainConfig(batch_size=args.batch_size, epochs=1.0, lr=5e-5,
+                       mixed_precision=resolve_precision(args.precision))
     rm, tok = load_reward_model(args.backbone)
     train_reward_model(rm, tok, *data, tcfg, args.max_length, accelerator=make_accelerator(tcfg))  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -45,7 +46,8 @@ def main() -> None:
     matmul = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
     print(json.dumps({"backbone": args.backbone, "batch_size": args.batch_size, "steps": args.steps,
-                      "precision": args.precision, "threads": torch.get_num_threads(),
+                      "precision": tcfg.mixed_precision, "fast_bf16": resolve_precision("auto") == "bf16",
+                      "threads": torch.get_num_threads(),
                       "self_cpu_seconds": total / 1e6, "matmul_and_attention_share": matmul / total}))
 
 

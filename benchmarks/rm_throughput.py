@@ -8,23 +8,30 @@ number of optimizer steps, learning rate, schedule and precision. TRL runs witho
 the training call, summed over rounds. Both final models are scored on the same held-out pairs.
 
 Scoring: `ser.scoring.score_pairs` against `pipeline("text-classification")` with the same batch size and
-precision (bf16 autocast for both, or fp32 for both), on the same (already truncated) texts; their fp32 scores
-are compared as a check that both see the same input.
+precision (bf16 autocast for both, or fp32 for both), on the same (already truncated) texts. As a check that both
+see the same input, the pipeline re-tokenizes each text (sequences whose ids differ from ser's are counted: a
+BERT prompt cut inside a word can re-tokenize otherwise) and, on the others, one untimed fp32 pass of each is
+compared.
 
 ser's freeze mode (`model.mode=freeze`, the top `--freeze-layers` layers and the head train; `ser.frozen`) runs
 beside them: its first epoch fills the frozen-layer cache (the one-time caching cost: first epoch minus a warm
-one), then warm epochs alternate with ser-full and TRL. Its accuracy is measured the same way. The SER-run figure
-times what an SER run repeats, end to end, for ser-full and ser-freeze (a fresh cache): seed training (one
-epoch) plus `--ser-iterations` iterations of scoring the held-out pairs as a pool and retraining one epoch.
+one), then warm epochs alternate with ser-full and TRL. TRL also trains the same model with the same lower layers
+frozen (`trl_freeze`): the ratio to it is what the cache and ser's loop give, beside what freezing gives (most
+of it: the backward stops at the top layers). Accuracies are measured the same way (a TRL-trained BERT is scored
+as TRL trains it: segment ids all 0). The SER-run figure times what an SER run repeats, end to end, for ser-full
+and ser-freeze (a fresh cache): seed training (one epoch) plus `--ser-iterations` iterations of scoring the held-out
+pairs as a pool and retraining one epoch on the seed pairs (a real run also trains on the pseudo-labels, which adds
+their pairs to every epoch of both modes alike); each mode runs once, full first.
 
 What ser's side does that the others do not: length-grouped batches (TRL shuffles, the pipeline keeps input
 order), and for causal RMs one packed [prompt, chosen, rejected] row per pair (the prompt runs once).
 
-MFU: model FLOPs of ser's training (6 x non-embedding parameters x real tokens + attention 12 x layers x
-hidden x tokens^2 per sequence) per second, divided by the measured fp32 matmul peak of this machine
-(`matmul_peak_gflops`); the bf16 matmul peak is printed too.
+MFU (`train_mfu`): model FLOPs of ser's full fine-tune (6 x non-embedding parameters x real tokens + attention
+12 x layers x hidden x (query x key tokens) per sequence, a packed row's prompt counted once) per second, divided
+by the measured matmul peak of the precision it trained in (bf16 or fp32) on this machine; the ratios to both
+peaks are printed too (`train_mfu_vs_fp32_peak`, `train_mfu_vs_bf16_peak`).
 
-    python benchmarks/rm_throughput.py --json            # full measurement (about 20 minutes on 2 CPU cores)
+    python benchmarks/rm_throughput.py --json            # full measurement (10-25 minutes per backbone, 2 cores)
     python benchmarks/rm_throughput.py --smoke --json    # the same code on a few pairs (CI)
 """
 
@@ -77,13 +84,32 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def model_flops(model, tokens: int, lengths: list[int]) -> float:
+def model_flops(model, tokens: int, attention_pairs: int) -> float:
     """Training FLOPs (forward + backward = 3 x forward): 6 x non-embedding parameters per token run, plus
-    attention scores and values, 12 x layers x hidden x length^2 per (prompt + answer) sequence."""
+    attention scores and values, 12 x layers x hidden per (query, key) token pair (`attention_pairs`)."""
     cfg = model.config
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-    return 6.0 * n_params * tokens + 12.0 * layers * hidden * sum(t * t for t in lengths)
+    return 6.0 * n_params * tokens + 12.0 * layers * hidden * attention_pairs
+
+
+def attention_pairs(prompt_lengths: list[int], lengths_a: list[int], lengths_b: list[int], packed: bool) -> int:
+    """(query, key) token pairs of full attention over a pair's sequences (lengths include the prompt): T^2 per
+    sequence; a packed [prompt, a, b] row has P^2 + A (P + A) + B (P + B), its prompt's queries run once."""
+    if not packed:
+        return sum(a * a + b * b for a, b in zip(lengths_a, lengths_b))
+    return sum(p * p + (a - p) * a + (b - p) * b for p, a, b in zip(prompt_lengths, lengths_a, lengths_b))
+
+
+def as_trained_by_trl(model):
+    """TRL's collator gives BERT no segment ids (all 0 in training); scoring through ser passes 0/1. Making every
+    segment embedding row equal to row 0 scores the model exactly as it was trained."""
+    emb = getattr(getattr(model, "base_model", model), "embeddings", None)
+    segments = getattr(emb, "token_type_embeddings", None)
+    if segments is not None:
+        with torch.no_grad():
+            segments.weight[1:] = segments.weight[0]
+    return model
 
 
 def texts_from_ids(tokenizer, ids: list[int], token_types) -> dict | str:
@@ -127,13 +153,15 @@ def run_backbone(backbone: str, args) -> dict:
                                          accelerator=accelerator)
         return rm, time.perf_counter() - t0, summary["steps"]
 
-    def trl_round(k: int):
+    def trl_round(k: int, freeze: bool = False):
+        """TRL's training on the first k pairs; with `freeze`, of the model ser's freeze mode trains (the same
+        lower layers frozen, no cache)."""
         from datasets import Dataset
         from trl import RewardConfig, RewardTrainer
 
         reset_accelerate()
         torch.manual_seed(0)
-        rm, tok = load_reward_model(backbone)
+        rm, tok = load_reward_model(backbone, "freeze" if freeze else "full", trainable_layers=args.freeze_layers)
         data = Dataset.from_dict({"chosen_ids": enc.input_ids[:k], "rejected_ids": enc.input_ids[n : n + k]})
         steps = k // args.batch_size
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,14 +198,14 @@ def run_backbone(backbone: str, args) -> dict:
     # Warm-up, not timed: first calls pay one-time costs (kernel selection, allocator) that all would share.
     ser_round(2 * args.batch_size), trl_round(2 * args.batch_size), freeze_round(2 * args.batch_size, {})
     _, freeze_first_epoch, _ = freeze_round(n)  # fills the cache: the one-time cost plus one epoch
-    seconds = {"ser": 0.0, "trl": 0.0, "freeze": 0.0}
-    steps = {}
-    models = {}
-    for _ in range(args.rounds):  # A B C A B C ...
-        for name, fn in (("ser", ser_round), ("trl", trl_round), ("freeze", freeze_round)):
+    sides = {"ser": ser_round, "trl": trl_round, "freeze": freeze_round,
+             "trl_freeze": lambda k: trl_round(k, freeze=True)}
+    seconds, steps, models = dict.fromkeys(sides, 0.0), {}, {}
+    for _ in range(args.rounds):  # A B C D A B C D ...
+        for name, fn in sides.items():
             models[name], dt, steps[name] = fn(n)
             seconds[name] += dt
-    assert steps["ser"] == steps["trl"] == steps["freeze"] == args.steps, steps
+    assert set(steps.values()) == {args.steps}, steps
     cache_bytes = sum(t.numel() * t.element_size() for t in store.values())
 
     def accuracy(rm):
@@ -185,14 +213,14 @@ def run_backbone(backbone: str, args) -> dict:
                                [p.rejected for p in test], args.max_length, 2 * args.batch_size)
         return float((r_c > r_r).mean())
 
-    acc = {name: accuracy(m.float()) for name, m in models.items()}
-    del models["freeze"]
-    # FLOPs of the tokens ser's training actually ran: a packed [prompt, a, b] row for causal RMs, whose
-    # attention spans the prompt plus one answer per query (counted as two sequences for the quadratic term).
+    acc = {name: accuracy(as_trained_by_trl(m.float()) if name.startswith("trl") else m.float())
+           for name, m in models.items()}
+    # FLOPs of the tokens ser's training actually ran: a packed [prompt, a, b] row for causal RMs
     packed = can_share_prompt(models["ser"], tokenizer)
-    seq_len = [len(enc.input_ids[i]) for i in range(2 * n)]
-    linear_tokens = sum(seq_len) - (sum(enc.prompt_lengths[:n]) if packed else 0)
-    flops = model_flops(models["ser"], linear_tokens, seq_len) * args.rounds
+    len_a, len_b = [len(ids) for ids in enc.input_ids[:n]], [len(ids) for ids in enc.input_ids[n:]]
+    linear_tokens = sum(len_a) + sum(len_b) - (sum(enc.prompt_lengths[:n]) if packed else 0)
+    flops = model_flops(models["ser"], linear_tokens,
+                        attention_pairs(enc.prompt_lengths[:n], len_a, len_b, packed)) * args.rounds
     del models
 
     # Scoring: the same sequences both ways, alternating.
@@ -224,12 +252,17 @@ def run_backbone(backbone: str, args) -> dict:
                                [p.rejected for p in test], args.max_length, 2 * args.batch_size, args.precision)
         score_s["ser"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = run_pipeline(inputs)
+        run_pipeline(inputs)
         score_s["pipeline"] += time.perf_counter() - t0
     ser_fp32 = np.concatenate(score_pairs(rm, tok, [p.prompt for p in test], [p.chosen for p in test],
                                           [p.rejected for p in test], args.max_length, 2 * args.batch_size))
-    pipe_scores = np.array([o["score"] for o in out])
     ser_bf16 = np.concatenate([r_a, r_b])
+    # the same-input check, in fp32 on both sides (untimed): the pipeline's own tokenization of each text against
+    # ser's ids, and the scores of the sequences both tokenized alike
+    same_ids = np.array([tok(**item if isinstance(item, dict) else {"text": item}, **tok_kwargs)["input_ids"] == ids
+                         for item, ids in zip(inputs, s_enc.input_ids)])
+    with torch.inference_mode():
+        pipe_fp32 = np.array([o["score"] for o in pipe(inputs, **tok_kwargs)])
 
     result = {
         "backbone": backbone,
@@ -241,8 +274,11 @@ def run_backbone(backbone: str, args) -> dict:
         "score_pairs_per_s_ser": args.rounds * m / score_s["ser"],
         "score_pairs_per_s_pipeline": args.rounds * m / score_s["pipeline"],
         "score_speedup_vs_pipeline": score_s["pipeline"] / score_s["ser"],
-        # same input check: ser fp32 vs pipeline fp32 scores; and what bf16 scoring changes
-        "score_max_abs_diff_ser_fp32_vs_pipeline": float(np.abs(ser_fp32 - pipe_scores).max()),
+        # same input check: sequences the pipeline tokenizes otherwise; ser fp32 vs pipeline fp32 on the others
+        # (relative to the scores' spread too); and what bf16 scoring changes
+        "score_pipeline_input_mismatches": int((~same_ids).sum()),
+        "score_max_abs_diff_ser_fp32_vs_pipeline": float(np.abs(ser_fp32 - pipe_fp32)[same_ids].max()),
+        "score_spread_fp32": float(np.ptp(ser_fp32)),
         "score_max_abs_diff_bf16_vs_fp32": float(np.abs(ser_bf16 - ser_fp32).max()),
         "score_rank_agreement_bf16_vs_fp32": float(((r_a > r_b) == (ser_fp32[:m] > ser_fp32[m:])).mean()),
         "train_pairs_per_s_freeze": args.rounds * n / seconds["freeze"],
@@ -250,6 +286,9 @@ def run_backbone(backbone: str, args) -> dict:
         "freeze_caching_seconds": freeze_first_epoch - seconds["freeze"] / args.rounds,
         "freeze_cache_mib_per_1000_pairs": cache_bytes / 2**20 / n * 1000,
         "train_speedup_freeze_vs_trl": seconds["trl"] / seconds["freeze"],
+        "train_pairs_per_s_trl_freeze": args.rounds * n / seconds["trl_freeze"],
+        "train_speedup_freeze_vs_trl_freeze": seconds["trl_freeze"] / seconds["freeze"],
+        "test_accuracy_trl_freeze": acc["trl_freeze"],
         "train_speedup_freeze_vs_ser": seconds["ser"] / seconds["freeze"],
         "test_accuracy_freeze": acc["freeze"],
         "freeze_layers": args.freeze_layers,
@@ -327,14 +366,16 @@ def main(args: argparse.Namespace) -> str:
            "backbones": {}}
     for backbone in [b for b in args.backbones.split(",") if b]:
         r = run_backbone(backbone, args)
-        r["train_mfu"] = r["train_model_gflops_per_s_ser"] / out["matmul_peak_gflops"]
+        r["train_mfu_vs_fp32_peak"] = r["train_model_gflops_per_s_ser"] / out["matmul_peak_gflops"]
         r["train_mfu_vs_bf16_peak"] = r["train_model_gflops_per_s_ser"] / out["matmul_peak_gflops_bf16"]
+        r["train_mfu"] = r["train_mfu_vs_bf16_peak" if args.precision == "bf16" else "train_mfu_vs_fp32_peak"]
         out["backbones"][backbone] = r
         print(f"{backbone}: train {r['train_pairs_per_s_ser']:.2f} vs TRL {r['train_pairs_per_s_trl']:.2f} pairs/s "
               f"(x{r['train_speedup_vs_trl']:.2f}; acc {r['test_accuracy_ser']:.3f} vs {r['test_accuracy_trl']:.3f}), "
               f"score {r['score_pairs_per_s_ser']:.1f} vs pipeline {r['score_pairs_per_s_pipeline']:.1f} pairs/s "
               f"(x{r['score_speedup_vs_pipeline']:.2f}), MFU {r['train_mfu']:.0%}; freeze:{r['freeze_layers']} "
-              f"{r['train_pairs_per_s_freeze']:.2f} pairs/s warm (x{r['train_speedup_freeze_vs_trl']:.2f} TRL, acc "
+              f"{r['train_pairs_per_s_freeze']:.2f} pairs/s warm (x{r['train_speedup_freeze_vs_trl']:.2f} TRL, "
+              f"x{r['train_speedup_freeze_vs_trl_freeze']:.2f} TRL with the same layers frozen, acc "
               f"{r['test_accuracy_freeze']:.3f}), first epoch {r['train_pairs_per_s_freeze_first_epoch']:.2f}; "
               f"SER run {r['ser_run_seconds_full']:.0f} s full vs {r['ser_run_seconds_freeze']:.0f} s freeze "
               f"(x{r['ser_run_speedup_freeze_vs_full']:.2f})", file=sys.stderr)
