@@ -679,7 +679,8 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"ser.rule": "ensemble", "ser.folds": 3,
                                                              "ser.confidence": 0.5, "ser.restart": True,
                                                              "ser.patience": 2, "ser.soft_labels": True,
-                                                             "ser.val_metric": "log_likelihood"}))
+                                                             "ser.val_metric": "log_likelihood",
+                                                             "ser.max_iterations": 1}))
     run = run_evolve(cfg, str(tmp_path / "run"))
     rows = iteration_records(run)
     z = np.load(run / "votes" / "0.npz")
@@ -688,7 +689,7 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     assert rows[0]["val/source"] == "out-of-fold" and rows[0]["val/n"] == 32
     assert rows[0]["val/acc"] == float(np.mean(z["oof"] > 0))
     assert rows[0]["val/log_lik"] == calibrated_log_likelihood(z["oof"])
-    assert len(rows) == 3 and rows[1]["ser/status"] == "vote" and rows[1]["ser/added"] > 0
+    assert len(rows) == 2 and rows[1]["ser/status"] == "vote" and rows[1]["ser/added"] > 0
     assert "audit/precision_by_decile" in rows[1] and "ser/pseudo_precision" in rows[1]
     assert any(k.startswith("ser/pseudo_precision_agree") for k in rows[1])
     assert sum(n for n, _ in rows[1]["audit/precision_by_agree"].values()) == rows[1]["ser/candidates"] == 64
