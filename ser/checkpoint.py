@@ -297,6 +297,19 @@ def start_run(out: str | Path, command: str, config_yaml: str) -> None:
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
+RUN_COMMANDS = ("train-rm", "evolve", "ppo", "sft", "experiment", "curve")
+
+
+def _marked_run(directory: Path) -> str | None:
+    """The command of a run directory that `start_run` marked (its `RUN_COMMAND` file names one), else None."""
+    marker = directory / RUN_COMMAND
+    with contextlib.suppress(OSError):
+        if marker.is_file() and marker.stat().st_size < 64:
+            command = marker.read_text(encoding="utf-8", errors="replace").strip()
+            return command if command in RUN_COMMANDS else None
+    return None
+
+
 def run_kind(run: str | Path) -> str | None:
     """Which command wrote the run directory `run`: its `RUN_COMMAND` file, else (runs from before it) the files
     only that command writes: "evolve", "ppo", "train-rm", "experiment", "curve", or None (none of them yet)."""
@@ -359,7 +372,8 @@ def check_out_file(out_file: str | Path, *inputs: str | Path) -> Path:
     """`out_file` as a Path if a command may write it: a file name (not an existing directory, not ending in a
     slash) in a directory that is or can be made writable (`check_can_write`), and neither one of `inputs` (the
     local files and directories the same command reads; other specs are ignored) nor inside one of them (a
-    reward-model directory). Raises UserError naming what is wrong; writes nothing."""
+    reward-model directory), nor inside a run directory (`run_kind`: its metrics, config or results). Another
+    existing file is replaced, with a warning. Raises UserError naming what is wrong; writes nothing."""
     out = Path(out_file)
     if not out.name or str(out_file).endswith(("/", "\\")) or out.is_dir():
         raise UserError(f"{out_file}: --out is a directory; give a file name, e.g. {out / 'out.jsonl'}")
@@ -369,6 +383,12 @@ def check_out_file(out_file: str | Path, *inputs: str | Path) -> Path:
             continue
         if (out.exists() and out.samefile(path)) or (path.is_dir() and out.resolve().is_relative_to(path.resolve())):
             raise UserError(f"{out_file}: --out would overwrite the input {path}; give another file name")
+    run = next((d for d in out.absolute().parents if _marked_run(d)), None)
+    if run is not None:
+        raise UserError(f"{out_file}: --out is inside the {_marked_run(run)} run {run}, whose files it could "
+                        f"replace; give a file outside it")
+    if out.exists():
+        log.warning("%s exists: replacing it", out_file)
     return out
 
 

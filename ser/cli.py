@@ -132,6 +132,17 @@ def _add_config_args(p: argparse.ArgumentParser, out_required: bool = True) -> N
     p.add_argument("--out", required=out_required, help="output directory (printed at the end)")
 
 
+COLUMNS_HELP = ("the file's column names, as data.columns in a config: e.g. '{prompt: input, answer_a: output_1, "
+                "answer_b: output_2, label: label}' (quoted, a space after each colon)")
+
+
+def _columns(value: str | None) -> dict | None:
+    """--data.columns of `ser score`/`ser eval`, checked as the config's data.columns is."""
+    from ser.config import load_config
+
+    return None if value is None else load_config(None, [f"data.columns={value}"]).data.columns
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ser", description="Self-Evolved Reward Learning: reward models from "
                                      "few human labels (Huang et al., ICLR 2025).", epilog=OVERRIDES_HELP)
@@ -149,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--limit", type=_count, help="score only the first N pairs")
     p.add_argument("--batch-size", type=_count, default=64, help="sequences per forward pass (a pair is two)")
+    p.add_argument("--data.columns", dest="columns", metavar="MAPPING", help=COLUMNS_HELP)
 
     p = sub.add_parser("eval", help="accuracy, margin and calibration of a saved reward model")
     p.add_argument("--rm", required=True, help="saved reward-model directory")
     p.add_argument("--data", required=True, help="data spec: hh-rlhf:helpful-base, a file, or a Hub id")
     p.add_argument("--limit", type=_count, help="evaluate only the first N pairs")
     p.add_argument("--batch-size", type=_count, default=64, help="sequences per forward pass (a pair is two)")
+    p.add_argument("--data.columns", dest="columns", metavar="MAPPING", help=COLUMNS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _config_parser(sub, "evolve", "the SER loop: seed RM, then self-labelling iterations")
@@ -282,16 +295,17 @@ def run(argv: list[str]) -> int:
     elif args.command == "score":
         from ser.pipeline import run_score
 
-        r = run_score(args.rm, args.data, args.out, args.limit, args.batch_size)
+        r = run_score(args.rm, args.data, args.out, args.limit, args.batch_size,
+                      columns=_columns(args.columns))
         skipped = sum(r["skipped"].values())
-        print(f"scored {r['scored']} pairs; skipped {skipped} record{'s' if skipped != 1 else ''}"
+        print(f"scored {r['scored']} pair{'s' if r['scored'] != 1 else ''}; skipped {skipped} record{'s' if skipped != 1 else ''}"
               + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(r['skipped'].items()))})" if skipped else ""))
         print(f"wrote {args.out} and {r['skipped_file']} (the records skipped, with the reason)")
     elif args.command == "eval":
         from ser.checkpoint import json_text
         from ser.pipeline import run_eval
 
-        m = run_eval(args.rm, args.data, args.limit, args.batch_size)
+        m = run_eval(args.rm, args.data, args.limit, args.batch_size, columns=_columns(args.columns))
         print(json_text(m, sort_keys=True)) if args.json else _print_eval(m)
     elif args.command == "evolve":
         from ser.evolve import run_evolve, summary_table
@@ -375,6 +389,18 @@ def close_process_group() -> None:
         log.warning("could not destroy the process group at exit: %s", e)
 
 
+def _resume_hint(argv: list[str]) -> str:
+    """How to go on after Ctrl-C, for the commands that checkpoint: '' for the others."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    run = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--out", "--resume")), None)
+    run = run or next((a.split("=", 1)[1] for a in argv if a.startswith(("--out=", "--resume="))), None)
+    if command in ("train-rm", "evolve", "ppo") and run and os.path.isdir(run):
+        return f"; completed checkpoints are kept: ser {command} --resume {run}"
+    if command in ("experiment", "curve"):
+        return "; the same command again goes on from the finished runs"
+    return ""
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -392,7 +418,7 @@ def main() -> None:
                  if full else ""), file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted" + _resume_hint(sys.argv[1:]), file=sys.stderr)
         code = 130
     if code == 0:
         close_process_group()

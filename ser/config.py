@@ -411,8 +411,11 @@ def _check_ranges(cfg: Config) -> None:
     columns = cfg.data.columns or {}
     for ours, theirs in columns.items():
         if ours not in COLUMN_TARGETS or not isinstance(theirs, str):
+            # YAML reads {prompt:input} as one key 'prompt:input' without a value
+            hint = ("; YAML needs a space after each colon: {prompt: input}" if theirs is None and isinstance(ours, str)
+                    and ":" in ours else "")
             raise UserError(f"config: 'data.columns' maps a field ({', '.join(COLUMN_TARGETS)}) to the file's column "
-                            f"name (a string); got {ours!r}: {theirs!r}")
+                            f"name (a string); got {shown(ours)}: {shown(theirs)}{hint}")
     seeds = cfg.experiment.seeds
     if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in seeds):
         raise UserError(f"config: 'experiment.seeds' must be a non-empty list of integers in [0, 2**32), got {seeds}")

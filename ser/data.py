@@ -96,7 +96,8 @@ def pair_id(prompt: str, a: str, b: str) -> str:
 
 def data_dirs() -> list[Path]:
     dirs = [Path(os.environ["SER_DATA_DIR"])] if os.environ.get("SER_DATA_DIR") else []
-    return dirs + [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    found = dirs + [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return list({p.resolve(): p for p in found}.values())  # one of each (the repository's parent is often the cwd's)
 
 
 def local_path(spec: str) -> str | None:
@@ -677,8 +678,11 @@ def split_pairs(pairs: list[Pair], *, seed_size, test_size, pool_size=None, seed
     n_test, n_seed = resolve_count(test_size, n, "data.test_size"), resolve_count(seed_size, n, "data.seed_size")
     n_pool = n - n_test - n_seed if pool_size is None else resolve_count(pool_size, n, "data.pool_size")
     if n_test + n_seed + n_pool > n or n_pool < 0:
+        hint = (f" (data.seed_size = {seed_size} is a fraction of all {n}, the test pairs included; for every "
+                f"pair but the test pairs give a count: data.seed_size={n - n_test})"
+                if isinstance(seed_size, float) and n_test < n else "")
         raise UserError(f"data: asked for {n_test} test + {n_seed} seed + {max(n_pool, 0)} pool pairs, "
-                        f"but only {n} usable pairs exist")
+                        f"but only {n} usable pairs exist{hint}")
     order = sorted(pairs, key=lambda p: hashlib.sha1(f"{seed}:{p.id}".encode()).hexdigest())
     return Split(seed=order[n_test : n_test + n_seed], pool=order[n_test + n_seed : n_test + n_seed + n_pool],
                  test=order[:n_test], n_pairs=n)

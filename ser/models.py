@@ -116,7 +116,9 @@ def resolve_backbone(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
-            raise UserError(f"{path}: not a model directory (no config.json)")
+            inside = [d for d in ("rm", "final") if (path / d / "config.json").exists()]  # a run directory's RM
+            raise UserError(f"{path}: not a model directory (no config.json)"
+                            + (f"; the run's reward model is {path / inside[0]}" if inside else ""))
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             raise UserError(f"{path}: model directory has no weights (*.safetensors or *.bin)")
         if not any((path / f).exists() for f in TOKENIZER_FILES):

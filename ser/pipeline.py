@@ -245,10 +245,12 @@ def _finite_or_fail(r_a, r_b, rm_dir, loaded) -> np.ndarray:
     return finite
 
 
-def run_eval(rm_dir: str, spec: str, limit: int | None = None, batch_size: int = 64) -> dict:
+def run_eval(rm_dir: str, spec: str, limit: int | None = None, batch_size: int = 64,
+             columns: dict | None = None) -> dict:
     """`ser eval`: `pair_metrics` of a saved RM on human-labelled pairs, plus `non_finite_records`: the record
-    numbers of the pairs left out because a reward is NaN or inf (named in a warning; all of them: UserError)."""
-    loaded = load_records(spec, limit=limit)
+    numbers of the pairs left out because a reward is NaN or inf (named in a warning; all of them: UserError).
+    columns: the file's column names (`DataConfig.columns`)."""
+    loaded = load_records(spec, limit=limit, columns=columns)
     pairs = loaded.pairs
     rm, tokenizer, max_length = load_saved_rm(rm_dir)
     r_c, r_r = score_pairs(rm, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
@@ -264,7 +266,8 @@ def skipped_path(out_file: str | Path) -> Path:
     return Path(out_file).with_suffix(".skipped.jsonl")
 
 
-def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = None, batch_size: int = 64) -> dict:
+def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = None, batch_size: int = 64,
+              columns: dict | None = None) -> dict:
     """`ser score`: both rewards of every usable pair; labelled data gives r_chosen/r_rejected, unlabelled r_a/r_b.
 
     OUT gets one JSON line per scored pair, in input order: `record` (the input's record number, as in error
@@ -274,16 +277,17 @@ def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = 
     `input_id` and `reason` (identical answers, empty answer, a tie, duplicate + `duplicate_of`, non-finite
     reward). Both are written atomically after scoring; a model with no finite reward is a UserError and writes
     nothing. Returns {"scored": pairs written, "skipped": {reason: count}, "skipped_file": path}.
+    columns: the file's column names (`DataConfig.columns`).
     Raises UserError (before any work) for an --out that `check_out_file` refuses."""
     for path in (out_file, skipped_path(out_file)):
         check_out_file(path, *filter(None, (local_path(spec), rm_dir)))
     try:
-        loaded = load_records(spec, limit=limit)
+        loaded = load_records(spec, limit=limit, columns=columns)
         keys = ("chosen", "rejected")
     except UserError as e:
         if "no labels" not in str(e):
             raise
-        loaded = load_records(spec, labelled=False, limit=limit)
+        loaded = load_records(spec, labelled=False, limit=limit, columns=columns)
         keys = ("answer_a", "answer_b")
     pairs = loaded.pairs
     seen, shared = {}, []

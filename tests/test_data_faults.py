@@ -365,6 +365,34 @@ def test_drop_ties_is_a_config_field(tmp_path, shared_data):
 # ---------------------------------------------------------------- 6. `ser score` joins back to its input
 
 
+def test_eval_and_score_read_a_file_through_data_columns(tiny_rm, tmp_path, capsys):
+    """A file that `ser train-rm` reads through data.columns is readable by `ser eval` and `ser score` too: the
+    error's own remedy (data.columns) is an option of theirs; a bad mapping is the config's one-line error."""
+    data = write_jsonl(tmp_path / "cols.jsonl", [
+        {"input": f"Name thing {i}.", "output_1": f"Thing {i}.", "output_2": "No.", "label": i % 2}
+        for i in range(6)])
+    mapping = "--data.columns={prompt: input, answer_a: output_1, answer_b: output_2, label: label}"
+    with pytest.raises(UserError, match=r"unrecognised record format .* or a column mapping \(data.columns\)"):
+        run(["eval", "--rm", str(tiny_rm), "--data", data, "--json"])
+    assert run(["eval", "--rm", str(tiny_rm), "--data", data, "--json", mapping]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+    out = tmp_path / "s.jsonl"
+    assert run(["score", "--rm", str(tiny_rm), "--data", data, "--out", str(out), mapping]) == 0
+    assert [strict_loads(line)["record"] for line in out.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(UserError, match="YAML needs a space after each colon"):
+        run(["eval", "--rm", str(tiny_rm), "--data", data, "--data.columns={prompt:input}"])
+
+
+def test_a_seed_fraction_names_what_it_is_a_fraction_of():
+    from ser.data import split_pairs
+
+    pairs = [Pair(f"id{i}", f"q{i}", f"a{i}", f"b{i}", "t") for i in range(40)]
+    with pytest.raises(UserError, match=r"data.seed_size = 1.0 is a fraction of all 40, the test pairs included; "
+                                        r"for every pair but the test pairs give a count: data.seed_size=32\)"):
+        split_pairs(pairs, seed_size=1.0, test_size=8)
+    assert len(split_pairs(pairs, seed_size=32, test_size=8).seed) == 32
+
+
 def test_score_output_joins_back_to_the_input(tiny_rm, tmp_path, capsys):
     data = write_jsonl(tmp_path / "j.jsonl", [
         {"sample_id": "s1", "prompt": "Name a planet.", "chosen": "Mars.", "rejected": "The Moon."},

@@ -84,6 +84,24 @@ def test_generate_pairs_and_judge_refuse_to_overwrite_their_prompts(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
 
 
+def test_an_out_file_inside_a_run_is_refused_another_file_is_replaced_with_a_warning(tmp_path, caplog):
+    """`ser score runs/t/metrics.jsonl` replaced a training run's metrics: a file inside a run directory (one that
+    `start_run` marked, at any depth) is refused; an ordinary existing file is replaced, and the log says so."""
+    from ser.checkpoint import start_run
+
+    start_run(tmp_path / "run", "train-rm", "{}\n")
+    for out in (tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "rm" / "scores.jsonl"):
+        with pytest.raises(UserError, match=r"inside the train-rm run .*run, whose files it could replace"):
+            check_out_file(out)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "command").write_text("make coffee\n")  # a file of that name that no run wrote
+    mine = tmp_path / "notes" / "scores.jsonl"
+    mine.write_text("old\n")
+    with caplog.at_level("WARNING"):
+        assert check_out_file(mine) == mine
+    assert "exists: replacing it" in caplog.text
+
+
 def test_out_file_may_not_be_a_known_dataset_file(shared_data):
     from ser.data import local_path
 
@@ -449,3 +467,27 @@ def test_csv_trailing_commas_in_the_header_are_dropped_as_in_the_rows(tmp_path):
     (tmp_path / "t.csv").write_text("prompt,chosen,rejected,,\nq,a,b\nq2,a2,b2,,\n")
     assert [(p.prompt, p.chosen, p.rejected) for p in load_pairs(str(tmp_path / "t.csv"))] == [("q", "a", "b"),
                                                                                                 ("q2", "a2", "b2")]
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path):
+    from ser.cli import _resume_hint
+
+    run = tmp_path / "r"
+    run.mkdir()
+    assert _resume_hint(["evolve", "--config", "c.yaml", "--out", str(run)]) == \
+        f"; completed checkpoints are kept: ser evolve --resume {run}"
+    assert _resume_hint(["-v", "train-rm", f"--out={run}"]).endswith(f"ser train-rm --resume {run}")
+    assert _resume_hint(["ppo", "--resume", str(run)]).endswith(f"ser ppo --resume {run}")
+    assert _resume_hint(["evolve", "--out", str(tmp_path / "not-made-yet")]) == ""  # stopped before any file
+    assert _resume_hint(["experiment", "--out", str(run)]) == "; the same command again goes on from the finished runs"
+    assert _resume_hint(["score", "--out", str(run / "s.jsonl")]) == ""
+
+
+def test_a_run_directory_given_as_a_model_names_the_model_inside(tmp_path):
+    from ser.models import resolve_backbone
+
+    (tmp_path / "run" / "rm").mkdir(parents=True)
+    (tmp_path / "run" / "rm" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"run: not a model directory \(no config.json\); the run's reward model is "
+                                        r".*run/rm$"):
+        resolve_backbone(str(tmp_path / "run"))

@@ -227,3 +227,20 @@ def test_trl_reward_trainer_eval_equals_ser(rm_dir, causal, tmp_path):
         metrics = trainer.evaluate(case)  # TRL's own reward metrics, from the same forward pass
         assert metrics["eval_accuracy"] == pytest.approx(float(np.mean(r_c > r_r)))
         assert metrics["eval_margin"] == pytest.approx(float(np.mean(r_c - r_r)), abs=TOL)
+
+
+def test_the_readme_snippet_gives_ser_scores_reward(rm_dir):
+    """README's plain-transformers snippet, run as printed (its RM path swapped for this one), reads the reward
+    `ser score` gives the same pair, with max_length taken from the RM's ser_config.json as the snippet does."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"The snippet below.*?```python\n(.*?)```", readme, re.S).group(1)
+    if json.loads((rm_dir / "config.json").read_text())["model_type"] != "bert":
+        pytest.skip("the snippet as printed is the encoder's form (its comment gives the causal one)")
+    scope = {}
+    exec(code.replace("runs/demo/final", str(rm_dir)), scope)  # noqa: S102 (the README's own code)
+    rm, tok = load_reward_model(str(rm_dir))
+    r, _ = score_pairs(rm, tok, [scope["prompt"]], [scope["answer"]], ["Never."], MAX_LENGTH)
+    assert scope["max_length"] == MAX_LENGTH and scope["reward"] == pytest.approx(float(r[0]), abs=TOL)
