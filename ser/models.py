@@ -341,6 +341,38 @@ def zero3_parameters(model) -> list:
     return [p for p in model.parameters() if hasattr(p, "ds_id")]
 
 
+@contextlib.contextmanager
+def fp32_head(rm, enabled: bool):
+    """Run the reward head (the modules outside the backbone: score/classifier, pooler) in fp32 while the
+    backbone runs under bf16 autocast, so rewards are not rounded to bf16's 8-bit mantissa (which would turn
+    close pairs into exact ties, counted as wrong). A head whose weights are stored in bf16 (DeepSpeed's bf16
+    mode holds the whole module in bf16), or gathered in bf16 (FSDP's mixed precision), runs in bf16."""
+    if not enabled or fsdp_sharded(rm):
+        yield
+        return
+    model = getattr(rm, "module", rm)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    heads = [m for name, m in model.named_modules() if name and f"{name}." in head_prefixes(model)
+             and all(p.dtype == torch.float32 for p in m.parameters())]
+    originals = [m.forward for m in heads]
+
+    def wrap(forward):
+        def run(*args, **kwargs):
+            x = next(a for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+            as_fp32 = lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+            with torch.autocast(x.device.type, enabled=False):
+                return forward(*map(as_fp32, args), **{k: as_fp32(v) for k, v in kwargs.items()})
+        return run
+
+    for m in heads:
+        m.forward = wrap(m.forward)
+    try:
+        yield
+    finally:
+        for m, f in zip(heads, originals):
+            m.forward = f
+
+
 def fsdp_sharded(model) -> bool:
     """Whether FSDP2 (`fully_shard`) has split the parameters across the processes (DTensor shards)."""
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
@@ -571,7 +603,7 @@ def pack_pairs(ids_a: list[list[int]], ids_b: list[list[int]], prompt_lengths: l
         pos.append(list(range(len(a))) + list(range(p, len(b))))
         seg.append([0] * p + [1] * (len(a) - p) + [2] * (len(b) - p))
         last_a.append(len(a) - 1)
-        last_b.append(len(a) + len(b) - p - 1)
+        last_b.append(len(a) + len(b) - p - 1 if len(b) > p else p - 1)  # an empty b: its prompt's last token
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

@@ -11,7 +11,6 @@ the same batch as on one process, so the gathered result is the single-process r
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 
@@ -20,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ser.frozen import cache_of
-from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs, fsdp_sharded, head_prefixes,
-                        pack_pairs, packed_pair_rewards)
+from ser.models import (Encoded, can_share_prompt, collate, encode, encode_pairs, fp32_head, pack_pairs,
+                        packed_pair_rewards)
 
 log = logging.getLogger(__name__)
 
@@ -29,38 +28,6 @@ log = logging.getLogger(__name__)
 def _progress(batches: list, rank: int):
     """One progress bar over a scoring pass, on the main process and only on a terminal."""
     return tqdm(batches, desc="scoring", unit="batch", leave=False, disable=rank != 0 or not sys.stderr.isatty())
-
-
-@contextlib.contextmanager
-def fp32_head(rm, enabled: bool):
-    """Run the reward head (the modules outside the backbone: score/classifier, pooler) in fp32 while the
-    backbone runs under bf16 autocast, so rewards are not rounded to bf16's 8-bit mantissa (which would turn
-    close pairs into exact ties, counted as wrong). A head whose weights are stored in bf16 (DeepSpeed's bf16
-    mode holds the whole module in bf16), or gathered in bf16 (FSDP's mixed precision), runs in bf16."""
-    if not enabled or fsdp_sharded(rm):
-        yield
-        return
-    model = getattr(rm, "module", rm)
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    heads = [m for name, m in model.named_modules() if name and f"{name}." in head_prefixes(model)
-             and all(p.dtype == torch.float32 for p in m.parameters())]
-    originals = [m.forward for m in heads]
-
-    def wrap(forward):
-        def run(*args, **kwargs):
-            x = next(a for a in (*args, *kwargs.values()) if torch.is_tensor(a))
-            as_fp32 = lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
-            with torch.autocast(x.device.type, enabled=False):
-                return forward(*map(as_fp32, args), **{k: as_fp32(v) for k, v in kwargs.items()})
-        return run
-
-    for m in heads:
-        m.forward = wrap(m.forward)
-    try:
-        yield
-    finally:
-        for m, f in zip(heads, originals):
-            m.forward = f
 
 
 def my_batches(n: int, batch_size: int, rank: int, world: int) -> list[tuple[int, bool]]:

@@ -29,7 +29,7 @@ from ser.config import TrainConfig
 from ser.errors import UserError
 from ser.frozen import cache_of
 from ser.losses import pairwise_losses, soft_pairwise_losses
-from ser.models import (can_share_prompt, collate, encode_pairs, pack_pairs, packed_pair_rewards,
+from ser.models import (can_share_prompt, collate, encode_pairs, fp32_head, pack_pairs, packed_pair_rewards,
                         zero3_parameters)
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def resolve_precision(name: str) -> str:
     if name != "auto":
         return name
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        # emulation counts as "supported" by default (a T4 or V100 would get slow bf16): native bf16 only (Ampere+)
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
     fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
         getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return "bf16" if fast else "no"
@@ -167,27 +168,33 @@ def step_totals(sizes: list[float], accum: int) -> list[float]:
     return totals
 
 
-def epoch_order(n: int, epochs: float, seed: int) -> list[int]:
-    """Pair indices for `epochs` passes (the last one partial), reshuffled each epoch, deterministic."""
+def epoch_order(n: int, epochs: float, seed: int) -> list[list[int]]:
+    """Indices 0..n-1 for `epochs` passes, one list per epoch, each reshuffled (deterministic); the last epoch is
+    partial, so round(epochs * n) indices in all (at least 1)."""
     g = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    for _ in range(math.ceil(epochs)):
-        order += torch.randperm(n, generator=g).tolist()
-    return order[: max(1, round(epochs * n))]
+    left, order = max(1, round(epochs * n)), []
+    while left > 0:
+        order.append(torch.randperm(n, generator=g).tolist()[:left])
+        left -= len(order[-1])
+    return order
 
 
-def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int, seed: int,
+def length_grouped_batches(epochs: list[list[int]], lengths: list[int], batch_size: int, seed: int,
                            group: int = 32) -> list[list[int]]:
-    """Batches of similar length, so little compute goes to padding (HF's `group_by_length`): windows of
-    `group` batches of the shuffled order are sorted by length and cut into batches; the batches are then
-    shuffled so training does not see a length curriculum. Every index of `order` is used exactly once."""
-    batches = []
-    window = group * batch_size
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1)).tolist()
-    return [batches[i] for i in perm]
+    """Batches of similar length, so little compute goes to padding (HF's `group_by_length`), epoch by epoch
+    (`epoch_order`): windows of `group` batches of an epoch's shuffled order are sorted by length and cut into
+    batches, and the epoch's batches are shuffled, so training sees no length curriculum. A window never spans two
+    epochs: a pair's copies, of equal length, would sort side by side into one batch. Every index of every epoch
+    is used exactly once, in its epoch."""
+    batches, window = [], group * batch_size
+    g = torch.Generator().manual_seed(seed + 1)
+    for order in epochs:
+        epoch = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+            epoch += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+        batches += [epoch[i] for i in torch.randperm(len(epoch), generator=g).tolist()]
+    return batches
 
 
 def save_train_state(directory: Path, accelerator: Accelerator, rm, optimizer, scheduler, step: int,
@@ -316,7 +323,8 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
     if skip:
         log.warning("%s: left %d of %d pairs with no preference (identical token ids) out of training", desc,
                     len(skip), n)
-    order = [i for i in epoch_order(n, epochs, tcfg.seed) if i not in skip] or [min(set(range(n)) - skip)]
+    kept = [i for i in range(n) if i not in skip]  # epochs (a fraction too) are of the pairs that train
+    order = [[kept[j] for j in epoch] for epoch in epoch_order(len(kept), epochs, tcfg.seed)]
     batches = length_grouped_batches(order, pair_len, tcfg.batch_size, tcfg.seed)
     steps = math.ceil(len(batches) / tcfg.grad_accum)
     step_pairs = step_totals([len(b) for b in batches], tcfg.grad_accum)  # pairs in each micro-batch's step
@@ -350,7 +358,9 @@ def train_reward_model(rm, tokenizer, prompts, chosen, rejected, tcfg: TrainConf
         batch = {k: v.to(accelerator.device) for k, v in collate_pairs(idx).items()}
         pseudo_mask, soft = batch.pop("pseudo"), batch.pop("target", None)
         sync = (i + 1) % tcfg.grad_accum == 0 or i + 1 == len(batches)
-        with micro_batch(accelerator, rm, sync):
+        # the reward head in fp32 under bf16 autocast, as in scoring: rewards not rounded to bf16 (close margins
+        # would become exact ties, the loss log 2)
+        with micro_batch(accelerator, rm, sync), fp32_head(rm, accelerator.mixed_precision == "bf16"):
             if packed and cache is not None:  # the top layers and the head on cached frozen states, packed
                 with accelerator.autocast():  # what the prepared model's own forward runs under
                     r_chosen, r_rejected = (r.float() for r in cache.pair_rewards(

@@ -138,7 +138,7 @@ def test_cached_and_uncached_training_agree(backbone):
     """Same per-step losses (1e-5) and the same rewards after training, dropout on in the top layers (BERT)."""
     rm_c, tok, cached = train(backbone, cached=True)
     rm_u, _, uncached = train(backbone, cached=False)
-    assert len(cached) == 9 and cached[-1] < cached[0]  # it learned
+    assert len(cached) == 9 and np.ptp(cached) > 1e-3  # the weights move from step to step: a real comparison
     np.testing.assert_allclose(cached, uncached, atol=1e-5, rtol=0)
     r_cached = score_pairs(rm_c, tok, PROMPTS, CHOSEN, REJECTED, 32)
     attach_cache(rm_c, None)

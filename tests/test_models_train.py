@@ -156,6 +156,68 @@ def test_shared_prompt_packing_gives_the_same_rewards(tiny_llama_dir):
         torch.testing.assert_close(g1, p.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_packing_an_empty_answer_reads_it_at_its_prompt_not_at_the_other_answer(tiny_llama_dir):
+    """A generated answer can be empty (`ser judge` scores them): packed, it is read at the prompt's last token, as
+    its own sequence (the prompt alone) is, not at the other answer's last token (a false tie)."""
+    rm, tok = load_reward_model(str(tiny_llama_dir))
+    with torch.no_grad():  # rewards that depend on the tokens (the tiny init's differ by 1e-4)
+        for m in rm.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, m.in_features ** -0.5)
+    prompt = ["Is the sky blue?\n"]  # ends in whitespace: no joining space, so the empty answer adds no token
+    packed = score_pairs(rm, tok, prompt, ["Yes, it is blue."], [""], 40)
+    separate = score_pairs(rm, tok, prompt, ["Yes, it is blue."], [""], 40, share_prompt=False)
+    assert abs(packed[0][0] - packed[1][0]) > 1e-3  # not the other answer's reward
+    np.testing.assert_allclose(np.concatenate(packed), np.concatenate(separate), atol=1e-5)
+    batch = pack_pairs([[5, 6, 7, 8]], [[5, 6]], [2], 0)
+    assert batch["last_a"].tolist() == [3] and batch["last_b"].tolist() == [1]
+
+
+def test_length_grouped_batches_keep_a_pairs_epochs_apart():
+    """Windows are sorted by length within an epoch, never across two: 3 pairs (lengths 10, 20, 30), batch 2,
+    2 epochs used to sort into [2, 2], [1, 1], [0, 0] (a pair twice in one step, each pair in one batch)."""
+    from ser.train import epoch_order, length_grouped_batches
+
+    epochs = epoch_order(3, 2, seed=0)
+    assert [sorted(e) for e in epochs] == [[0, 1, 2], [0, 1, 2]]
+    batches = length_grouped_batches(epochs, [10, 20, 30], 2, seed=0)
+    assert all(len(set(b)) == len(b) for b in batches) and len(batches) == 4
+    assert sorted(sum(batches[:2], [])) == [0, 1, 2] == sorted(sum(batches[2:], []))  # epoch 1, then epoch 2
+    # 100 pairs, 2 epochs, batch 16: every pair in 2 different batches (it was 1.22 on average)
+    order = epoch_order(100, 2, seed=0)
+    batches = length_grouped_batches(order, list(range(100)), 16, seed=0)
+    assert all(len(set(b)) == len(b) for b in batches)
+    assert [len(e) for e in epoch_order(4, 2.5, seed=0)] == [4, 4, 2] and len(epoch_order(10, 0.01, 0)[0]) == 1
+    # one epoch: the batches of before (the same draws)
+    assert length_grouped_batches(epoch_order(50, 1, 3), list(range(50)), 8, 3) == \
+        length_grouped_batches([torch.randperm(50, generator=torch.Generator().manual_seed(3)).tolist()],
+                               list(range(50)), 8, 3)
+
+
+def test_bf16_training_computes_the_reward_head_in_fp32(tiny_bert_dir, tiny_llama_dir):
+    """Under bf16 autocast the head runs in fp32 in training, as in scoring (bf16 rewards step by 2^-7 of their
+    size: close margins become exact ties, loss log 2); the backbone stays in bf16."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def fresh_state():  # accelerate keeps one precision per process: this test's bf16, the others' fp32
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    fresh_state()
+    try:
+        for backbone in (tiny_bert_dir, tiny_llama_dir):
+            rm, tok = load_reward_model(str(backbone))
+            head = rm.classifier if hasattr(rm, "classifier") else rm.score
+            seen = []
+            head.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+            tcfg = TrainConfig(epochs=1, batch_size=4, lr=1e-4, mixed_precision="bf16")
+            train_reward_model(rm, tok, ["q a", "q b", "q c", "q d"], ["good", "fine", "yes", "ok"],
+                               ["bad", "poor", "no", "meh"], tcfg, 32, accelerator=make_accelerator(tcfg))
+            assert seen and set(seen) == {torch.float32}, (backbone, seen)
+    finally:
+        fresh_state()
+
+
 def test_head_only_and_lora_modes(tiny_bert_dir):
     rm, _ = load_reward_model(str(tiny_bert_dir), "head")
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
@@ -375,6 +437,10 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("auto") == "no"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert resolve_precision("auto") == "bf16"
+    # a GPU that only emulates bf16 (T4, V100: torch's default counts emulation as support) gets fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto") == "no"
 
 
 @pytest.mark.parametrize("how", ["oserror", "torch_save_runtimeerror"])
