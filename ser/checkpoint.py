@@ -372,8 +372,8 @@ def check_out_file(out_file: str | Path, *inputs: str | Path) -> Path:
     """`out_file` as a Path if a command may write it: a file name (not an existing directory, not ending in a
     slash) in a directory that is or can be made writable (`check_can_write`), and neither one of `inputs` (the
     local files and directories the same command reads; other specs are ignored) nor inside one of them (a
-    reward-model directory), nor inside a run directory (`run_kind`: its metrics, config or results). Another
-    existing file is replaced, with a warning. Raises UserError naming what is wrong; writes nothing."""
+    reward-model directory), nor inside a run directory that `start_run` marked (its metrics, config or results).
+    Another existing file is replaced, with a warning. Raises UserError naming what is wrong; writes nothing."""
     out = Path(out_file)
     if not out.name or str(out_file).endswith(("/", "\\")) or out.is_dir():
         raise UserError(f"{out_file}: --out is a directory; give a file name, e.g. {out / 'out.jsonl'}")

@@ -298,7 +298,8 @@ def run(argv: list[str]) -> int:
         r = run_score(args.rm, args.data, args.out, args.limit, args.batch_size,
                       columns=_columns(args.columns))
         skipped = sum(r["skipped"].values())
-        print(f"scored {r['scored']} pair{'s' if r['scored'] != 1 else ''}; skipped {skipped} record{'s' if skipped != 1 else ''}"
+        print(f"scored {r['scored']} pair{'s' if r['scored'] != 1 else ''}; "
+              f"skipped {skipped} record{'s' if skipped != 1 else ''}"
               + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(r['skipped'].items()))})" if skipped else ""))
         print(f"wrote {args.out} and {r['skipped_file']} (the records skipped, with the reason)")
     elif args.command == "eval":
