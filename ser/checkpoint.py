@@ -383,10 +383,10 @@ def check_out_file(out_file: str | Path, *inputs: str | Path) -> Path:
             continue
         if (out.exists() and out.samefile(path)) or (path.is_dir() and out.resolve().is_relative_to(path.resolve())):
             raise UserError(f"{out_file}: --out would overwrite the input {path}; give another file name")
-    run = next((d for d in out.absolute().parents if _marked_run(d)), None)
+    run, kind = next(((d, k) for d in out.absolute().parents if (k := _marked_run(d))), (None, None))
     if run is not None:
-        raise UserError(f"{out_file}: --out is inside the {_marked_run(run)} run {run}, whose files it could "
-                        f"replace; give a file outside it")
+        raise UserError(f"{out_file}: --out is inside the {kind} run {run}, whose files it could replace; give a "
+                        f"file outside it")
     if out.exists():
         log.warning("%s exists: replacing it", out_file)
     return out

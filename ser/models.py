@@ -352,7 +352,8 @@ def fp32_head(rm, enabled: bool):
         return
     model = getattr(rm, "module", rm)
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    heads = [m for name, m in model.named_modules() if name and f"{name}." in head_prefixes(model)
+    prefixes = head_prefixes(model)  # once: it walks every module (per module, 0.13 s a call on SmolLM2)
+    heads = [m for name, m in model.named_modules() if name and f"{name}." in prefixes
              and all(p.dtype == torch.float32 for p in m.parameters())]
     originals = [m.forward for m in heads]
 
