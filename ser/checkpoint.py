@@ -52,24 +52,30 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True, temp_prefix: str | None = None) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part: a uniquely
-    named temporary file in the same directory, fsync'd, then os.replace (atomic on POSIX) and the directory fsync'd."""
+    named temporary file in the same directory (mkstemp: two writers never share one, even with one pid in two
+    containers), then os.replace (atomic on POSIX). `durable` fsyncs the file and the directory around the rename,
+    so that a power loss keeps it too; a frozen-layer cache's entries skip that (they are checksummed and rebuilt
+    when damaged). The temporary name is `.NAME.*.tmp` (what `remove_debris` deletes) unless `temp_prefix` is
+    given (the cache's `KEY.`, left to `ser.frozen.remove_stale_writes`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix or f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would outlive the rename: the mode `open` would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

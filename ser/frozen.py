@@ -27,14 +27,13 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ser.checkpoint import current_umask
+from ser.checkpoint import atomic_write_bytes
 from ser.errors import UserError, shown
 
 log = logging.getLogger(__name__)
@@ -213,17 +212,9 @@ class FrozenCache:
         payload = states.cpu().numpy().tobytes()
         header = _HEADER.pack(MAGIC, key, hashlib.sha256(payload).digest(), *states.shape, code)
         path = self.directory / f"{key.hex()}.bin"
-        # a name of its own (mkstemp), not the pid: processes of two hosts or containers sharing the directory can
-        # have the same pid. A killed run leaves a stray .tmp file (`remove_stale_writes`), never a half-written entry
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f"{key.hex()}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header + payload)
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep the cache from another user sharing it
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # not fsync'd: a damaged entry fails its checksum and is rebuilt. A killed run leaves a stray KEY.*.tmp file
+        # (`remove_stale_writes`), never a half-written entry
+        atomic_write_bytes(path, header + payload, durable=False, temp_prefix=f"{key.hex()}.")
         return states
 
     def nbytes(self) -> int:
