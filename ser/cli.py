@@ -59,12 +59,16 @@ def _config_unless_resume(args, extra: list[str]):
     return None if args.resume else load_config(args.config, _split_overrides(extra))
 
 
-def _integer(text: str) -> int:
-    """argparse type: an integer (a seed); argparse's own `int` would print a 5,000-digit value whole."""
+def _seed(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**32) as train.seed (torch.manual_seed overflows past 2**64, and
+    the judge adds to it); argparse's own `int` would print a 5,000-digit value whole."""
     try:
-        return int(text)
+        n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {shown(text)}") from None
+        n = -1
+    if not 0 <= n < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {shown(text)}")
+    return n
 
 
 def _count(text: str) -> int:
@@ -191,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .jsonl (prompt, answer_a, answer_b)")
     p.add_argument("--limit", type=_count, help="first N unique prompts")
     p.add_argument("--max-new-tokens", type=_count, default=128)
-    p.add_argument("--seed", type=_integer, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
     p = sub.add_parser("judge", help="win / tie / lose of policy A against B, judged by a gold RM")
     p.add_argument("--a", required=True, help="policy A directory (or backbone name)")
@@ -205,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "http://localhost:8000/v1); the API key is read from $OPENAI_API_KEY")
     p.add_argument("--llm-model", help="model name for --llm-url")
     p.add_argument("--max-new-tokens", type=_count, default=128)
-    p.add_argument("--seed", type=_integer, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
     p = _config_parser(sub, "curve", "learning curve: RM test accuracy vs number of human labels, with CIs")
     _add_config_args(p)
@@ -410,11 +414,14 @@ def main() -> None:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         code = 2
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+        # a file-system error on a path (no space, no permission, a name too long, a file where a directory is
+        # expected, ...): one line naming the path. Anything else is a fault of ser's: its traceback is kept
+        if e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # Every write is atomic: what was completed before this write is intact, nothing is half-written.
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        print(f"error: {e.filename or 'output'}: {e.strerror}"
+        name = str(e.filename or "output")
+        print(f"error: {name if len(name) <= 200 and name.isprintable() else shown(name, 200)}: {e.strerror}"
               + ("; completed checkpoints are intact (free space, then --resume where the command has it)"
                  if full else ""), file=sys.stderr)
         code = 1

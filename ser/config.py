@@ -98,7 +98,7 @@ class SERConfig:
     length_guard: bool = False  # accept pseudo-labels so their longer-answer-chosen share is at most the human seed's
     restart: bool = False  # False: continue from the previous RM (paper README); True: restart from the backbone
     keep_seed: bool = True  # keep the human seed pairs in every iteration's training data
-    iteration_epochs: float = 1.0  # epochs of each retraining on seed + pseudo-labelled pairs
+    iteration_epochs: float = 1.0  # epochs of each continuation on seed + pseudo-labels (restart: train.epochs)
     seed_epochs: float = 0.0  # > 0: the seed RM's epochs chosen on validation, from train.epochs up to this many
     ssrm_threshold: float = 0.8  # SSRM baseline: keep pairs with max(P, 1-P) >= this, P = σ((r_a - r_b) / T)
     folds: int = 0  # rule=ensemble: k >= 2 fold models cross-fitted on the seed calibrate, validate, vote
@@ -218,11 +218,11 @@ def _set(cfg: Config, key: str, value, origin: str) -> None:
     section_name, _, name = key.partition(".")
     sections = {f.name for f in dataclasses.fields(Config)}
     if section_name not in sections or not name:
-        raise UserError(f"{origin}: unknown config key '{key}' (sections: {', '.join(sorted(sections))})")
+        raise UserError(f"{origin}: unknown config key {shown(key)} (sections: {', '.join(sorted(sections))})")
     section = getattr(cfg, section_name)
     hints = typing.get_type_hints(type(section))
     if name not in hints:
-        raise UserError(f"{origin}: unknown config key '{key}' (known in '{section_name}': {', '.join(hints)})")
+        raise UserError(f"{origin}: unknown config key {shown(key)} (known in '{section_name}': {', '.join(hints)})")
     setattr(section, name, _coerce(value, hints[name], key, origin))
 
 
@@ -240,6 +240,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise UserError(f"{path}: no such config file") from None
         except IsADirectoryError:
             raise UserError(f"{path}: is a directory, expected a YAML config file") from None
+        except OSError as e:  # not a directory on the way, a name too long, no permission, ...
+            raise UserError(f"{path}: cannot read the config file ({e.strerror})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         except ValueError:  # YAML's int() of a longer number than Python converts
@@ -258,6 +260,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, eq, text = item.removeprefix("--").partition("=")
         if not eq:
             raise UserError(f"override '{item}': expected --section.field=value")
+        _check_plain_number(text, f"override {shown(key)}")
         try:
             value = yaml.safe_load(text)
         except (yaml.YAMLError, ValueError):  # not YAML, or an int YAML cannot convert: the text, checked below
@@ -275,17 +278,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+# YAML 1.1 (PyYAML) reads a number with a leading zero as octal (0100 = 64) and one with colons as base 60
+# (1:30 = 90): a seed or a count written so would change silently
+_YAML11_NUMBER = re.compile(r"\s*[+-]?(0[0-7_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)\s*")
+
+
+def _check_plain_number(text: str, where: str) -> None:
+    """UserError for a plain scalar that YAML 1.1 reads as an octal or base-60 number, alone or as an item of a flow
+    list or mapping (`[010, 011]`, `{a: 010}`); `where` names its place."""
+    for item in re.split(r"[\[\]{},]|:\s", text):
+        if _YAML11_NUMBER.fullmatch(item):
+            raise UserError(f"{where}: {shown(item.strip())} reads as an octal or base-60 number in YAML (0100 is "
+                            f"64, 1:30 is 90); write it without leading zeros or colons, or quote it")
+
+
 def _check_unique_keys(node, path: Path, seen: set) -> None:
-    """PyYAML keeps the last of two equal keys and drops the first silently: an error naming the line."""
+    """PyYAML keeps the last of two equal keys and drops the first silently: an error naming the line. Plain
+    scalars that YAML 1.1 reads as octal or base-60 numbers are errors too (`_check_plain_number`)."""
     if id(node) in seen:  # an alias of a node already checked (and no exponential walk of alias chains)
         return
     seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode) and node.style is None:
+        _check_plain_number(node.value, f"{path}:{node.start_mark.line + 1}")
     if isinstance(node, yaml.MappingNode):
         keys = set()
         for k, v in node.value:
             if isinstance(k, yaml.ScalarNode):
                 if k.value in keys:
-                    raise UserError(f"{path}:{k.start_mark.line + 1}: key '{k.value}' appears twice")
+                    raise UserError(f"{path}:{k.start_mark.line + 1}: key {shown(k.value)} appears twice")
                 keys.add(k.value)
             _check_unique_keys(v, path, seen)
     elif isinstance(node, yaml.SequenceNode):
@@ -321,6 +341,12 @@ def validate(cfg: Config) -> None:
     if cfg.ppo.mini_batch_size > cfg.ppo.batch_size:  # randperm(batch).split(mini) would make one short step
         raise UserError(f"config: 'ppo.mini_batch_size' ({cfg.ppo.mini_batch_size}) must be <= 'ppo.batch_size' "
                         f"({cfg.ppo.batch_size})")
+    for loss, margin, key in ((cfg.train.loss, cfg.train.margin, "train.margin"),
+                              (cfg.ser.pseudo_loss, cfg.ser.pseudo_margin, "ser.pseudo_margin")):
+        # max(0, margin - d) with margin 0 is minimal (0) for an RM that scores every answer alike
+        if (loss == "hinge" and not margin > 0) or not margin >= 0:
+            raise UserError(f"config: '{key}' must be {'> 0 with the hinge loss' if loss == 'hinge' else '>= 0'}, "
+                            f"got {shown(margin)}")
     if cfg.ppo.kl_target is not None and cfg.ppo.kl_coef == 0:  # the controller multiplies: 0 stays 0
         raise UserError("config: 'ppo.kl_coef' = 0 with 'ppo.kl_target' set: adaptive KL control cannot move a "
                         "coefficient of 0; give ppo.kl_coef > 0, or ppo.kl_target: null for no KL penalty")
@@ -379,7 +405,7 @@ RANGES = {
     "train.max_grad_norm": (0, None, True, False), "train.seed": (0, 2**32 - 1, True, True),
     "model.lora_r": (1, None, True, False), "model.lora_alpha": (0, None, False, False),
     "model.lora_dropout": (0, 1, True, False),
-    "ser.max_iterations": (0, None, True, False), "ser.tau_delta": (0, 1, True, True),
+    "ser.max_iterations": (0, None, True, False), "ser.tau_delta": (0, 1, False, True),
     "ser.pseudo_margin": (0, None, True, False), "ser.iteration_epochs": (0, None, False, False),
     "ser.seed_epochs": (0, None, True, False), "ser.ssrm_threshold": (0.5, 1, True, True),
     "policy.max_prompt_length": (1, None, True, False), "policy.temperature": (0, None, False, False),
@@ -418,12 +444,13 @@ def _check_ranges(cfg: Config) -> None:
                             f"name (a string); got {shown(ours)}: {shown(theirs)}{hint}")
     seeds = cfg.experiment.seeds
     if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in seeds):
-        raise UserError(f"config: 'experiment.seeds' must be a non-empty list of integers in [0, 2**32), got {seeds}")
+        raise UserError(f"config: 'experiment.seeds' must be a non-empty list of integers in [0, 2**32), "
+                        f"got {shown(seeds)}")
     if len(set(seeds)) < len(seeds):
         raise UserError(f"config: 'experiment.seeds' names a seed twice: {seeds}")
     methods = cfg.experiment.methods
     if not methods or not all(isinstance(m, str) for m in methods):
-        raise UserError(f"config: 'experiment.methods' must be a non-empty list of method names, got {methods}")
+        raise UserError(f"config: 'experiment.methods' must be a non-empty list of method names, got {shown(methods)}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -111,7 +111,15 @@ def local_path(spec: str) -> str | None:
 
 def resolve_data_spec(spec: str) -> str:
     """A known name (`hh-rlhf:helpful-base[:train]`, `ultrafeedback[:eval]`, `pandalm`) -> a local file, else
-    the spec itself when it is an existing file or a Hub dataset id."""
+    the spec itself when it is an existing file or a Hub dataset id. Raises UserError for a spec that names no
+    data, or a path the file system refuses to look up (a name too long)."""
+    try:
+        return _resolve_data_spec(spec)
+    except OSError as e:  # Path.exists raises these rather than answer False
+        raise UserError(f"{shown(spec)}: cannot look up this data path ({e.strerror})") from None
+
+
+def _resolve_data_spec(spec: str) -> str:
     if Path(spec).expanduser().exists():
         return str(Path(spec).expanduser())
     name, split = spec, None
@@ -217,7 +225,7 @@ def _read_records(path: str):
                         text = raw.decode("utf-8")
                         rec = json.loads(text, object_pairs_hook=_unique_keys)
                     except _DuplicateKey as e:
-                        raise UserError(f"{where(p, n)}: key '{e.args[0]}' appears twice in the record") from None
+                        raise UserError(f"{where(p, n)}: key {shown(e.args[0])} appears twice in the record") from None
                     except UnicodeDecodeError:
                         raise UserError(f"{where(p, n)}: invalid UTF-8") from None
                     except json.JSONDecodeError as e:
@@ -233,7 +241,7 @@ def _read_records(path: str):
                 data = json.loads(text, object_pairs_hook=_unique_keys)
             except _DuplicateKey as e:
                 i = _duplicate_key_record(text)
-                raise UserError(f"{where(p, i)}: key '{e.args[0]}' appears twice in "
+                raise UserError(f"{where(p, i)}: key {shown(e.args[0])} appears twice in "
                                 f"{'one object' if i is None else 'the record'}") from None
             except UnicodeDecodeError:
                 raise UserError(f"{p}: invalid UTF-8") from None
@@ -320,9 +328,16 @@ def _hub_records(spec: str):
 # ---------------------------------------------------------------- formats
 
 
+def field_names(rec: dict, limit: int = 12) -> str:
+    """A record's field names for an error message: each cut by `shown`, at most `limit` of them, so that a record
+    of a thousand columns or a 10 MB key stays one readable line."""
+    names = [str(k) if len(str(k)) <= 40 and str(k).isprintable() else shown(str(k), 40) for k in list(rec)[:limit]]
+    return ", ".join(names) + (f", ... ({len(rec)} fields)" if len(rec) > limit else "")
+
+
 def _text(rec, key, loc) -> str:
     if key not in rec:
-        raise UserError(f"{loc}: missing field '{key}' (fields: {', '.join(map(str, rec))})")
+        raise UserError(f"{loc}: missing field '{key}' (fields: {field_names(rec)})")
     v = rec[key]
     if not isinstance(v, str):
         raise UserError(f"{loc}: field '{key}' is {type(v).__name__}, expected a string")
@@ -343,7 +358,7 @@ def _text_parts(messages, loc):
                        for x in parts):
                 kinds = sorted({str(x.get("type")) if isinstance(x, dict) else type(x).__name__ for x in parts})
                 raise UserError(f"{loc}: message content parts must all be {{\"type\": \"text\", \"text\": ...}}, "
-                                f"got {', '.join(kinds)}")
+                                f"got {field_names(dict.fromkeys(kinds))}")
             m = {**m, "content": "".join(x["text"] for x in parts)}
         out.append(m)
     return out
@@ -355,7 +370,7 @@ def _render(messages, loc, chat_template) -> str:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
             raise UserError(f"{loc}: messages must be objects with string 'role' and 'content'")
         if m["role"] not in roles:
-            raise UserError(f"{loc}: unknown chat role '{m['role']}' (expected system, user or assistant)")
+            raise UserError(f"{loc}: unknown chat role {shown(m['role'])} (expected system, user or assistant)")
     if chat_template is not None:
         return chat_template(messages)
     return "".join(f"\n\n{roles[m['role']]}: {m['content']}" for m in messages) + ASSISTANT
@@ -409,9 +424,24 @@ def _conversational(rec, c: list, r: list, loc, chat_template) -> tuple[str, str
         prompt = []
     elif isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt and len(c) > len(prompt) and _turns(c[:len(prompt)]) == _turns(prompt):
+        prompt = []  # whole conversations that begin with the prompt's turns: take them once, not twice
     elif not isinstance(prompt, list):
         raise UserError(f"{loc}: field 'prompt' is {type(prompt).__name__}, expected a string or a list of messages")
     return _render(prompt + c[:-1], loc, chat_template), c[-1]["content"], r[-1]["content"]
+
+
+def _no_label(value) -> bool:
+    """Whether a file's own `label` value says "no label": null, an empty or blank CSV cell, NaN (pandas,
+    parquet) or -1 (the usual marker of an unlabelled row)."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "-1")):
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (value != value or value == -1)
+
+
+def _turns(messages: list) -> list[tuple]:
+    """(role, content) of each message: what two message lists must share to be the same turns."""
+    return [(m.get("role"), m.get("content")) if isinstance(m, dict) else m for m in messages]
 
 
 def _scores_tie(rec, loc) -> bool:
@@ -447,19 +477,22 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
                 raise UserError(f"{loc}: missing column '{theirs}' (mapped to '{ours}')")
             mapped[ours] = rec[theirs]
         rec = mapped
-        if "label" in rec:
-            lab = rec["label"]
-            if isinstance(lab, str) and lab.strip().isdecimal():  # isdigit() takes "²", int() does not
-                try:
-                    lab = int(lab)
-                except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits)
-                    pass  # refused below, with the value shown
-            # 0 = answer_a is better, 1 = answer_b is better.
-            if lab not in (0, 1) or isinstance(lab, bool):
-                raise UserError(f"{loc}: label must be 0 or 1 (answer_a / answer_b better), got {shown(lab)}")
-            a, b = _text(rec, "answer_a", loc), _text(rec, "answer_b", loc)
-            first = lab == 0
-            return ("pair", _text(rec, "prompt", loc), a if first else b, b if first else a)
+    # a label beside two answers, mapped or the file's own columns (0 = answer_a is better, 1 = answer_b). A file's
+    # own label that is absent in the usual ways (null, an empty CSV cell, NaN, -1) leaves the pair unlabelled
+    if "label" in rec and (columns or ({"answer_a", "answer_b"} <= set(rec) and not {"chosen", "rejected"} & set(rec)
+                                       and not _no_label(rec["label"]))):
+        lab = rec["label"]
+        if isinstance(lab, str) and lab.strip().isdecimal():  # isdigit() takes "²", int() does not
+            try:
+                lab = int(lab)
+            except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits)
+                pass  # refused below, with the value shown
+        # 0 = answer_a is better, 1 = answer_b is better.
+        if lab not in (0, 1) or isinstance(lab, bool):
+            raise UserError(f"{loc}: label must be 0 or 1 (answer_a / answer_b better), got {shown(lab)}")
+        a, b = _text(rec, "answer_a", loc), _text(rec, "answer_b", loc)
+        first = lab == 0
+        return ("pair", _text(rec, "prompt", loc), a if first else b, b if first else a)
     keys = set(rec)
     if {"instruction", "response1", "response2"} <= keys:
         label = _majority(rec, loc)
@@ -490,7 +523,12 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
             if isinstance(rec.get("prompt"), list):  # a conversation as the prompt, plain-text answers
                 pair = ("pair", _render(_text_parts(rec["prompt"], loc), loc, chat_template), c, r)
             elif "prompt" in rec:  # TRL standard format
-                pair = ("pair", _text(rec, "prompt", loc), c, r)
+                prompt = _text(rec, "prompt", loc)
+                if prompt.rstrip().endswith(ASSISTANT.strip()) and c.startswith(prompt) and r.startswith(prompt):
+                    # HH-RLHF dialogues beside their own prompt (a prompt column added, the answers left whole):
+                    # the answers are what follows it, else the model would read the prompt twice
+                    c, r = c[len(prompt):].strip(), r[len(prompt):].strip()
+                pair = ("pair", prompt, c, r)
             elif ASSISTANT in c:  # HH-RLHF raw dialogues
                 pair = ("pair", *_split_hh(c, r, loc))
             else:
@@ -498,7 +536,7 @@ def _parse(rec, loc, columns, chat_template, drop_ties: bool = True):
         if drop_ties and _scores_tie(rec, loc):
             return ("drop", "tie: score_chosen == score_rejected")
         return pair
-    raise UserError(f"{loc}: unrecognised record format (fields: {', '.join(map(str, rec))}); supported: HH-RLHF "
+    raise UserError(f"{loc}: unrecognised record format (fields: {field_names(rec)}); supported: HH-RLHF "
                     f"(chosen, rejected), TRL (prompt, chosen, rejected; strings or messages), PandaLM, "
                     f"unlabelled (prompt, answer_a, answer_b), or a column mapping (data.columns)")
 
@@ -608,18 +646,25 @@ def load_records(spec: str, *, labelled: bool = True, columns=None, limit=None, 
 
 
 def drop_test_pairs(pairs: list, test: list[Pair], what: str, other: str = "the test set") -> list:
-    """`pairs` without the ones that are also in `test` (the same prompt and answers in either order: ids do not
-    depend on the answer order), so that no pair is both trained on and evaluated on (or, with `other` = the
+    """`pairs` without the ones that are also in `test` (the same prompt and answers in either order, whitespace
+    aside: `_leak_key`), so that no pair is both trained on and evaluated on (or, with `other` = the
     human seed, both human-labelled and pseudo-labelled). The count is logged; none left is a UserError naming
     `what`."""
-    test_ids = {p.id for p in test}
-    kept = [p for p in pairs if p.id not in test_ids]
+    test_keys = {_leak_key(p) for p in test}
+    kept = [p for p in pairs if _leak_key(p) not in test_keys]
     if len(kept) < len(pairs):
         log.warning("removed %d of %d %s pairs that also appear in %s", len(pairs) - len(kept), len(pairs), what,
                     other)
     if pairs and not kept:
         raise UserError(f"{what}: all {len(pairs)} pairs also appear in {other}; none left")
     return kept
+
+
+def _leak_key(p) -> str:
+    """A pair's id with the whitespace of its texts collapsed: one pair read from two formats (HH-RLHF dialogues,
+    whose answers are stripped, and TRL records, whose answers often begin with a space) is one pair here."""
+    a, b = (p.chosen, p.rejected) if isinstance(p, Pair) else (p.answer_a, p.answer_b)
+    return pair_id(*(" ".join(t.split()) for t in (p.prompt, a, b)))
 
 
 def dedupe_indices(pairs: list) -> list[int]:

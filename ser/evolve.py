@@ -2,7 +2,8 @@
 
 A run directory holds `config.yaml` (resolved), `metrics.jsonl`, `state.json` (the commit point of each
 completed iteration), `iterations/N` (the RM after iteration N; 0 is the seed RM), `scores/N.npz` (the pool's
-rewards seen by iteration N) and `final` (the RM the loop ended with). Every write is atomic, so a run killed
+rewards seen by iteration N) and `final` (the RM of the iteration chosen on validation, `final_iteration`; the
+last one without validation). Every write is atomic, so a run killed
 at any moment resumes with `--resume RUN_DIR` after its last completed iteration.
 """
 
@@ -34,7 +35,7 @@ from ser.evaluate import bootstrap_ci
 from ser.frozen import attach_cache, shared_cache
 from ser.models import check_backbone, full_parameters
 from ser.pipeline import (check_lora_sharding, data_hash, evaluate_rm, fit_rm, load_splits, require_seed_and_test,
-                          rm_scores, ser_config_for)
+                          rm_scores, same_data, ser_config_for)
 from ser.scoring import score_pairs
 from ser.selection import (STOP, fit_temperature, learning_status, orient, pair_status, probabilities,
                            resolve_min_pairs, select, ssrm_select)
@@ -51,7 +52,7 @@ class State:
     completed: int = -1  # last completed iteration (-1: none)
     pseudo: list = dataclasses.field(default_factory=list)  # [[pool id, A is chosen, P(that label)], ...] in order
     stopped: str | None = None  # why the loop stopped, once it has
-    data_hash: str = ""  # hash of the split's ids: resuming on different data is an error
+    data_hash: str = ""  # hash of the split's pairs and labels (`pipeline.data_hash`): resuming on other data: an error
     val_acc: list = dataclasses.field(default_factory=list)  # validation accuracy per completed iteration
     val_score: list = dataclasses.field(default_factory=list)  # ser.val_metric per completed iteration: it chooses
 
@@ -135,10 +136,12 @@ def trim_and_guard(sel: dict, pool: list[UnlabelledPair], seed: list[Pair], s) -
     return guarded, record
 
 
-def audit(take, a_wins, groups, group_name: str, confidence, truth: np.ndarray | None) -> dict:
+def audit(take, a_wins, groups, group_name: str, target, truth: np.ndarray | None) -> dict:
     """Precision of this iteration's pseudo-labels against the hidden human labels: of the accepted ones, overall
     and per group (the paper's status 1/2, or the number of agreeing fold models); and of every candidate's
-    direction, per group (`audit/precision_by_{group}`: {level: [pairs, precision]}) and per confidence decile
+    direction, per group (`audit/precision_by_{group}`: {level: [pairs, precision]}) and per decile of `target`,
+    the calibrated probability of the direction each candidate would be labelled (one RM: its confidence, at least
+    0.5; an ensemble: the members' mean P of the majority's direction, below 0.5 where the mean leans the other way)
     (`audit/precision_by_decile`: [[lower edge, pairs, precision], ...]), so a user sees where the errors come
     from even when nothing is accepted (`crossfit.precision_by_agreement`, `precision_by_decile`). `truth` is True
     where answer A is the human-chosen one. Audit only: never feeds back into training."""
@@ -154,9 +157,9 @@ def audit(take, a_wins, groups, group_name: str, confidence, truth: np.ndarray |
     everyone = np.ones(len(take), dtype=bool)
     out[f"audit/precision_by_{group_name}"] = {str(level): [n, precision] for level, (n, precision) in
                                                precision_by_agreement(a_wins, everyone, truth, groups).items()}
-    ok = np.isfinite(confidence)  # a non-finite reward (warned about by score_pairs) has no confidence
+    ok = np.isfinite(target)  # a non-finite reward (warned about by score_pairs) has no probability
     out["audit/precision_by_decile"] = [[round(r["lo"], 4), r["n"], r["precision"]]
-                                        for r in precision_by_decile(confidence[ok], a_wins[ok], truth[ok])]
+                                        for r in precision_by_decile(target[ok], a_wins[ok], truth[ok])]
     return out
 
 
@@ -165,7 +168,7 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
     """Steps 1-4 of iteration `it`: score the pool and choose its pseudo-labels. One RM (rule paper, code, ssrm):
     the previous iteration's RM scores the pool and is calibrated on `val` (else the seed). Ensemble (rule
     ensemble): the votes the previous iteration's fold models cast on these pairs (`votes/N.npz`, saved by
-    `cross_fit`). Returns take, a_wins, target (calibrated P of the labelled direction), confidence, groups
+    `cross_fit`). Returns take, a_wins, target (calibrated P of the labelled direction), groups
     (status or agreement level, for the audit), learning (STOP: nothing to add) and the record."""
     if cfg.ser.rule == "ensemble":
         z = np.load(run / "votes" / f"{it - 1}.npz")
@@ -177,7 +180,6 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
                            "ser/temperature": float(z["temperature"]), "ser/unanimous": int(v["unanimous"].sum())},
                 "scores": {"margins": margins}}
     rm, tok = load_iteration(run, it - 1, cfg, accelerator)
-    rm = prepare_for_scoring(rm, accelerator)
     r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool], [p.answer_b for p in pool],
                            cfg.model.max_length, cfg.train.score_batch_size,
                            resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
@@ -189,7 +191,7 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
         p = probabilities(np.asarray(r_a) - np.asarray(r_b), 0.0, temperature)  # calibrated P(A better)
     p = np.where(np.isfinite(r_a) & np.isfinite(r_b), p, np.nan)  # a broken reward has no confidence (audit: left out)
     target = np.where(a_wins, p, 1 - p)
-    return {"take": take, "a_wins": a_wins, "target": target, "confidence": np.maximum(p, 1 - p), "groups": status,
+    return {"take": take, "a_wins": a_wins, "target": target, "groups": status,
             "group_name": "status", "learning": learning,
             "record": {"ser/status": STATUS_NAMES[learning] if cfg.ser.rule != "ssrm" or learning == STOP else "ssrm",
                        "ser/n_status1": int((status == 1).sum()),
@@ -212,12 +214,11 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
     fold model j of the previous iteration (`folds/IT-1/j`), for `epochs`, on the seed pairs outside fold j
     (after iteration 0 only with ser.keep_seed, as the RM) plus this iteration's pseudo-labelled pairs. It then
     scores the seed pairs of fold j (out of fold: no model scores a pair it trained on) and the candidate pool
-    pairs of the next iteration. One temperature is fitted on
-    the pooled out-of-fold margins (a fold holds only n/k seed pairs, too few to calibrate each member apart).
-    Writes `votes/IT.npz` (ids, margins (k, n) r_a - r_b, temperature, oof, folds); returns the out-of-fold
-    margins (n_seed,) r_chosen - r_rejected. Cost: k more RM trainings and pool scorings per iteration; without
-    ser.restart also k saved fold models per iteration (on disk: the last one's, and iteration 0's, which experiments
-    share).
+    pairs of the next iteration. One temperature is fitted on the pooled out-of-fold margins (a fold holds only n/k
+    seed pairs, too few to calibrate each member apart). Writes `votes/IT.npz` (ids, margins (k, n) r_a - r_b, NaN
+    at the last iteration, temperature, oof, folds); returns the out-of-fold margins (n_seed,) r_chosen -
+    r_rejected. Cost: k more RM trainings and pool scorings per iteration; without ser.restart also k saved fold
+    models per iteration (on disk: the last one's, and iteration 0's, which experiments share).
 
     Why the fold models continue when the RM does: the out-of-fold accuracy estimates the accuracy of the recipe
     that made the returned RM. Fold models trained from the backbone for ser.iteration_epochs (a short
@@ -237,7 +238,9 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
     if keep is None and not cfg.ser.restart and it < cfg.ser.max_iterations:  # the next iteration's continue
         keep = run / "folds" / str(it)
     folds = fold_assignment([p.id for p in seed], k, cfg.data.split_seed)
-    oof, margins = np.zeros(len(seed)), np.zeros((k, len(candidates)))
+    # margins stay NaN where nobody voted (the last iteration's votes would never be used): zeros would read as k
+    # members that abstained
+    oof, margins = np.zeros(len(seed)), np.full((k, len(candidates)), np.nan)
     for j in range(k):
         train = fold_training_pairs(seed, folds, j, pseudo_pairs, it == 0 or cfg.ser.keep_seed)
         target = None if soft is None else [1.0] * (len(train) - len(soft)) + list(soft)
@@ -347,6 +350,7 @@ def seed_rm_by_validation(cfg: Config, run: Path, seed: list[Pair], candidates: 
             member, member_tok = load_rm(chosen / "folds" / str(j), cfg, accelerator)
             margins[j] = vote(member, member_tok, candidates, cfg, accelerator)
             del member
+            accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
         if accelerator.is_main_process:
             atomic_write_npz(run / "votes" / "0.npz", **{**z, "ids": np.array([p.id for p in candidates]),
                                                           "margins": margins})
@@ -558,7 +562,8 @@ def retrain(cfg: Config, run: Path, it: int, seed: list[Pair], train_pairs: list
     """Steps 6 and 6b of iteration `it`: the RM trained on `train_pairs` (the human seed, then the pseudo-labelled
     pairs, which `soft` gives targets for with ser.soft_labels). The seed RM starts from the backbone (its epochs
     chosen on validation with ser.seed_epochs: `seed_rm_by_validation`); later ones continue from the previous RM
-    for ser.iteration_epochs (paper README) or, with ser.restart, retrain from the backbone (released script).
+    for ser.iteration_epochs (paper README) or, with ser.restart, retrain from the backbone for train.epochs
+    (released script).
     With ser.folds the fold models follow (`cross_fit`). Returns (rm, tokenizer, training summary, out-of-fold
     margins (n_seed,) or None, record)."""
     t0, human = time.time(), len(train_pairs) - len(pseudo_pairs)
@@ -566,7 +571,8 @@ def retrain(cfg: Config, run: Path, it: int, seed: list[Pair], train_pairs: list
         rm, tok, summary, oof, record = seed_rm_by_validation(cfg, run, seed, pool, val, accelerator)
         return rm, tok, summary, oof, {**record, "time/seed_epochs_seconds": time.time() - t0}
     init = None if it == 0 or cfg.ser.restart else str(run / "iterations" / str(it - 1))
-    epochs = None if it == 0 else cfg.ser.iteration_epochs
+    # a restarted RM trains the seed RM's recipe (train.epochs) on more data; a continued one ser.iteration_epochs
+    epochs = None if it == 0 or cfg.ser.restart else cfg.ser.iteration_epochs
     rm, tok, summary = fit_rm(iteration_config(cfg, it), [p.prompt for p in train_pairs],
                               [p.chosen for p in train_pairs], [p.rejected for p in train_pairs],
                               accelerator=accelerator, init=init, pseudo=[False] * human + [True] * len(pseudo_pairs),
@@ -620,9 +626,11 @@ def load_iteration(run: Path, it: int, cfg: Config | None = None, accelerator=No
 
 
 def load_rm(directory: Path, cfg: Config | None = None, accelerator=None):
-    """(rm, tokenizer) of a saved RM directory, in eval mode. With model.mode=freeze (one process), the RM scores
-    through the shared frozen-layer cache (`ser.frozen.shared_cache`): pool scoring, calibration and evaluation
-    reuse the frozen states that training computed."""
+    """(rm, tokenizer) of a saved RM directory, in eval mode, on the accelerator's device when one is given
+    (`prepare_for_scoring`: under ZeRO-3 this process's shard in an inference engine), else on the CPU. With
+    model.mode=freeze (one process), the RM scores through the shared frozen-layer cache
+    (`ser.frozen.shared_cache`): pool scoring, calibration and evaluation reuse the frozen states that training
+    computed."""
     from ser.models import load_reward_model
 
     verify_manifest(directory)
@@ -633,7 +641,7 @@ def load_rm(directory: Path, cfg: Config | None = None, accelerator=None):
     if freeze:
         attach_cache(rm, shared_cache(rm, tok, cfg.model.frozen_cache))
     rm.eval()
-    return rm, tok
+    return (rm if accelerator is None else prepare_for_scoring(rm, accelerator)), tok
 
 
 def save_state(run: Path, state: State, accelerator) -> None:
@@ -676,7 +684,7 @@ def run_evolve(cfg: Config | None, out: str | None, resume: str | None = None) -
     accelerator = make_accelerator(cfg.train)
     check_lora_sharding(cfg, accelerator)
     digest = data_hash(split, pool)
-    if resume and state.data_hash and state.data_hash != digest:
+    if resume and state.data_hash and not same_data(state.data_hash, split, pool):
         raise UserError(f"{run}: the data differ from the run's (split hash {digest} != {state.data_hash})")
     if not resume:
         check_writable(run)

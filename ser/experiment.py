@@ -50,10 +50,10 @@ from ser.config import Config, to_dict, validate
 from ser.data import resolve_count
 from ser.errors import UserError, shown
 from ser.evaluate import hierarchical_bootstrap
-from ser.evolve import (State, final_iteration, iteration_config, load_iteration, load_state,
+from ser.evolve import (State, final_iteration, iteration_config, load_iteration, load_rm, load_state,
                         run_evolve, save_state, val_score, validation_split)
-from ser.models import check_backbone, load_reward_model
-from ser.pipeline import fit_rm, load_splits, require_seed_and_test, rm_scores
+from ser.models import check_backbone
+from ser.pipeline import data_hash, fit_rm, load_splits, require_seed_and_test, rm_scores
 from ser.train import make_accelerator
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,9 @@ SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_R
 
 def method_config(cfg: Config, method: str) -> Config:
     """The config of a self-labelling method: `cfg` with its `SELF_LABELLING` settings. A restarted RM trains
-    for train.epochs on seed + pseudo-labels (the seed RM's recipe on more data), a continued one for
-    ser.iteration_epochs."""
+    for train.epochs on seed + pseudo-labels (the seed RM's recipe on more data: `evolve.retrain`), a continued
+    one for ser.iteration_epochs."""
     ser = dataclasses.replace(cfg.ser, **SELF_LABELLING[method])
-    if ser.restart:
-        ser = dataclasses.replace(ser, iteration_epochs=cfg.train.epochs)
     out = dataclasses.replace(cfg, ser=ser)
     validate(out)
     return out
@@ -123,13 +121,15 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
     accelerator = make_accelerator(cfg.train)
     results, methods = {}, cfg.experiment.methods
     base = root / f"seed{seed}"
+    check_same_data(base, split)
     # Seed RM once: it is iteration 0 of every self-labelling run (evolve's own iteration 0, same seed).
     seed_run = base / "seed_only"
     if load_state(seed_run).completed < 0:
         run_evolve(seed_rm_config(cfg), str(seed_run), resume=str(seed_run) if (seed_run / "config.yaml").exists()
                    else None)
-    rm, tok = load_iteration(seed_run, 0, cfg)
+    rm, tok = load_iteration(seed_run, 0, cfg, accelerator)  # on the GPU where there is one
     results["seed_only"] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(seed_run)}
+    del rm  # not on the device while the next RMs train
     if "full_label" in methods:
         path = base / "full_label.json"
         if not path.exists():
@@ -159,11 +159,25 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
         run_evolve(None, None, resume=str(run))
         state = load_state(run)
         returned = final_iteration(mcfg, state)
-        rm, tok = load_iteration(run, returned, cfg)
+        rm, tok = load_iteration(run, returned, cfg, accelerator)
         results[method] = {"correct": _correct(rm, tok, split.test, cfg), "metrics": _metrics(run)}
+        del rm
         if control:  # the control after as many continuations as the returned RM had (not always the last)
             results[method]["control"] = control[min(returned, max(control))]
     return results
+
+
+def check_same_data(base: Path, split) -> None:
+    """A seed's finished results (seed RM, baselines, points of a curve) are reused only on the data they were made
+    of: settings.json fixes the data spec, not the file's contents, and a file regenerated at the same path would
+    pair old test results with new ones. The first run writes `base/data_hash` (`ser.pipeline.data_hash`: ids and
+    labels of seed, pool and test pairs); a rerun on other pairs or labels is a UserError before any work."""
+    path, digest = base / "data_hash", data_hash(split, split.pool)
+    if path.exists() and path.read_text().strip() != digest:
+        raise UserError(f"{path}: this seed's results were made of other data (other pairs or labels: hash "
+                        f"{shown(path.read_text().strip())} != {digest}); use a new --out")
+    if not path.exists():
+        atomic_write_text(path, digest)
 
 
 def seed_rm_config(cfg: Config) -> Config:
@@ -203,7 +217,7 @@ def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.
     for it in range(1, cfg.ser.max_iterations + 1):
         out, t0 = base / "seed_continued" / str(it), time.time()
         if (out / "model.safetensors").exists() and _trained_pairs(out) == len(seed):  # a resumed experiment
-            rm, tok = load_reward_model(str(out), "full")
+            rm, tok = load_rm(out, cfg, accelerator)  # where and as a fresh one is scored
         else:  # not yet trained, or trained on other pairs (before the ser.validation pairs were held out)
             cfg_it = iteration_config(cfg, it)
             rm, tok, _ = fit_rm(cfg_it, [p.prompt for p in seed], [p.chosen for p in seed],
@@ -237,19 +251,18 @@ def ensemble_source(base: Path, cfg: Config) -> Path | None:
 def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> None:
     """A new run directory whose iteration 0 is the shared seed RM (hard links, no copy); for the ensemble rule
     also its fold models' votes and out-of-fold validation, and (without ser.restart) the fold models."""
-    run.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(seed_run / "iterations" / "0", run / "iterations" / "0", copy_function=os.link,
-                    dirs_exist_ok=True)
+    shutil.rmtree(run, ignore_errors=True)  # a fork interrupted before its config.yaml: its links would collide
+    run.mkdir(parents=True)
+    shutil.copytree(seed_run / "iterations" / "0", run / "iterations" / "0", copy_function=os.link)
     seed_metrics = [line for line in (seed_run / "metrics.jsonl").read_text().splitlines()
                     if line.strip() and json.loads(line).get("iteration") == 0 and "ser/stop_reason" not in line]
     atomic_write_text(run / "metrics.jsonl", "".join(line + "\n" for line in seed_metrics))
     seed_state = load_state(seed_run)
     if cfg.ser.rule == "ensemble":
-        (run / "votes").mkdir(exist_ok=True)
-        (run / "votes" / "0.npz").unlink(missing_ok=True)  # a fork interrupted before its config.yaml
+        (run / "votes").mkdir()
         os.link(seed_run / "votes" / "0.npz", run / "votes" / "0.npz")
         if not cfg.ser.restart:
-            shutil.copytree(seed_run / "folds" / "0", run / "folds" / "0", copy_function=os.link, dirs_exist_ok=True)
+            shutil.copytree(seed_run / "folds" / "0", run / "folds" / "0", copy_function=os.link)
     # the seed RM's validation only for a method that validates (with experiment.seed_epochs the shared seed RM has
     # one; a method without validation returns its last iteration), in the method's ser.val_metric, from the seed
     # run's iteration-0 record: the same source (hold-out, else out-of-fold) as the method's later iterations
@@ -715,6 +728,7 @@ def _curve_points(cfg: Config, root: Path, sizes: list) -> tuple[list[dict], int
         scfg = seed_config(cfg, seed)
         split = load_splits(scfg.data)
         require_seed_and_test(split, scfg.data, need_seed=False)  # the sizes take seed + pool
+        check_same_data(root / f"seed{seed}", split)
         labelled = split.seed + split.pool
         all_labels = len(labelled)
         total, done = split.n_pairs, set()  # what data.seed_size's fractions are of (so 0.15 is its count)

@@ -159,8 +159,9 @@ def judge(policy_a: str, policy_b: str, spec: str, judge_rm: str, out: str, *, l
     from ser.pipeline import load_saved_rm
     from ser.scoring import score_pairs
 
-    for path in (out, Path(out).with_suffix(".summary.json")):
-        check_out_file(path, *filter(None, (local_path(spec), judge_rm)))
+    inputs = list(filter(None, (local_path(spec), judge_rm)))
+    check_out_file(out, *inputs)  # first: the summary's name of a directory such as "." has no name to suffix
+    check_out_file(Path(out).with_suffix(".summary.json"), *inputs)
     if not Path(judge_rm).is_dir():  # as load_saved_rm would say, before the generation rather than after it
         raise UserError(f"{judge_rm}: no such reward-model directory")
     for policy in dict.fromkeys((policy_a, policy_b)):

@@ -55,12 +55,27 @@ def require_seed_and_test(split: Split, dcfg: DataConfig, need_seed: bool = True
                         f"{dcfg.test}); set data.test_size > 0 or data.test")
 
 
-def data_hash(split: Split, pool=()) -> str:
-    """A short hash of the ids of seed, pool and test pairs: resuming a run on different data is an error."""
+def data_hash(split: Split, pool=(), labels: bool = True) -> str:
+    """A short hash of the seed, pool and test pairs (their ids, which name the texts, and for labelled pairs which
+    answer is chosen, which the label-invariant id does not): resuming a run on different data is an error.
+    labels=False: the ids alone, the hash of runs made before labels entered it (`same_data` accepts it)."""
     h = hashlib.sha1()
     for part in (split.seed, pool, split.test):
-        h.update("|".join(p.id for p in part).encode() + b"#")
+        h.update("|".join(p.id + (_label_mark(p) if labels else "") for p in part).encode() + b"#")
     return h.hexdigest()[:16]
+
+
+def same_data(saved: str, split: Split, pool=()) -> bool:
+    """Whether a run's stored `data_hash` is this data's: the current hash, or the ids-only hash of a run made
+    before labels entered it (such a run cannot tell a flipped label; it can still tell other pairs)."""
+    return saved in (data_hash(split, pool), data_hash(split, pool, labels=False))
+
+
+def _label_mark(p) -> str:
+    """'<' or '>': which of a labelled pair's two answers (in sorted order, as its id takes them) is chosen; '' for an
+    unlabelled pool pair."""
+    chosen = getattr(p, "chosen", None)
+    return "" if chosen is None else "<" if chosen <= p.rejected else ">"
 
 
 def rm_scores(rm, tokenizer, pairs: list[Pair], cfg: Config, accelerator=None):
@@ -174,7 +189,7 @@ def run_train_rm(cfg: Config | None, out: str | Path | None, resume: str | None 
     require_seed_and_test(split, cfg.data)
     check_backbone(cfg.model)
     digest = data_hash(split)
-    if resume and (out / "data_hash").exists() and (out / "data_hash").read_text() != digest:
+    if resume and (out / "data_hash").exists() and not same_data((out / "data_hash").read_text(), split):
         raise UserError(f"{out}: the data changed since this run started (different pairs); start a new run")
     log.info("pairs: %d train (seed), %d test", len(split.seed), len(split.test))
     accelerator = make_accelerator(cfg.train)
@@ -279,8 +294,9 @@ def run_score(rm_dir: str, spec: str, out_file: str | Path, limit: int | None = 
     nothing. Returns {"scored": pairs written, "skipped": {reason: count}, "skipped_file": path}.
     columns: the file's column names (`DataConfig.columns`).
     Raises UserError (before any work) for an --out that `check_out_file` refuses."""
-    for path in (out_file, skipped_path(out_file)):
-        check_out_file(path, *filter(None, (local_path(spec), rm_dir)))
+    inputs = list(filter(None, (local_path(spec), rm_dir)))
+    check_out_file(out_file, *inputs)  # first: `skipped_path` of a directory such as "." has no name to suffix
+    check_out_file(skipped_path(out_file), *inputs)
     try:
         loaded = load_records(spec, limit=limit, columns=columns)
         keys = ("chosen", "rejected")

@@ -58,9 +58,10 @@ def pair_status(p_a, p_b, tau_high: float = 0.55, tau_low: float = 0.45, tau_del
 
 def resolve_min_pairs(min_pairs: float | int, pool_size: int) -> int:
     """N_min as a count: an int is used as is; a float is a fraction of the current pool (the paper's 600
-    was for a 160k-pair dataset, so a fixed count does not transfer between dataset sizes)."""
+    was for a 160k-pair dataset, so a fixed count does not transfer between dataset sizes). The product is
+    rounded up, less 1e-9: 0.07 * 100 is 7.000000000000001 in floats, and 7 pairs are 7% of 100."""
     if isinstance(min_pairs, float):
-        return max(1, math.ceil(min_pairs * pool_size))
+        return max(1, math.ceil(min_pairs * pool_size - 1e-9))
     return int(min_pairs)
 
 

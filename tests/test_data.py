@@ -9,7 +9,7 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ser.data import Pair, hide_labels, load_pairs, load_unlabelled, pair_id, split_pairs
+from ser.data import Pair, hide_labels, load_pairs, load_records, load_unlabelled, pair_id, split_pairs
 from ser.errors import UserError
 
 
@@ -54,6 +54,45 @@ def test_column_mapping_csv_and_jsonl(tmp_path):
     g = tmp_path / "y.jsonl"
     g.write_text(json.dumps({"q": "Q", "good": "G", "bad": "B"}) + "\n")
     assert load_pairs(str(g), columns={"prompt": "q", "chosen": "good", "rejected": "bad"})[0].chosen == "G"
+
+
+def test_a_files_own_label_column_beside_two_answers_labels_the_pair(tmp_path):
+    """prompt/answer_a/answer_b with the file's own `label` (0 = answer_a better) is labelled without a column
+    mapping (it read as unlabelled: train-rm said "no labels", score wrote r_a/r_b); a null label stays unlabelled."""
+    f = tmp_path / "l.jsonl"
+    f.write_text(json.dumps({"prompt": "q1", "answer_a": "x", "answer_b": "y", "label": 1}) + "\n"
+                 + json.dumps({"prompt": "q2", "answer_a": "u", "answer_b": "v", "label": "0"}) + "\n")
+    assert [(p.prompt, p.chosen, p.rejected) for p in load_pairs(str(f))] == [("q1", "y", "x"), ("q2", "u", "v")]
+    g = tmp_path / "n.jsonl"  # the usual ways of saying "no label" leave the pair unlabelled, as before
+    g.write_text("".join(json.dumps({"prompt": f"q{i}", "answer_a": "x", "answer_b": "y", "label": v}) + "\n"
+                         for i, v in enumerate([None, "", -1, "-1", float("nan")])))
+    assert [(u.prompt, u.answer_a, u.answer_b) for u in load_unlabelled(str(g))] == [(f"q{i}", "x", "y")
+                                                                                    for i in range(5)]
+    c = tmp_path / "n.csv"
+    c.write_text("prompt,answer_a,answer_b,label\nq,x,y,\n")
+    assert len(load_unlabelled(str(c))) == 1
+    h = tmp_path / "bad.jsonl"
+    h.write_text(json.dumps({"prompt": "q", "answer_a": "x", "answer_b": "y", "label": 2}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: label must be 0 or 1 .* got 2"):
+        load_pairs(str(h))
+
+
+def test_a_prompt_repeated_inside_its_answers_is_read_once(tmp_path):
+    """A prompt given beside answers that already begin with it (whole conversations, or HH-RLHF dialogues with a
+    prompt column added) was read twice: 'Human: hi ... Human: hi ... Assistant:'."""
+    hi = [{"role": "user", "content": "hi"}]
+    rec = {"prompt": hi, "chosen": hi + [{"role": "assistant", "content": "hello"}],
+           "rejected": hi + [{"role": "assistant", "content": "go"}]}
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    text = {"prompt": prompt, "chosen": prompt + " hello", "rejected": prompt + " go"}
+    short = {"prompt": "Hi", "chosen": "Hi there", "rejected": "Hi, go"}  # no dialogue: answers kept whole
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in (rec, text, short)))
+    loaded = load_records(str(f))
+    # the first two are one pair read from two formats (a duplicate, so left out once)
+    assert [(p.prompt, p.chosen, p.rejected) for p in loaded.pairs] == [(prompt, "hello", "go"),
+                                                                        ("Hi", "Hi there", "Hi, go")]
+    assert [s["reason"] for s in loaded.skipped] == ["duplicate"]
 
 
 def test_conversational_format_with_and_without_chat_template(tmp_path):
@@ -134,6 +173,11 @@ BAD = [
                                 "annotator2": 1, "annotator3": 1}]), "votes.json:0: 'annotator1' must be 0, 1 or 2"),
     ("prefix.jsonl", '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: x", "rejected": "\\n\\nHuman: b\\n\\nAssistant: y"}\n',
      "do not share a prefix"),
+    # a user's text in the message is cut (shown): one readable line, not 100,000 characters or a line break
+    ("bigrole.jsonl", json.dumps({k: [{"role": "w\n" * 50_000, "content": "hi"}, {"role": "assistant", "content": k}]
+                                  for k in ("chosen", "rejected")}) + "\n", "unknown chat role 'w\\nw\\n"),
+    ("bigkey.jsonl", json.dumps({"k" * 100_000: 1, "x\ny": 2}) + "\n", "(fields: 'kkkk"),
+    ("twice.jsonl", '{"' + "k" * 100_000 + '": 1, "' + "k" * 100_000 + '": 2}\n', "key 'kkkk"),
 ]
 
 
@@ -147,7 +191,7 @@ def test_bad_input_gives_one_line_error(tmp_path, name, content, needle):
     with pytest.raises(UserError) as e:
         load_pairs(str(f))
     msg = str(e.value)
-    assert needle in msg and name in msg and "\n" not in msg
+    assert needle in msg and name in msg and "\n" not in msg and len(msg) < 1000
 
 
 def test_unknown_dataset_and_missing_file():

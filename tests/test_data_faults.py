@@ -260,6 +260,18 @@ def test_drop_test_pairs_in_either_answer_order(caplog):
         drop_test_pairs([mk("b", "a")], test, "pool")
 
 
+def test_a_test_pair_read_from_another_format_is_still_found_in_the_pool(tmp_path):
+    """HH-RLHF dialogues give stripped answers, TRL records often keep the leading space: one pair read from the two
+    formats has two ids, and the leak check took them for two pairs."""
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    (tmp_path / "test.jsonl").write_text(json.dumps({"chosen": prompt + " hello", "rejected": prompt + " go"}) + "\n")
+    (tmp_path / "pool.jsonl").write_text(json.dumps({"prompt": prompt, "chosen": " hello", "rejected": " go"}) + "\n"
+                                         + json.dumps({"prompt": prompt, "chosen": " hi", "rejected": " bye"}) + "\n")
+    test, pool = load_pairs(str(tmp_path / "test.jsonl")), load_pairs(str(tmp_path / "pool.jsonl"))
+    assert test[0].id != pool[0].id  # the two formats' texts differ in whitespace
+    assert [p.chosen for p in drop_test_pairs(pool, test, "pool")] == [" hi"]
+
+
 def test_pool_and_seed_pairs_in_the_test_set_are_removed(tmp_path, caplog):
     from ser.evolve import build_pool
 

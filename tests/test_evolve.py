@@ -49,7 +49,7 @@ def test_evolve_files_keys_and_determinism(tiny_bert_dir, shared_data, tmp_path)
         assert (a / "iterations" / str(it) / "model.safetensors").exists()
     assert (a / "final" / "config.json").exists() and (a / "config.yaml").exists()
     rows = iteration_records(a)
-    assert rows[0]["iteration"] == 0 and "ser/status" not in rows[0]
+    assert rows[0]["iteration"] == 0 and "ser/status" not in rows[0] and len(rows) >= 2  # the keys below are checked
     for r in rows[1:]:
         for key in ("ser/status", "ser/n_status1", "ser/n_status2", "ser/added", "ser/pool_left",
                     "ser/pseudo_precision", "ser/expected_precision", "rm/acc", "rm/ece", "train/pairs",
@@ -227,9 +227,8 @@ def test_unlabelled_pool_file(tiny_bert_dir, shared_data, tmp_path):
                             for p in unlabelled))
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{"data.pool": str(pool), "ser.max_iterations": 1}))
     run = run_evolve(cfg, str(tmp_path / "run"))
-    rows = iteration_records(run)
-    assert rows[-1]["ser/pool"] == 80 or rows[-1]["iteration"] == 0
-    assert not any("ser/pseudo_precision" in r for r in rows)  # nothing to audit against
+    assert [r["ser/pool"] for r in records(run) if "ser/pool" in r][:1] == [80]  # iteration 1 labelled the file
+    assert not any("ser/pseudo_precision" in r or "audit/precision_by_decile" in r for r in records(run))  # no truth
 
 
 def _ser(args, **kw):
@@ -459,8 +458,13 @@ def test_experiment_report(tiny_bert_dir, shared_data, tmp_path):
     for m in summary["methods"].values():
         lo, hi = m["ci95"]
         assert lo <= m["accuracy"] <= hi and len(m["per_seed"]) == 2
-    # the self-labelling runs share the seed RM, so their iteration-0 accuracy is the seed-only accuracy
-    assert summary["methods"]["ser_paper"]["accuracy"] is not None
+    # the self-labelling runs share the seed RM (hard links), so their iteration-0 accuracy is the seed-only one
+    for seed in ("seed0", "seed1"):
+        it0 = {m: [r["rm/acc"] for r in map(json.loads, (root / seed / m / "metrics.jsonl").read_text().splitlines())
+                   if "rm/acc" in r and r.get("iteration") == 0] for m in ("seed_only", "ser_paper")}
+        assert len(it0["ser_paper"]) == 1 and it0["ser_paper"] == it0["seed_only"]
+        weights = [root / seed / m / "iterations" / "0" / "model.safetensors" for m in ("seed_only", "ser_paper")]
+        assert weights[0].stat().st_ino == weights[1].stat().st_ino
     md = (root / "report.md").read_text()
     assert "| seed_only |" in md and "gap closed" in md and "pseudo-label precision" in md.lower()
     assert "| 0 | ser_ensemble | 0 | " in md and "val acc" in md  # the ensemble's seed RM has an out-of-fold val acc
@@ -529,7 +533,7 @@ def test_a_killed_curve_point_resumes_inside_its_training(tiny_bert_dir, shared_
     assert "resumed from" in caplog.text and "at step 4 of 8" in caplog.text
     point = json.loads((root / "seed0" / "n64.json").read_text())
     assert point["correct"] == reference["correct"] and point["accuracy"] == reference["accuracy"]
-    assert point["seconds"] > 0 and sorted(p.name for p in (root / "seed0").iterdir()) == ["n64.json"]
+    assert point["seconds"] > 0 and sorted(p.name for p in (root / "seed0").iterdir()) == ["data_hash", "n64.json"]
 
 
 def test_learning_curve_compares_modes_side_by_side(tiny_bert_dir, shared_data, tmp_path):
@@ -637,8 +641,8 @@ def test_validation_picks_final_and_test_labels_change_no_decision(tiny_bert_dir
     assert [r["ser/chosen"] for r in ra] == [choose_iteration(val[: i + 1], 1)[0] for i in range(len(ra))]
     end = [r for r in records(a) if "ser/stop_reason" in r][-1]
     assert end["ser/final"] == chosen
-    if stop:  # no improvement in the last iteration: the loop says so
-        assert "validation log-likelihood did not improve" in end["ser/stop_reason"]
+    # no improvement in the last iteration (patience 1): the loop stops and says so; else it ran out of iterations
+    assert ("validation log-likelihood did not improve" in end["ser/stop_reason"]) == stop
     fa, fc = load_file(a / "final" / "model.safetensors"), load_file(a / "iterations" / str(chosen) / "model.safetensors")
     assert all((fa[k] == fc[k]).all() for k in fa)
     # the firewall: test labels decide nothing
@@ -661,10 +665,11 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
 
     import ser.evolve as evolve
 
-    trained_on, scored = {}, []
+    trained_on, scored, schedules = {}, [], []
     real_fit, real_scores = evolve.fit_rm, evolve.rm_scores
 
     def fit(cfg, prompts, chosen, rejected, **kw):
+        schedules.append((kw.get("init"), kw.get("epochs")))
         rm, tok, summary = real_fit(cfg, prompts, chosen, rejected, **kw)
         trained_on[id(rm)] = set(zip(prompts, chosen, rejected))
         return rm, tok, summary
@@ -700,6 +705,9 @@ def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_dat
     end = records(run)[-1]
     assert end["ser/final"] == choose_iteration([r["val/log_lik"] for r in rows], 2)[0]
     assert json.loads((run / "state.json").read_text())["val_score"] == [r["val/log_lik"] for r in rows]
+    # ser.restart: every RM and fold model of every iteration trains from the backbone for train.epochs (None),
+    # the seed RM's recipe; `ser evolve` trained restarted iterations for ser.iteration_epochs (1 of 2 here)
+    assert schedules == [(None, None)] * 8  # (seed RM + 3 fold models) x (iterations 0 and 1)
 
 
 def test_fold_models_continue_from_their_own_previous_iteration_without_restart(tiny_bert_dir, shared_data, tmp_path,
@@ -862,15 +870,51 @@ def test_a_fork_starts_from_the_seed_rm_validation_of_its_own_source(tmp_path):
         (src / d).mkdir(parents=True)
     oof = np.array([1.0, -0.5, 2.0, 0.3])
     np.savez(src / "votes" / "0.npz", oof=oof)
+    for d in ("iterations/0", "folds/0"):
+        (src / d / "model.safetensors").write_bytes(b"weights")
     held_out = {"iteration": 0, "val/acc": 0.7, "val/log_lik": -0.55, "rm/acc": 0.6}
     (src / "metrics.jsonl").write_text(json.dumps(held_out) + "\n")
     save_state(src, State(completed=0, val_acc=[0.7], val_score=[-0.55]), _OneProcess())
     _fork_from_seed_rm(src, tmp_path / "fork", cfg, _OneProcess())
     state = load_state(tmp_path / "fork")
     assert state.val_acc == [0.7] and state.val_score == [-0.55] != [calibrated_log_likelihood(oof)]
+    # a fork killed before its config.yaml is forked again from scratch (its hard links used to collide)
+    (tmp_path / "fork" / "config.yaml").unlink()
+    (tmp_path / "fork" / "votes" / "stray.npz").write_bytes(b"half")
+    _fork_from_seed_rm(src, tmp_path / "fork", cfg, _OneProcess())
+    assert sorted(p.name for p in (tmp_path / "fork" / "votes").iterdir()) == ["0.npz"]
+    assert (tmp_path / "fork" / "folds" / "0" / "model.safetensors").stat().st_ino == \
+        (src / "folds" / "0" / "model.safetensors").stat().st_ino
     acc_cfg = dataclasses.replace(cfg, ser=dataclasses.replace(cfg.ser, val_metric="accuracy"))
     _fork_from_seed_rm(src, tmp_path / "fork_acc", acc_cfg, _OneProcess())
     assert load_state(tmp_path / "fork_acc").val_score == [0.7]
+
+
+def test_a_seed_results_are_reused_only_on_the_same_pairs_and_labels(tmp_path):
+    """settings.json fixes the data spec, not the file's contents: a file regenerated at the same path (other pairs,
+    or the same pairs with a label flipped) must not pair a seed's old results with new test pairs."""
+    from ser.data import Pair, Split, pair_id
+    from ser.errors import UserError
+    from ser.experiment import check_same_data
+
+    def pair(prompt, chosen, rejected):
+        return Pair(pair_id(prompt, chosen, rejected), prompt, chosen, rejected, "t")
+
+    seed, pool, test = [pair("p1", "a", "b")], [pair("p2", "c", "d")], [pair("p3", "e", "f")]
+    check_same_data(tmp_path, Split(seed, pool, test))
+    check_same_data(tmp_path, Split(seed, pool, test))  # the same data: reused
+    flipped = [pair("p3", "f", "e")]  # the same id, the other answer chosen
+    assert flipped[0].id == test[0].id
+    for other in (Split(seed, pool, flipped), Split(seed, [pair("p2", "c", "x")], test), Split(pool, seed, test)):
+        with pytest.raises(UserError, match="made of other data"):
+            check_same_data(tmp_path, other)
+    # a run made before labels entered the hash still resumes on its data (it cannot tell a flipped label)
+    from ser.pipeline import data_hash, same_data
+
+    split = Split(seed, pool, test)
+    assert data_hash(split) != data_hash(Split(seed, pool, flipped))
+    assert same_data(data_hash(split, labels=False), split) and same_data(data_hash(split), split)
+    assert not same_data(data_hash(split), Split(seed, pool, flipped))
 
 
 def test_audit_hand_example():

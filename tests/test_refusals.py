@@ -40,6 +40,10 @@ def write_jsonl(path, records):
      "--tie-margin: must be a finite number >= 0, got -1"),
     (["judge", "--a", "a", "--b", "b", "--prompts", "d", "--judge", "j", "--out", "o", "--tie-margin", "nan"],
      "--tie-margin: must be a finite number >= 0, got nan"),
+    (["generate-pairs", "--policy", "p", "--prompts", "d", "--out", "o", "--seed", str(2**64)],
+     "--seed: expected an integer in [0, 2**32), got '18446744073709551616'"),  # torch.manual_seed overflowed
+    (["judge", "--a", "a", "--b", "b", "--prompts", "d", "--judge", "j", "--out", "o", "--seed", "-1"],
+     "--seed: expected an integer in [0, 2**32), got '-1'"),
 ])
 def test_out_of_range_arguments_exit_2_naming_the_option(argv, needle, capsys):
     """A batch size of -2 used to score every pair 0.0 (an empty range of batches) and exit 0."""
@@ -82,6 +86,20 @@ def test_generate_pairs_and_judge_refuse_to_overwrite_their_prompts(tmp_path):
     with pytest.raises(UserError, match="would overwrite the input"):
         judge("no-a", "no-b", data, str(tmp_path / "no-rm"), data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
+@pytest.mark.parametrize("out", [".", "/", ""])
+def test_score_and_judge_refuse_a_directory_out_before_naming_its_side_file(out, tmp_path):
+    """`ser score --out .` crashed with a ValueError traceback: the side file's name (OUT.skipped.jsonl,
+    OUT.summary.json) was made before OUT itself was checked, and "." has no name to give a suffix."""
+    from ser.judge import judge
+    from ser.pipeline import run_score
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", GOOD)
+    with pytest.raises(UserError, match="is a directory"):
+        run_score(str(tmp_path / "no-rm"), str(data), out)
+    with pytest.raises(UserError, match="is a directory"):
+        judge("no-a", "no-b", str(data), str(tmp_path / "no-rm"), out)
 
 
 def test_an_out_file_inside_a_run_is_refused_another_file_is_replaced_with_a_warning(tmp_path, caplog):
@@ -267,7 +285,13 @@ def test_files_get_the_mode_the_umask_gives(tmp_path):
     ("model.lora_dropout=2", "'model.lora_dropout' must lie in [0, 1), got 2.0"),
     ("ser.max_iterations=-1", "'ser.max_iterations' must lie in [0, ∞), got -1"),
     ("ser.iteration_epochs=0", "'ser.iteration_epochs' must lie in (0, ∞), got 0.0"),
-    ("ser.tau_delta=5", "'ser.tau_delta' must lie in [0, 1], got 5.0"),
+    ("ser.tau_delta=5", "'ser.tau_delta' must lie in (0, 1], got 5.0"),
+    # |p_a - p_b| >= 0 holds for a tie: tau_delta 0 labelled exact ties by answer position
+    ("ser.tau_delta=0", "'ser.tau_delta' must lie in (0, 1], got 0.0"),
+    # max(0, 0 - d) is minimal for an RM that scores every answer alike
+    ("train.loss=hinge", "'train.margin' must be > 0 with the hinge loss, got 0.0"),
+    ("ser.pseudo_loss=hinge ser.pseudo_margin=0", "'ser.pseudo_margin' must be > 0 with the hinge loss, got 0.0"),
+    ("train.margin=-1", "'train.margin' must be >= 0, got -1.0"),
     ("ser.ssrm_threshold=2", "'ser.ssrm_threshold' must lie in [0.5, 1], got 2.0"),
     ("policy.temperature=0", "'policy.temperature' must lie in (0, ∞), got 0.0"),
     ("policy.top_k=-1", "'policy.top_k' must lie in [0, ∞), got -1"),
@@ -284,7 +308,7 @@ def test_files_get_the_mode_the_umask_gives(tmp_path):
 ])
 def test_settings_outside_their_interval_name_the_key(override, needle):
     with pytest.raises(UserError) as e:
-        load_config(None, [override])
+        load_config(None, override.split(" ") if " ser." in override else [override])
     assert needle in str(e.value)
 
 

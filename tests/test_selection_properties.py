@@ -236,5 +236,11 @@ def test_fit_temperature_scales_with_the_margins(margins, k):
 @given(st.floats(0, 1, exclude_min=True), st.integers(0, 10**6), st.integers(1, 10**6))
 def test_min_pairs_fraction_or_count(frac, pool, count):
     n = resolve_min_pairs(frac, pool)
-    assert n == max(1, math.ceil(frac * pool)) and 1 <= n <= max(pool, 1) and n >= frac * pool
+    assert 1 <= n <= max(pool, 1) and n >= frac * pool - 1e-9 and (n == 1 or n - 1 < frac * pool)
     assert resolve_min_pairs(count, pool) == count
+
+
+def test_min_pairs_fraction_hand_values():
+    # 0.07 * 100 and 0.14 * 100 are a hair above 7 and 14 in floats: rounding them up gave 8 and 15
+    assert [resolve_min_pairs(f, 100) for f in (0.07, 0.14, 0.05, 0.051)] == [7, 14, 5, 6]
+    assert resolve_min_pairs(0.05, 10) == 1 and resolve_min_pairs(0.001, 10) == 1
