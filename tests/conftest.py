@@ -147,12 +147,15 @@ def no_dropout_bert(tmp_path_factory) -> Path:
 # One thread: the multi-process tests compare with these runs, one thread per process, so the kernels are the same.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # batch 6 over 81 pairs: 14 batches, the last of 3 pairs (uneven split across processes); accumulating 3
-# batches per step gives 5 steps, the last of 2 batches. 64 tokens: the rm-tiny preset's data at a third of its cost.
-TRAIN_RM = ["train-rm", "--config", "configs/rm-tiny.yaml", "--data.seed_size=81", "--model.max_length=64",
-            "--train.batch_size=6", "--train.grad_accum=3", "--train.lr=1e-4", "--train.eval_every=2"]
-# one iteration over a 128-pair pool at 64 tokens: the evolve-tiny preset's real data and model at under half its cost
-EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iterations=1", "--data.pool_size=128",
-          "--model.max_length=64"]
+# batches per step gives 5 steps, the last of 2 batches. 64 tokens and 50 test pairs: the rm-tiny preset's data at
+# under a third of its cost (these runs are made a dozen times by the multi-process tests).
+TRAIN_RM = ["train-rm", "--config", "configs/rm-tiny.yaml", "--data.seed_size=81", "--data.test_size=50",
+            "--model.max_length=64", "--train.batch_size=6", "--train.grad_accum=3", "--train.lr=1e-4",
+            "--train.eval_every=2"]
+# one iteration over a 96-pair pool at 64 tokens, 48 test pairs: the evolve-tiny preset's real data and model at
+# about a third of its cost
+EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iterations=1", "--data.pool_size=96",
+          "--data.test_size=48", "--model.max_length=64"]
 
 
 def one_process_run(tmp_path_factory, name: str, *args) -> Path:

@@ -19,7 +19,18 @@ def ser(*args):
     return p.stdout
 
 
-def test_train_eval_score_round_trip(train_rm_one, shared_data, tmp_path):
+def cli(capsys, *args) -> str:
+    """`ser ARGS` through the CLI's own entry (`ser.cli.run`) in this process: what `ser` prints, without a new
+    interpreter's import of torch and transformers (seconds each on 2 slow cores; the training runs above and
+    `ser ppo` below are processes of their own)."""
+    from ser.cli import run
+
+    capsys.readouterr()
+    assert run([str(a) for a in args]) == 0
+    return capsys.readouterr().out
+
+
+def test_train_eval_score_round_trip(train_rm_one, shared_data, tmp_path, capsys):
     """conftest's TRAIN_RM run (the rm-tiny preset made smaller: 81 pairs at 64 tokens, 5 steps), then `ser eval`
     and `ser score` on its RM."""
     run = train_rm_one
@@ -31,11 +42,11 @@ def test_train_eval_score_round_trip(train_rm_one, shared_data, tmp_path):
     stats = json.loads((rm / "ser_config.json").read_text())
     assert stats["reward_std"] > 0 and stats["config"]["model"]["max_length"] == 64
     assert (run / "metrics.jsonl").read_text().count('"train/loss"') == 5
-    m = json.loads(ser("eval", "--rm", rm, "--data", shared_data / "hh-rlhf/helpful-online/test.jsonl.gz",
+    m = json.loads(cli(capsys, "eval", "--rm", rm, "--data", shared_data / "hh-rlhf/helpful-online/test.jsonl.gz",
                        "--limit", 64, "--json"))
     assert 0 <= m["accuracy"] <= 1 and m["n"] == 64 and "ece" in m and "brier" in m
-    assert "strictly" in ser("eval", "--rm", rm, "--data", "hh-rlhf:helpful-online", "--limit", 8)
-    ser("score", "--rm", rm, "--data", "hh-rlhf:helpful-online", "--limit", 16, "--out", tmp_path / "s.jsonl")
+    assert "strictly" in cli(capsys, "eval", "--rm", rm, "--data", "hh-rlhf:helpful-online", "--limit", 8)
+    cli(capsys, "score", "--rm", rm, "--data", "hh-rlhf:helpful-online", "--limit", 16, "--out", tmp_path / "s.jsonl")
     rows = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {"id", "r_chosen", "r_rejected"} <= set(rows[0])
     acc = np.mean([r["r_chosen"] > r["r_rejected"] for r in rows])
@@ -53,13 +64,14 @@ def test_train_eval_score_round_trip(train_rm_one, shared_data, tmp_path):
     assert acc == np.mean(r_c > r_r)
 
 
-def test_evolve_tiny_real(evolve_one):
-    """conftest's EVOLVE run (the evolve-tiny preset: one iteration over a 128-pair pool at 64 tokens)."""
+def test_evolve_tiny_real(evolve_one, capsys):
+    """conftest's EVOLVE run (the evolve-tiny preset: one iteration over a 96-pair pool at 64 tokens)."""
     out = (evolve_one / "stdout.txt").read_text()
     assert "precision" in out and "test_acc" in out
     assert (evolve_one / "iterations" / "0" / "model.safetensors").exists()
     assert (evolve_one / "final" / "config.json").exists()
-    m = json.loads(ser("eval", "--rm", evolve_one / "final", "--data", "hh-rlhf:helpful-base", "--limit", 8, "--json"))
+    m = json.loads(cli(capsys, "eval", "--rm", evolve_one / "final", "--data", "hh-rlhf:helpful-base", "--limit", 8,
+                       "--json"))
     assert "accuracy" in m
 
 

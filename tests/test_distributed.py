@@ -137,7 +137,8 @@ def train_rm_one_bf16(bf16_backbone, shared_data, tmp_path_factory) -> Path:
 def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_path):
     """The presets as shipped train in bf16. DeepSpeed then holds the whole module in bf16, FSDP computes in bf16
     from fp32 shards, the reward head too (one process: fp32 weights under autocast, fp32 head): the losses of
-    one process to bf16 rounding, the test accuracy within 3 of 100 pairs (the real MiniLM), and an RM that transformers loads
+    one process to bf16 rounding, the test accuracy within 3 test pairs (the real MiniLM), and an RM that
+    transformers loads
     (DeepSpeed's in bf16, FSDP's in fp32: its gathered shards)."""
     args = [*TRAIN_RM, f"--model.backbone={bf16_backbone}", "--train.mixed_precision=bf16"]
     ser(f"{engine}:bf16", *args, "--out", tmp_path / "two")
@@ -149,7 +150,8 @@ def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_pa
 
     # the tiny random BERT's rewards are nearly equal across answers: bf16 rounding flips or ties close pairs
     # (measured: 4 of 100 under FSDP, 18 under DeepSpeed's bf16 head), so there the per-step losses carry the check
-    assert abs(acc[0] - acc[1]) <= 0.03 + 1e-9 or not fast_bf16()
+    n = json.loads((one / "result.json").read_text())["test/n"]
+    assert abs(acc[0] - acc[1]) <= 3 / n + 1e-9 or not fast_bf16()
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -174,9 +176,20 @@ def test_lora_under_zero2_matches_one_process_and_sharded_weights_are_refused(no
     with pytest.raises(AssertionError, match="error: model.mode=lora is not supported under DeepSpeed ZeRO-3"):
         ser("deepspeed-zero3", *args, "--out", tmp_path / "three")
     assert not (tmp_path / "three").exists()  # refused before its first write
-    with pytest.raises(AssertionError, match="error: model.mode=lora is not supported under FSDP"):
-        ser("fsdp", *args, "--out", tmp_path / "four")
-    assert not (tmp_path / "four").exists()
+    # FSDP: the same check (`check_lora_sharding`, called before the first write), on its accelerator state alone
+    # (a launch of its own cost 20 s of the suite on 2 slow cores)
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ser.config import load_config
+    from ser.errors import UserError
+    from ser.pipeline import check_lora_sharding
+
+    fsdp = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None), distributed_type=DistributedType.FSDP)
+    with pytest.raises(UserError, match="model.mode=lora is not supported under FSDP"):
+        check_lora_sharding(load_config(None, ["model.mode=lora"]), fsdp)
+    check_lora_sharding(load_config(None, ["model.mode=full"]), fsdp)
 
 
 @pytest.mark.parametrize("engine", ["deepspeed-zero3", "fsdp"])
@@ -204,10 +217,14 @@ def test_sharded_train_rm_matches_one_process_through_sigkill_and_resume(engine,
     psutil.wait_procs(everyone, timeout=30)
     assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 2
     assert not (run / "result.json").exists()
-    # the partitions belong to 2 processes: resuming on 1 plain process is refused, not run from scratch
+    # the partitions belong to 2 processes: resuming on 1 plain process is refused, not run from scratch (the
+    # CLI's own code, in this process: the refusal comes before any model is loaded)
+    from ser.cli import run as cli_run
+    from ser.errors import UserError
+
     name = "DeepSpeed" if engine.startswith("deepspeed") else "FSDP"
-    with pytest.raises(AssertionError, match=f"written by {name} on 2 processes; resume it the same way"):
-        ser(1, "train-rm", "--resume", run)
+    with pytest.raises(UserError, match=f"written by {name} on 2 processes; resume it the same way"):
+        cli_run(["train-rm", "--resume", str(run)])
     ser(engine, "train-rm", "--resume", run)
     assert_train_rm_matches_one(run, train_rm_one, no_dropout_bert)  # the lines after the checkpoint redone once
     assert not (run / "checkpoint").exists()
@@ -243,7 +260,7 @@ def test_evolve_two_processes_match_one(engine, evolve_one, no_dropout_bert, tmp
     assert [r["iteration"] for r in one] == [r["iteration"] for r in two] == [0, 1]
     assert one[1]["ser/added"] > 0 and one[1]["ser/added"] == two[1]["ser/added"]
     for a, b in zip(one, two):
-        assert abs(a["rm/acc"] - b["rm/acc"]) <= 1 / 96 + 1e-9
+        assert abs(a["rm/acc"] - b["rm/acc"]) <= 1 / 48 + 1e-9  # one of EVOLVE's 48 test pairs
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-3
     s1, s2 = (json.loads((d / "state.json").read_text())["pseudo"] for d in (evolve_one, tmp_path / "two"))
     assert [p[:2] for p in s1] == [p[:2] for p in s2]  # the same pairs, the same labels

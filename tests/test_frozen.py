@@ -144,9 +144,14 @@ def test_cached_and_uncached_training_agree(backbone):
     attach_cache(rm_c, None)
     r_plain = score_pairs(rm_c, tok, PROMPTS, CHOSEN, REJECTED, 32, share_prompt=False)
     r_uncached = score_pairs(rm_u, tok, PROMPTS, CHOSEN, REJECTED, 32, share_prompt=False)
-    for a, b, c in zip(r_cached, r_plain, r_uncached):
+    for a, b in zip(r_cached, r_plain):  # one model, with and without its cache
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(a, c, atol=1e-5, rtol=0)
+    # the two trainings' rewards, up to one constant: the reward head's bias gets no gradient from a pairwise loss
+    # (it cancels), only rounding residue, which Adam scales up to steps of the learning rate (measured: 2.8e-5 on
+    # every reward, AMD EPYC with AVX2 only); the margins and every other difference agree to 1e-5
+    cat_c, cat_u = np.concatenate(r_cached), np.concatenate(r_uncached)
+    np.testing.assert_allclose(cat_c - cat_c.mean(), cat_u - cat_u.mean(), atol=1e-5, rtol=0)
+    assert abs(cat_c.mean() - cat_u.mean()) < 1e-3
     layers, embeddings = transformer_layers(rm_c)
     fresh, _ = load(backbone)
     fresh_layers, fresh_embeddings = transformer_layers(fresh)
