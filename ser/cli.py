@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ser.errors import UserError, shown
+from ser.errors import UserError, shown, shown_name
 
 log = logging.getLogger("ser")
 
@@ -420,8 +420,7 @@ def main() -> None:
             raise
         # Every write is atomic: what was completed before this write is intact, nothing is half-written.
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        name = str(e.filename or "output")
-        print(f"error: {name if len(name) <= 200 and name.isprintable() else shown(name, 200)}: {e.strerror}"
+        print(f"error: {shown_name(str(e.filename or 'output'), 200)}: {e.strerror}"
               + ("; completed checkpoints are intact (free space, then --resume where the command has it)"
                  if full else ""), file=sys.stderr)
         code = 1

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ser.errors import UserError, shown, where
+from ser.errors import UserError, shown, shown_name, where
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def _hub_records(spec: str):
 def field_names(rec: dict, limit: int = 12) -> str:
     """A record's field names for an error message: each cut by `shown`, at most `limit` of them, so that a record
     of a thousand columns or a 10 MB key stays one readable line."""
-    names = [str(k) if len(str(k)) <= 40 and str(k).isprintable() else shown(str(k), 40) for k in list(rec)[:limit]]
+    names = [shown_name(str(k), 40) for k in list(rec)[:limit]]
     return ", ".join(names) + (f", ... ({len(rec)} fields)" if len(rec) > limit else "")
 
 

@@ -19,3 +19,9 @@ def shown(value, limit: int = 60) -> str:
     may be a 5,000-digit string), so that the message stays one readable line."""
     r = repr(value)
     return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
+def shown_name(text: str, limit: int) -> str:
+    """`text` as it is where it is a readable name (at most `limit` characters, printable: a field or file name),
+    else `shown(text, limit)`: quoted and cut, so that a 10 MB key or a name with a line break stays one line."""
+    return text if len(text) <= limit and text.isprintable() else shown(text, limit)
