@@ -28,8 +28,12 @@ demo: setup
 	rm -rf runs/demo  # the demo starts over each time (`ser evolve` refuses to overwrite a run)
 	$(BIN)/ser evolve --config configs/evolve-hh.yaml --out runs/demo
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process): much of the suite is single-threaded (imports, process
+# start-up, launchers), so two keep two cores busy; each takes its share of the torch threads (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf runs .pytest_cache

@@ -23,8 +23,9 @@ except ImportError:
     pass
 
 # What the bf16 checks ran on, printed at the end of the run (bf16 is emulated, tens of times slower than fp32,
-# on CPUs without AVX512-BF16/AMX: there they run on a tiny model, never skipped).
-BF16_CHECKS: list[str] = []
+# on CPUs without AVX512-BF16/AMX: there they run on a tiny model, never skipped). A check records itself on its
+# test's report (`record_property("bf16_check", WHAT)`), which pytest-xdist carries from a worker to the main process.
+BF16_CHECKS: set[str] = set()
 
 
 def fast_bf16() -> bool:
@@ -34,11 +35,36 @@ def fast_bf16() -> bool:
     return resolve_precision("auto") == "bf16"
 
 
+def pytest_runtest_logreport(report):
+    BF16_CHECKS.update(value for key, value in report.user_properties if key == "bf16_check")
+
+
 def pytest_terminal_summary(terminalreporter):
     if BF16_CHECKS:
         kind = ("fast bf16 (AVX512-BF16/AMX or a bf16 GPU)" if fast_bf16()
                 else "no fast bf16 (emulated: the training checks used tiny models)")
-        terminalreporter.write_line(f"bf16 checks on this machine, {kind}: " + "; ".join(sorted(set(BF16_CHECKS))))
+        terminalreporter.write_line(f"bf16 checks on this machine, {kind}: " + "; ".join(sorted(BF16_CHECKS)))
+
+
+# `make test` runs the suite on pytest-xdist workers (`-n 2 --dist loadgroup`): much of it is single-threaded (imports,
+# process start-up, tokenizing, the launchers' rendezvous), so two workers keep both cores busy. Each test file is one
+# group (its module-scoped fixtures are made once), except that the files sharing the one-process MiniLM runs
+# (`train_rm_one`, `evolve_one`) form one group, scheduled first: it is the longest (tests/test_distributed.py).
+SHARED_RUNS_GROUP = ("test_distributed.py", "test_cli_real.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("minilm-runs" if name in SHARED_RUNS_GROUP else name))
+    items.sort(key=lambda item: item.path.name not in SHARED_RUNS_GROUP)  # stable: file order kept otherwise
+
+
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # each worker takes its share of the cores (two workers with all the threads each would oversubscribe them)
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 SHARED_DATA = next((d for d in data_dirs() if (d / "hh-rlhf").exists()), data_dirs()[0])

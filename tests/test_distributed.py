@@ -120,11 +120,9 @@ def test_train_rm_two_processes_match_one(train_rm_one, no_dropout_bert, tmp_pat
 def bf16_backbone(request) -> Path:
     """The backbone of the bf16 checks: the real MiniLM where bf16 is fast; where it is emulated (tens of times
     slower than fp32), the tiny BERT on MiniLM's tokenizer: the same code paths, a cheap check."""
-    from conftest import BF16_CHECKS, fast_bf16
+    from conftest import fast_bf16
 
-    fast = fast_bf16()
-    BF16_CHECKS.append("DeepSpeed/FSDP train-rm on " + ("the real MiniLM" if fast else "a tiny 2-layer BERT"))
-    return request.getfixturevalue("no_dropout_bert" if fast else "tiny_bert_no_dropout_dir")
+    return request.getfixturevalue("no_dropout_bert" if fast_bf16() else "tiny_bert_no_dropout_dir")
 
 
 @pytest.fixture(scope="module")
@@ -134,20 +132,22 @@ def train_rm_one_bf16(bf16_backbone, shared_data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("engine", ["deepspeed-zero3", "fsdp"])
-def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_path):
+def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_path, record_property):
     """The presets as shipped train in bf16. DeepSpeed then holds the whole module in bf16, FSDP computes in bf16
     from fp32 shards, the reward head too (one process: fp32 weights under autocast, fp32 head): the losses of
     one process to bf16 rounding, the test accuracy within 3 test pairs (the real MiniLM), and an RM that
     transformers loads
     (DeepSpeed's in bf16, FSDP's in fp32: its gathered shards)."""
+    from conftest import fast_bf16
+
+    record_property("bf16_check", "DeepSpeed/FSDP train-rm on " + ("the real MiniLM" if fast_bf16() else
+                                                                   "a tiny 2-layer BERT"))
     args = [*TRAIN_RM, f"--model.backbone={bf16_backbone}", "--train.mixed_precision=bf16"]
     ser(f"{engine}:bf16", *args, "--out", tmp_path / "two")
     one, two = train_rm_one_bf16, tmp_path / "two"
     loss = lambda run: [r["train/loss"] for r in rows(run / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
     np.testing.assert_allclose(loss(two), loss(one), atol=2e-3)
     acc = [json.loads((run / "result.json").read_text())["test/accuracy"] for run in (one, two)]
-    from conftest import fast_bf16
-
     # the tiny random BERT's rewards are nearly equal across answers: bf16 rounding flips or ties close pairs
     # (measured: 4 of 100 under FSDP, 18 under DeepSpeed's bf16 head), so there the per-step losses carry the check
     n = json.loads((one / "result.json").read_text())["test/n"]
@@ -290,7 +290,7 @@ def test_sft_two_processes_match_one(engine, sft_one, tiny_llama_dir, tmp_path):
                         at_least=20)
 
 
-def test_ppo_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp_path):
+def test_ppo_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp_path, record_property):
     """Each process rolls out its own prompts; gradients are averaged, statistics reduced, one writer. DDP, ZeRO-3
     and FSDP (sharded policy + value head, generation with all processes in step) reach the same checkpoint."""
     from ser.checkpoint import save_reward_model
@@ -312,9 +312,7 @@ def test_ppo_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp
         assert_same_weights(weights(tiny_llama_dir), weights(tmp_path / "torchrun" / "checkpoint"),
                             weights(tmp_path / engine / "checkpoint"), at_least=20, min_move=1e-6)
     assert (tmp_path / "torchrun" / "checkpoint" / "manifest.json").exists()
-    from conftest import BF16_CHECKS
-
-    BF16_CHECKS.append("FSDP PPO on a tiny Llama")
+    record_property("bf16_check", "FSDP PPO on a tiny Llama")
     # bf16 as the presets ship: the policy computes with bf16 weights, and so does the reference, so the KL at the
     # first rollout (policy == reference) is exactly 0 (it was 1e-3 under FSDP with an fp32 reference)
     ser("fsdp:bf16", "ppo", f"--policy.backbone={tiny_llama_dir}", f"--ppo.rm={tmp_path / 'rm'}", "--ppo.steps=1",
