@@ -46,25 +46,24 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"bf16 checks on this machine, {kind}: " + "; ".join(sorted(BF16_CHECKS)))
 
 
-# `make test` runs the suite on pytest-xdist workers (`-n 2 --dist loadgroup`): much of it is single-threaded (imports,
-# process start-up, tokenizing, the launchers' rendezvous), so two workers keep both cores busy. Each test file is one
-# group (its module-scoped fixtures are made once), except that the files sharing the one-process MiniLM runs
-# (`train_rm_one`, `evolve_one`) form one group, scheduled first: it is the longest (tests/test_distributed.py).
-SHARED_RUNS_GROUP = ("test_distributed.py", "test_cli_real.py")
-
-
+# `make test` runs the suite on pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`): much of it is
+# single-threaded (imports, process start-up, tokenizing, the launchers' rendezvous), so two workers keep both cores
+# busy. A test file runs on one worker (its module-scoped fixtures are made once); the longest,
+# tests/test_distributed.py, is collected first so that a worker starts on it at once. (Not `--dist loadgroup`:
+# pytest-xdist 3.8 marks groups in `item._nodeid`, which pytest 9 no longer reads.) The one-process runs that
+# several files share are made once for all workers (`one_process_run`).
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("minilm-runs" if name in SHARED_RUNS_GROUP else name))
-    items.sort(key=lambda item: item.path.name not in SHARED_RUNS_GROUP)  # stable: file order kept otherwise
+    items.sort(key=lambda item: item.path.name != "test_distributed.py")  # stable: file order kept otherwise
 
 
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    # each worker takes its share of the cores (two workers with all the threads each would oversubscribe them)
+    # each worker takes its share of the cores, and so do the processes its tests start (two workers with all the
+    # threads each would oversubscribe them)
     import torch
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 SHARED_DATA = next((d for d in data_dirs() if (d / "hh-rlhf").exists()), data_dirs()[0])
@@ -185,8 +184,21 @@ EVOLVE = ["evolve", "--config", "configs/evolve-tiny.yaml", "--ser.max_iteration
 
 
 def one_process_run(tmp_path_factory, name: str, *args) -> Path:
-    """`ser ARGS --out DIR` on one process and one thread, made once; returns DIR, its stdout in DIR/stdout.txt."""
-    out = tmp_path_factory.mktemp(name) / "one"
+    """`ser ARGS --out DIR` on one process and one thread, made once per session; returns DIR, its stdout in
+    DIR/stdout.txt (written last: the run is complete). Under pytest-xdist the workers share DIR: the first to need
+    it makes it under a file lock in the session's temporary directory, the others wait and read it
+    (pytest-xdist's recipe for a session fixture made once)."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _run_once(tmp_path_factory.mktemp(name) / "one", args)
+    session = tmp_path_factory.getbasetemp().parent  # this session's, shared by its workers
+    with FileLock(str(session / f"{name}.lock")):
+        out = session / f"{name}-shared" / "one"
+        return out if (out / "stdout.txt").exists() else _run_once(out, args)
+
+
+def _run_once(out: Path, args) -> Path:
     p = subprocess.run([sys.executable, "-m", "ser", *map(str, args), "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, env=ONE_THREAD)
     assert p.returncode == 0, p.stderr[-3000:]

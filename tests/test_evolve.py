@@ -4,6 +4,7 @@ the label firewall, unlabelled pools and resume after kill -9 (of `ser evolve` a
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,10 +232,14 @@ def test_unlabelled_pool_file(tiny_bert_dir, shared_data, tmp_path):
     assert not any("ser/pseudo_precision" in r or "audit/precision_by_decile" in r for r in records(run))  # no truth
 
 
-def _ser(args, **kw):
+def _ser(args, nice: bool = False):
+    """`ser ARGS` started. nice: at a lower CPU priority, a run to be killed at a point this process polls for (a
+    checkpoint's temporary directory exists for milliseconds): while other work (another pytest-xdist worker)
+    keeps the cores busy, the poller still gets its turn before the run moves past the point."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ser", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    lower = ["nice", "-n", "5"] if nice and shutil.which("nice") else []
+    return subprocess.Popen([*lower, sys.executable, "-m", "ser", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -343,7 +348,7 @@ def test_a_checkpoint_caught_between_its_two_renames_is_restored_on_resume(tmp_p
 def test_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, evolve_reference, tmp_path, kill_point):
     overrides, ref = [f"--{o}" for o in tiny_overrides(tiny_bert_dir)], evolve_reference
     run = tmp_path / "run"
-    proc = _ser(["evolve", "--out", str(run), *overrides])
+    proc = _ser(["evolve", "--out", str(run), *overrides], nice=True)
 
     def committed(n):
         s = run / "state.json"
@@ -401,7 +406,7 @@ def test_train_rm_resume_after_sigkill_matches_uninterrupted(tiny_bert_dir, shar
     dropout included, bit for bit."""
     overrides, ref = [f"--model.backbone={tiny_bert_dir}", *TRAIN_RM_OVERRIDES], train_rm_reference
     run = tmp_path / "run"
-    proc = _ser(["train-rm", "--out", str(run), *overrides])
+    proc = _ser(["train-rm", "--out", str(run), *overrides], nice=True)
     _wait_for(lambda: TRAIN_RM_KILL_POINTS[kill_point](run), proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
