@@ -2,6 +2,7 @@
 real-MiniLM runs that several test files check (each made once per session)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,13 @@ except ImportError:
 
 # What the bf16 checks ran on, printed at the end of the run (bf16 is emulated, tens of times slower than fp32,
 # on CPUs without AVX512-BF16/AMX: there they run on a tiny model, never skipped). A check records itself on its
-# test's report (`record_property("bf16_check", WHAT)`), which pytest-xdist carries from a worker to the main process.
+# test's report (`note_bf16_check`), which pytest-xdist carries from a worker to the main process.
 BF16_CHECKS: set[str] = set()
+
+
+def note_bf16_check(request, what: str) -> None:
+    """Name a bf16 check in the end-of-run summary line (kept in the test report's user_properties)."""
+    request.node.user_properties.append(("bf16_check", what))
 
 
 def fast_bf16() -> bool:
@@ -61,7 +67,8 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     # threads each would oversubscribe them)
     import torch
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // workers)
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
@@ -201,6 +208,8 @@ def one_process_run(tmp_path_factory, name: str, *args) -> Path:
 def _run_once(out: Path, args) -> Path:
     p = subprocess.run([sys.executable, "-m", "ser", *map(str, args), "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, env=ONE_THREAD)
+    if p.returncode != 0:  # a worker that needs it next runs it afresh (and shows its own error), not into this one
+        shutil.rmtree(out, ignore_errors=True)
     assert p.returncode == 0, p.stderr[-3000:]
     (out / "stdout.txt").write_text(p.stdout)
     return out

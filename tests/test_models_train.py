@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import note_bf16_check
 
 from ser.checkpoint import save_reward_model, verify_manifest
 from ser.config import TrainConfig
@@ -89,7 +90,7 @@ def test_causal_rm_pad_token_and_padding_invariance(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("which", ["minilm", "tiny_llama_dir"])
-def test_scoring_speedups_keep_results(which, request, record_property):
+def test_scoring_speedups_keep_results(which, request):
     """Length-sorted batching gives exactly the scores of one-at-a-time scoring; bf16 autocast stays within a
     few percent of the score range of fp32 and keeps the order of nearly all pairs. (The real MiniLM: a tiny
     random BERT gives near-constant rewards, where any rounding reorders.)"""
@@ -102,8 +103,7 @@ def test_scoring_speedups_keep_results(which, request, record_property):
     single = np.array([score_texts(rm, tok, [p], [a], 48, batch_size=1)[0] for p, a in zip(prompts, answers)])
     np.testing.assert_allclose(batched, single, atol=1e-5)
     bf16 = score_texts(rm, tok, prompts, answers, 48, batch_size=8, precision="bf16")
-    record_property("bf16_check", f"scoring on {'the real MiniLM' if which == 'minilm' else 'a tiny Llama'} "
-                                  "(24 short texts)")
+    note_bf16_check(request, f"scoring on {'the real MiniLM' if which == 'minilm' else 'a tiny Llama'} (24 texts)")
     spread = batched.max() - batched.min()
     assert np.abs(bf16 - batched).max() <= 0.05 * spread + 1e-3
     i, j = np.triu_indices(24, 1)
