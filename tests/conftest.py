@@ -176,6 +176,10 @@ def no_dropout_bert(tmp_path_factory) -> Path:
     return out
 
 
+# A run that a test kills at a point it polls for (a checkpoint's temporary directory exists for milliseconds) starts
+# at a lower CPU priority: while another pytest-xdist worker keeps the cores busy, the poller still gets its turn
+# before the run moves past the point. `nice` execs the command, so the started pid is the run's own.
+LOWER_PRIORITY = ["nice", "-n", "5"] if shutil.which("nice") else []
 # One thread: the multi-process tests compare with these runs, one thread per process, so the kernels are the same.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # batch 6 over 81 pairs: 14 batches, the last of 3 pairs (uneven split across processes); accumulating 3

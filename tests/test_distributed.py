@@ -11,7 +11,6 @@ of forward passes on every process) and saving (gathered, never a shard) give th
 
 import contextlib
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EVOLVE, ONE_THREAD, TRAIN_RM, one_process_run
+from conftest import EVOLVE, LOWER_PRIORITY, ONE_THREAD, TRAIN_RM, one_process_run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -200,10 +199,7 @@ def test_sharded_train_rm_matches_one_process_through_sigkill_and_resume(engine,
     SIGKILL after the step-2 checkpoint, then resumed, ends where one uninterrupted process does."""
     args = [*TRAIN_RM, f"--model.backbone={no_dropout_bert}", "--train.save_every=2"]
     run = tmp_path / "run"
-    # at a lower CPU priority (as tests/test_evolve.py's killed runs): beside another pytest-xdist worker the poller
-    # below still gets its turn before the run moves past the kill point
-    lower = ["nice", "-n", "5"] if shutil.which("nice") else []
-    proc = subprocess.Popen([*lower, *command(engine, *args, "--out", run)], cwd=ROOT, env=ONE_THREAD,
+    proc = subprocess.Popen([*LOWER_PRIORITY, *command(engine, *args, "--out", run)], cwd=ROOT, env=ONE_THREAD,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while '"step": 3,' not in ((run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""):

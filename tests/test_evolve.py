@@ -4,7 +4,6 @@ the label firewall, unlabelled pools and resume after kill -9 (of `ser evolve` a
 import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import LOWER_PRIORITY
 from safetensors.torch import load_file
 
 from ser.checkpoint import atomic_write_bytes
@@ -233,12 +233,9 @@ def test_unlabelled_pool_file(tiny_bert_dir, shared_data, tmp_path):
 
 
 def _ser(args, nice: bool = False):
-    """`ser ARGS` started. nice: at a lower CPU priority, a run to be killed at a point this process polls for (a
-    checkpoint's temporary directory exists for milliseconds): while other work (another pytest-xdist worker)
-    keeps the cores busy, the poller still gets its turn before the run moves past the point."""
+    """`ser ARGS` started; nice: a run to be killed at a polled point (`conftest.LOWER_PRIORITY`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    lower = ["nice", "-n", "5"] if nice and shutil.which("nice") else []
-    return subprocess.Popen([*lower, sys.executable, "-m", "ser", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([*(LOWER_PRIORITY if nice else []), sys.executable, "-m", "ser", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
