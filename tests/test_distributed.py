@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EVOLVE, LOWER_PRIORITY, ONE_THREAD, TRAIN_RM, one_process_run
+from conftest import EVOLVE, LOWER_PRIORITY, ONE_THREAD, TRAIN_RM, note_bf16_check, one_process_run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -138,7 +138,7 @@ def test_shipped_preset_in_bf16(engine, train_rm_one_bf16, bf16_backbone, tmp_pa
     one process to bf16 rounding, the test accuracy within 3 test pairs (the real MiniLM), and an RM that
     transformers loads
     (DeepSpeed's in bf16, FSDP's in fp32: its gathered shards)."""
-    from conftest import fast_bf16, note_bf16_check
+    from conftest import fast_bf16
 
     note_bf16_check(request, f"DeepSpeed/FSDP train-rm on {'the real MiniLM' if fast_bf16() else 'a tiny BERT'}")
     args = [*TRAIN_RM, f"--model.backbone={bf16_backbone}", "--train.mixed_precision=bf16"]
@@ -311,8 +311,6 @@ def test_ppo_under_two_processes(tiny_llama_dir, tiny_bert_dir, shared_data, tmp
         assert_same_weights(weights(tiny_llama_dir), weights(tmp_path / "torchrun" / "checkpoint"),
                             weights(tmp_path / engine / "checkpoint"), at_least=20, min_move=1e-6)
     assert (tmp_path / "torchrun" / "checkpoint" / "manifest.json").exists()
-    from conftest import note_bf16_check
-
     note_bf16_check(request, "FSDP PPO on a tiny Llama")
     # bf16 as the presets ship: the policy computes with bf16 weights, and so does the reference, so the KL at the
     # first rollout (policy == reference) is exactly 0 (it was 1e-3 under FSDP with an fp32 reference)

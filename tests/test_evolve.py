@@ -235,8 +235,8 @@ def test_unlabelled_pool_file(tiny_bert_dir, shared_data, tmp_path):
 def _ser(args, nice: bool = False):
     """`ser ARGS` started; nice: a run to be killed at a polled point (`conftest.LOWER_PRIORITY`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([*(LOWER_PRIORITY if nice else []), sys.executable, "-m", "ser", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([*(LOWER_PRIORITY if nice else []), sys.executable, "-m", "ser", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(predicate, proc, timeout=300):
