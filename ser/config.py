@@ -101,7 +101,7 @@ class SERConfig:
     iteration_epochs: float = 1.0  # epochs of each continuation on seed + pseudo-labels (restart: train.epochs)
     seed_epochs: float = 0.0  # > 0: the seed RM's epochs chosen on validation, from train.epochs up to this many
     ssrm_threshold: float = 0.8  # SSRM baseline: keep pairs with max(P, 1-P) >= this, P = σ((r_a - r_b) / T)
-    folds: int = 0  # rule=ensemble: k >= 2 fold models cross-fitted on the seed calibrate, validate, vote
+    folds: int = 0  # k >= 2 fold models cross-fitted on the seed validate; with rule=ensemble also calibrate, vote
     min_agree: int = 0  # rule=ensemble: fold models that must agree on a pair's direction (0 = all of them)
     confidence: float = 0.8  # rule=ensemble: accept where the ensemble's calibrated max(p, 1 - p) >= this
     budget: float = 0.0  # rule=ensemble: > 0 accepts this top fraction of the agreeing pairs by confidence instead
@@ -365,9 +365,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: 'ser.validation' must be a count >= 0 or a fraction in [0, 1), "
                         f"got {shown(validation)}")
     s = cfg.ser
-    if (s.rule == "ensemble") != (s.folds >= 2) or s.folds == 1 or s.folds < 0:
-        raise UserError(f"config: 'ser.rule=ensemble' goes with 'ser.folds' >= 2 (k fold models vote), and 'ser.folds' "
-                        f"with rule=ensemble only; got rule={s.rule}, folds={s.folds}")
+    if (s.rule == "ensemble" and s.folds < 2) or s.folds == 1 or s.folds < 0:
+        raise UserError(f"config: 'ser.folds' must be 0 or >= 2, and >= 2 with 'ser.rule=ensemble' (k fold models "
+                        f"vote; with a one-RM rule they validate only); got rule={s.rule}, folds={s.folds}")
+    if s.folds and s.rule != "ensemble" and s.restart:
+        raise UserError(f"config: 'ser.folds' with rule={s.rule} needs 'ser.restart: false': each fold model labels "
+                        f"the pool for its own next training with its previous iteration's weights")
     if not 0 <= s.min_agree <= max(s.folds, 0):
         raise UserError(f"config: 'ser.min_agree' must lie in [0, ser.folds = {s.folds}], got {s.min_agree}")
     if not 0.5 <= s.confidence <= 1 or not 0 <= s.budget <= 1:

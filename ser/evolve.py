@@ -55,6 +55,8 @@ class State:
     data_hash: str = ""  # hash of the split's pairs and labels (`pipeline.data_hash`): resuming on other data: an error
     val_acc: list = dataclasses.field(default_factory=list)  # validation accuracy per completed iteration
     val_score: list = dataclasses.field(default_factory=list)  # ser.val_metric per completed iteration: it chooses
+    # ser.folds with a one-RM rule: fold model j's own pseudo-labels (`label_folds`), [[pool id, A chosen, P], ...]
+    fold_pseudo: list = dataclasses.field(default_factory=list)
 
 
 def calibrate(rm, tokenizer, seed_pairs: list[Pair], cfg: Config, accelerator=None) -> tuple[float, float]:
@@ -166,7 +168,8 @@ def audit(take, a_wins, groups, group_name: str, target, truth: np.ndarray | Non
 def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed: list[Pair], val: list[Pair],
                accelerator) -> dict:
     """Steps 1-4 of iteration `it`: score the pool and choose its pseudo-labels. One RM (rule paper, code, ssrm):
-    the previous iteration's RM scores the pool and is calibrated on `val` (else the seed). Ensemble (rule
+    the previous iteration's RM scores the pool and is calibrated on `val` (else the seed; also with ser.folds,
+    whose out-of-fold temperature belongs to the fold models, not to this RM). Ensemble (rule
     ensemble): the votes the previous iteration's fold models cast on these pairs (`votes/N.npz`, saved by
     `cross_fit`). Returns take, a_wins, target (calibrated P of the labelled direction), groups
     (status or agreement level, for the audit), learning (STOP: nothing to add) and the record."""
@@ -180,12 +183,20 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
                            "ser/temperature": float(z["temperature"]), "ser/unanimous": int(v["unanimous"].sum())},
                 "scores": {"margins": margins}}
     rm, tok = load_iteration(run, it - 1, cfg, accelerator)
+    sel = label_with_rm(cfg, rm, tok, pool, list(val) or seed, accelerator)  # out-of-sample calibration if val
+    del rm
+    accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
+    return sel
+
+
+def label_with_rm(cfg: Config, rm, tok, pool: list[UnlabelledPair], calibration_pairs: list[Pair],
+                  accelerator) -> dict:
+    """One RM's pseudo-labels for `pool` by ser.rule (paper, code, ssrm), calibrated on `calibration_pairs`; the
+    dict `label_pool` returns."""
     r_a, r_b = score_pairs(rm, tok, [p.prompt for p in pool], [p.answer_a for p in pool], [p.answer_b for p in pool],
                            cfg.model.max_length, cfg.train.score_batch_size,
                            resolve_precision(cfg.train.mixed_precision), cfg.model.share_prompt, accelerator)
-    offset, temperature = calibrate(rm, tok, list(val) or seed, cfg, accelerator)  # out-of-sample if val
-    del rm
-    accelerator.free_memory()  # a ZeRO-3 scoring engine must not outlive its model
+    offset, temperature = calibrate(rm, tok, calibration_pairs, cfg, accelerator)
     status, learning, take, a_wins = select_pseudo_labels(r_a, r_b, offset, temperature, cfg, len(pool))
     with np.errstate(invalid="ignore"):  # inf - inf
         p = probabilities(np.asarray(r_a) - np.asarray(r_b), 0.0, temperature)  # calibrated P(A better)
@@ -200,6 +211,42 @@ def label_pool(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed
             "scores": {"r_a": r_a, "r_b": r_b, "status": status}}
 
 
+def label_folds(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], seed: list[Pair], state: State,
+                truth: dict | None, accelerator) -> tuple[list, dict]:
+    """Step 5b of iteration `it` (ser.folds with a one-RM rule): each fold model's own pseudo-labels. Fold model j
+    of the previous iteration (`folds/IT-1/j`) labels the pool pairs it has not labelled yet (with ser.relabel: all
+    of `pool`, the whole pool) by ser.rule, calibrated on the seed pairs it trained on and length-guarded as the RM
+    is (`label_with_rm`, `trim_and_guard`); its pairs accumulate in state.fold_pseudo[j], which fold model j trains
+    on next (`cross_fit`). So fold chain j is the whole procedure run on the seed outside fold j, and the
+    out-of-fold validation of iteration t estimates the accuracy of t iterations of the procedure: every step that
+    learns from labels is cross-validated, pseudo-labelling included (Hastie, Tibshirani & Friedman, The Elements
+    of Statistical Learning, §7.10.2). Trained on the RM's pseudo-labels instead, fold model j would learn fold
+    j's labels through them (the RM trained on fold j) and its out-of-fold validation would run high (measured at
+    47 labels: docs/results.md). Returns (fold_pseudo, record: ser/fold_added and, with hidden labels,
+    ser/fold_precision, one value per fold). Cost: k pool scorings per iteration (the fold models' votes, unused by
+    a one-RM rule, are not cast)."""
+    k, folds = cfg.ser.folds, fold_assignment([p.id for p in seed], cfg.ser.folds, cfg.data.split_seed)
+    fold_pseudo = state.fold_pseudo or [[] for _ in range(k)]
+    added, precision = [], []
+    for j in range(k):
+        labelled = {e[0] for e in fold_pseudo[j]}
+        candidates = pool if cfg.ser.relabel else [p for p in pool if p.id not in labelled]
+        own_seed = [p for p, f in zip(seed, folds) if f != j]
+        rm, tok = load_rm(run / "folds" / str(it - 1) / str(j), cfg, accelerator)
+        sel = label_with_rm(cfg, rm, tok, candidates, own_seed, accelerator)
+        del rm
+        accelerator.free_memory()
+        take = trim_and_guard(sel, candidates, own_seed, cfg.ser)[0] if sel["learning"] != STOP else \
+            np.zeros(len(candidates), dtype=bool)
+        new = [[p.id, bool(a), float(q)] for p, a, q, t in zip(candidates, sel["a_wins"], sel["target"], take) if t]
+        fold_pseudo[j] = new if cfg.ser.relabel else fold_pseudo[j] + new
+        added.append(len(new))
+        if truth:
+            precision.append(float(np.mean([truth[e[0]] == (0 if e[1] else 1) for e in new])) if new else None)
+    log.info("iteration %d: the fold models' own pseudo-labels: %s", it, added)
+    return fold_pseudo, {"ser/fold_added": added, **({"ser/fold_precision": precision} if truth else {})}
+
+
 def iteration_config(cfg: Config, it: int) -> Config:
     """The config iteration `it`'s RM trains with: its own training seed, train.seed + it (the initialisation of
     the head and the shuffling); `ser experiment`'s seed_continued control trains by the same rule."""
@@ -208,7 +255,7 @@ def iteration_config(cfg: Config, it: int) -> Config:
 
 def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: list[Pair], soft, candidates,
               epochs, accelerator, *, init: Path | None = None, keep: Path | None = None,
-              votes: Path | None = None) -> np.ndarray:
+              votes: Path | None = None, fold_pairs: list = ()) -> np.ndarray:
     """Step 6b (ser.folds = k): k-fold cross-fitting of the human seed (`crossfit.fold_assignment`). Fold model j
     is trained by the returned RM's recipe: from the backbone with ser.restart, else (after iteration 0) from
     fold model j of the previous iteration (`folds/IT-1/j`), for `epochs`, on the seed pairs outside fold j
@@ -242,7 +289,8 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
     # members that abstained
     oof, margins = np.zeros(len(seed)), np.full((k, len(candidates)), np.nan)
     for j in range(k):
-        train = fold_training_pairs(seed, folds, j, pseudo_pairs, it == 0 or cfg.ser.keep_seed)
+        own = fold_pairs[j] if fold_pairs else pseudo_pairs  # a one-RM rule: fold model j's own (`label_folds`)
+        train = fold_training_pairs(seed, folds, j, own, it == 0 or cfg.ser.keep_seed)
         target = None if soft is None else [1.0] * (len(train) - len(soft)) + list(soft)
         seed_j = cfg.train.seed + 1000 * (j + 1) + it  # its own initialisation and shuffling
         cfg_j = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed_j))
@@ -252,7 +300,7 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
                             f"from the previous iteration's); start a new run, or one with ser.restart: true")
         rm, tok, _ = fit_rm(cfg_j, [p.prompt for p in train], [p.chosen for p in train], [p.rejected for p in train],
                             accelerator=accelerator, init=start and str(start),
-                            pseudo=[False] * (len(train) - len(pseudo_pairs)) + [True] * len(pseudo_pairs),
+                            pseudo=[False] * (len(train) - len(own)) + [True] * len(own),
                             pseudo_target=target, epochs=epochs, desc=f"iteration {it} fold {j + 1}/{k}")
         if keep is not None:  # the next iteration's fold j continues from it
             with full_parameters(rm):
@@ -261,7 +309,8 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
                                       {"config": to_dict(cfg_j), "iteration": it, "fold": j, "train_pairs": len(train)})
         held = np.flatnonzero(folds == j)
         oof[held] = finite_margins(*rm_scores(rm, tok, [seed[i] for i in held], cfg, accelerator))
-        if candidates and it < cfg.ser.max_iterations:  # the last iteration's votes would never be used
+        # the last iteration's votes would never be used, nor a one-RM rule's (its fold models label: `label_folds`)
+        if candidates and it < cfg.ser.max_iterations and cfg.ser.rule == "ensemble":
             margins[j] = vote(rm, tok, candidates, cfg, accelerator)
         del rm
     if accelerator.is_main_process:
@@ -450,7 +499,7 @@ def load_state(run: Path) -> State:
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
         raise UserError(f"{path}: corrupt ({str(e).splitlines()[0]}); start a new run") from None
     if not (isinstance(state.completed, int) and isinstance(state.pseudo, list) and isinstance(state.val_score, list)
-            and isinstance(state.val_acc, list)):
+            and isinstance(state.val_acc, list) and isinstance(state.fold_pseudo, list)):
         raise UserError(f"{path}: corrupt (a field has the wrong type); start a new run")
     if len(state.val_score) < len(state.val_acc):
         state.val_score = list(state.val_acc)
@@ -461,7 +510,8 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
            accelerator, val: list[Pair] = ()) -> State:
     """The SER loop (Huang et al., ICLR 2025, §3). All persistent state lives in `state` and on disk. `val`: human
     pairs never trained on (`validation_split`); they calibrate, pick the returned iteration and stop the loop.
-    With ser.folds = k, cross-fitting does all three without holding labels out, and the fold models vote."""
+    With ser.folds = k, cross-fitting picks and stops without holding labels out; with rule=ensemble its fold models
+    also calibrate and vote (a one-RM rule's RM is calibrated on the seed it trained on, as without folds)."""
     seed, test, s = split.seed, split.test, cfg.ser
     by_id = {p.id: p for p in pool}
     labelled = {entry[0] for entry in state.pseudo}
@@ -495,14 +545,21 @@ def evolve(cfg: Config, run: Path, split, pool: list[UnlabelledPair], truth: dic
             state.pseudo = new if s.relabel else state.pseudo + new
             pool = pool if s.relabel else [p for p, t in zip(pool, take) if not t]
             record["ser/pool_left"] = len(pool)
+            if s.folds and s.rule != "ensemble":
+                # 5b. Each fold model labels the pool by the same rule for its own training: the whole procedure
+                #     cross-validated, so that validation does not see fold j's labels through the pseudo-labels.
+                state.fold_pseudo, fold_record = label_folds(cfg, run, it, list(by_id.values()), seed, state, truth,
+                                                             accelerator)
+                record |= fold_record
         # 6. (Re)train on the human seed (iteration 0; with ser.seed_epochs its epochs chosen on validation) or seed
         #    + pseudo-labels; 6b. cross-fit (ser.folds): k fold models trained the same way on the seed outside
         #    their fold; their out-of-fold margins calibrate and validate, their votes label the next iteration.
         pseudo_pairs = [as_pair(by_id[e[0]], e[1]) for e in state.pseudo] if it > 0 else []
         soft = [e[2] for e in state.pseudo] if s.soft_labels and it > 0 else None
+        fold_pairs = [[as_pair(by_id[e[0]], e[1]) for e in f] for f in state.fold_pseudo] if it > 0 else []
         train_pairs = (list(seed) if it == 0 or s.keep_seed else []) + pseudo_pairs
         rm, tok, summary, oof, trained = retrain(cfg, run, it, seed, train_pairs, pseudo_pairs, soft, pool, val,
-                                                 accelerator)
+                                                 accelerator, fold_pairs)
         record |= trained
         # 7. Validate (human pairs the returned RM never trained on: a hold-out, else out-of-fold margins; they
         #    alone choose and stop), and evaluate on the test pairs (reported, never used for a decision).
@@ -558,14 +615,15 @@ def stop_after(it: int, pool: list[UnlabelledPair], state: State, s) -> str | No
 
 
 def retrain(cfg: Config, run: Path, it: int, seed: list[Pair], train_pairs: list[Pair], pseudo_pairs: list[Pair],
-            soft, pool: list[UnlabelledPair], val: list[Pair], accelerator):
+            soft, pool: list[UnlabelledPair], val: list[Pair], accelerator, fold_pairs: list = ()):
     """Steps 6 and 6b of iteration `it`: the RM trained on `train_pairs` (the human seed, then the pseudo-labelled
     pairs, which `soft` gives targets for with ser.soft_labels). The seed RM starts from the backbone (its epochs
     chosen on validation with ser.seed_epochs: `seed_rm_by_validation`); later ones continue from the previous RM
     for ser.iteration_epochs (paper README) or, with ser.restart, retrain from the backbone for train.epochs
     (released script).
-    With ser.folds the fold models follow (`cross_fit`). Returns (rm, tokenizer, training summary, out-of-fold
-    margins (n_seed,) or None, record)."""
+    With ser.folds the fold models follow (`cross_fit`; fold_pairs: each one's own pseudo-labelled pairs, from
+    `label_folds`, else the RM's). Returns (rm, tokenizer, training summary, out-of-fold margins (n_seed,) or None,
+    record)."""
     t0, human = time.time(), len(train_pairs) - len(pseudo_pairs)
     if it == 0 and cfg.ser.seed_epochs:
         rm, tok, summary, oof, record = seed_rm_by_validation(cfg, run, seed, pool, val, accelerator)
@@ -582,7 +640,7 @@ def retrain(cfg: Config, run: Path, it: int, seed: list[Pair], train_pairs: list
     if not cfg.ser.folds:
         return rm, tok, summary, None, {}
     t1 = time.time()
-    oof = cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator)
+    oof = cross_fit(cfg, run, it, seed, pseudo_pairs, soft, pool, epochs, accelerator, fold_pairs=fold_pairs)
     return rm, tok, summary, oof, {"time/crossfit_seconds": time.time() - t1}
 
 

@@ -10,6 +10,11 @@ Methods (all on the same seed/pool/test split of a given seed):
   ser_paper   SER with the paper's status rule            (ser.rule = paper)
   ser_code    SER with the released code's one-pass rule  (ser.rule = code)
   ssrm        plain confidence-threshold self-training     (ser.rule = ssrm), same number of iterations
+  ssrm_validated  ssrm's selection with ser_ensemble's cross-fitted validation (4 fold models, out-of-fold
+              log-likelihood): it returns its best iteration and stops when validation stops improving; the fold
+              models do not vote, each self-labels by ssrm's rule for its own training (the whole procedure
+              cross-validated)
+  ssrm_guarded  ssrm with the length guard (ser.length_guard): its longer-answer-chosen share kept at the seed's
   ser_ensemble  the validated, ensemble-guarded loop: k = 4 fold models cross-fitted on the human seed calibrate
               (out of fold), validate (the out-of-fold log-likelihood picks the returned iteration and stops
               the loop) and vote (a pair is pseudo-labelled only where all agree, the most confident 20% of those per
@@ -26,7 +31,8 @@ Methods (all on the same seed/pool/test split of a given seed):
               expected precision is >= 0.8 (ser.target_precision): fewer pairs as the votes grow less sure, and a
               stop when no set clears it
 The paper, code and ssrm methods share the seed RM (iteration 0), so their differences come from selection only;
-the ensemble methods train their own (the same seed RM: same data and training seed) plus its fold models.
+the cross-fitted methods (ser_ensemble*, ssrm_validated) train their own (the same seed RM: same data and
+training seed) plus its fold models, once per seed.
 """
 
 from __future__ import annotations
@@ -71,8 +77,15 @@ ONE_RM = {"folds": 0, "min_agree": 0, "budget": 0.0, "soft_labels": False, "rela
 ENSEMBLE = {"rule": "ensemble", "folds": 4, "min_agree": 0, "confidence": 0.8, "budget": 0.2, "soft_labels": False,
             "relabel": False, "restart": False, "length_guard": True, "patience": 1, "val_metric": "log_likelihood"}
 UNGUARDED = {**ENSEMBLE, "length_guard": False}
+# SSRM's selection (the last RM's scores calibrated on the seed, ser.ssrm_threshold; no guard) validated by
+# cross-fitting: the fold models choose the returned iteration and stop the loop; they do not vote, each labels the
+# pool by SSRM's rule for its own training (`evolve.label_folds`), so the validation covers self-labelling too. For
+# seeds too small to split four ways into useful voters (47 labels: 35 pairs per fold model), where one RM's many
+# pseudo-labels beat the ensemble's few (docs/results.md). Against `ssrm` it measures what validation adds.
+SSRM_VALIDATED = {**ONE_RM, "rule": "ssrm", **{k: ENSEMBLE[k] for k in ("folds", "restart", "patience", "val_metric")}}
 SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_RM, "rule": "code"},
-                  "ssrm": {**ONE_RM, "rule": "ssrm"},
+                  "ssrm": {**ONE_RM, "rule": "ssrm"}, "ssrm_validated": SSRM_VALIDATED,
+                  "ssrm_guarded": {**ONE_RM, "rule": "ssrm", "length_guard": True},  # what the guard costs SSRM
                   "ser_ensemble": ENSEMBLE,
                   "ser_ensemble_soft": {**ENSEMBLE, "soft_labels": True},
                   "ser_ensemble_relabel": {**ENSEMBLE, "relabel": True},
@@ -150,11 +163,11 @@ def run_seed(cfg: Config, root: Path, seed: int) -> dict:
             continue
         run, mcfg = base / method, method_config(cfg, method)
         if not (run / "config.yaml").exists():
-            if mcfg.ser.rule != "ensemble":
+            if not mcfg.ser.folds:
                 _fork_from_seed_rm(seed_run, run, mcfg, accelerator)
-            elif source := ensemble_source(base, mcfg):  # iteration 0 (seed RM + fold models) done once
+            elif source := crossfit_source(base, mcfg):  # iteration 0 (seed RM + fold models) done once
                 _fork_from_seed_rm(source, run, mcfg, accelerator)
-            else:  # the first ensemble method of this seed cross-fits the seed itself
+            else:  # the first cross-fitted method of this seed cross-fits the seed itself
                 run_evolve(mcfg, str(run))
         run_evolve(None, None, resume=str(run))
         state = load_state(run)
@@ -233,11 +246,12 @@ def _seed_continued(cfg: Config, split, seed_run: Path, base: Path, correct: np.
     return by_it
 
 
-def ensemble_source(base: Path, cfg: Config) -> Path | None:
-    """Another ensemble method's run of this seed (or, with experiment.seed_epochs, the seed_only run) whose
-    iteration 0 is committed and which this one can share: the same seed RM and fold models (they depend on the
-    split, the training settings and ser.folds only). Without ser.restart the fold models themselves are needed
-    too (the next iteration's continue from them)."""
+def crossfit_source(base: Path, cfg: Config) -> Path | None:
+    """An ensemble method's run of this seed (or, with experiment.seed_epochs, the seed_only run) whose iteration 0
+    is committed and which a cross-fitted method (ser.folds) can share: the same seed RM, fold models and votes
+    (they depend on the split, the training settings and ser.folds only; a one-RM rule's run casts no votes, so it
+    is no source). Without ser.restart the fold models themselves are needed too (the next iteration's continue
+    from them)."""
     seed_rm = {"seed_only": ENSEMBLE} if cfg.experiment.seed_epochs else {}  # cross-fitted: `seed_rm_config`
     for method, settings in {**seed_rm, **SELF_LABELLING}.items():
         run = base / method
@@ -249,8 +263,8 @@ def ensemble_source(base: Path, cfg: Config) -> Path | None:
 
 
 def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> None:
-    """A new run directory whose iteration 0 is the shared seed RM (hard links, no copy); for the ensemble rule
-    also its fold models' votes and out-of-fold validation, and (without ser.restart) the fold models."""
+    """A new run directory whose iteration 0 is the shared seed RM (hard links, no copy); with ser.folds also its
+    fold models' votes and out-of-fold validation, and (without ser.restart) the fold models."""
     shutil.rmtree(run, ignore_errors=True)  # a fork interrupted before its config.yaml: its links would collide
     run.mkdir(parents=True)
     shutil.copytree(seed_run / "iterations" / "0", run / "iterations" / "0", copy_function=os.link)
@@ -258,7 +272,7 @@ def _fork_from_seed_rm(seed_run: Path, run: Path, cfg: Config, accelerator) -> N
                     if line.strip() and json.loads(line).get("iteration") == 0 and "ser/stop_reason" not in line]
     atomic_write_text(run / "metrics.jsonl", "".join(line + "\n" for line in seed_metrics))
     seed_state = load_state(seed_run)
-    if cfg.ser.rule == "ensemble":
+    if cfg.ser.folds:
         (run / "votes").mkdir()
         os.link(seed_run / "votes" / "0.npz", run / "votes" / "0.npz")
         if not cfg.ser.restart:

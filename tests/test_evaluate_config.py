@@ -147,6 +147,10 @@ def test_experiment_variants_change_one_setting_of_their_base():
         assert changed == expected[option], (m, changed)
     assert (ser["ser_ensemble_unguarded"]["budget"], ser["ser_ensemble_unguarded_top10"]["budget"]) == (0.2, 0.1)
     assert ser["ser_ensemble_unguarded_precision80"]["target_precision"] == 0.8
+    # ssrm_validated is ssrm with the ensemble's fold models (validation only): its selection is ssrm's own
+    assert {k for k in ser["ssrm"] if ser["ssrm"][k] != ser["ssrm_validated"][k]} == {"folds"}
+    assert ser["ssrm_validated"]["folds"] == ser["ser_ensemble"]["folds"] == 4
+    assert {k for k in ser["ssrm"] if ser["ssrm"][k] != ser["ssrm_guarded"][k]} == {"length_guard"}
 
 
 def test_the_plots_ci_band_widens_for_test_pairs_shared_by_all_seeds():

@@ -659,6 +659,48 @@ def test_validation_picks_final_and_test_labels_change_no_decision(tiny_bert_dir
         assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_a_one_rm_rule_with_folds_validates_the_whole_procedure_out_of_fold(tiny_bert_dir, shared_data, tmp_path):
+    """ser.folds with a one-RM rule (ssrm): fold model j self-labels the pool for its own training (`label_folds`),
+    so nothing it learns comes from fold j's labels. Flipping every label of fold 0's seed pairs changes the RM and
+    its pseudo-labels, but not fold model 0: its pseudo-labels are the same and its out-of-fold margins on fold 0
+    are exactly negated (the same model, chosen and rejected swapped). Trained on the RM's pseudo-labels, fold
+    model 0 would change with them."""
+    from ser.crossfit import fold_assignment
+    from ser.pipeline import load_splits
+
+    lines = gzip.open(shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", "rt").read().splitlines()[:300]
+    original = tmp_path / "orig.jsonl"
+    original.write_text("\n".join(lines) + "\n")
+    extra = {"ser.rule": "ssrm", "ser.folds": 2, "ser.ssrm_threshold": 0.5, "ser.max_iterations": 1,
+             "ser.calibration": "temperature", "train.epochs": 1}
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, original, **extra))
+    seed = load_splits(cfg.data).seed
+    folds = fold_assignment([p.id for p in seed], 2, cfg.data.split_seed)
+    fold0 = {p.id for p, f in zip(seed, folds) if f == 0}
+    flipped_lines = []
+    for line in lines:
+        r = json.loads(line)
+        if load_pairs_line(r, tmp_path) in fold0:
+            r = {"chosen": r["rejected"], "rejected": r["chosen"]}
+        flipped_lines.append(json.dumps(r))
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("\n".join(flipped_lines) + "\n")
+    a = run_evolve(cfg, str(tmp_path / "a"))
+    b = run_evolve(load_config(None, tiny_overrides(tiny_bert_dir, flipped, **extra)), str(tmp_path / "b"))
+    sa, sb = (json.loads((r / "state.json").read_text()) for r in (a, b))
+    assert len(sa["fold_pseudo"]) == 2 and sa["fold_pseudo"][0] and sa["fold_pseudo"][0] == sb["fold_pseudo"][0]
+    assert sa["pseudo"] != sb["pseudo"]  # the RM learnt the flipped labels: its pseudo-labels moved
+    record = iteration_records(a)[1]
+    assert record["ser/fold_added"] == [len(f) for f in sa["fold_pseudo"]] and len(record["ser/fold_precision"]) == 2
+    assert record["val/source"] == "out-of-fold"
+    za, zb = (np.load(r / "votes" / "1.npz") for r in (a, b))
+    in0 = folds == 0
+    assert np.array_equal(za["folds"], folds) and in0.any()
+    np.testing.assert_array_equal(za["oof"][in0], -zb["oof"][in0])
+    assert not np.allclose(za["oof"][~in0], -zb["oof"][~in0])  # fold 1's model trained on the flipped pairs
+    assert np.isnan(za["margins"]).all()  # a one-RM rule's fold models cast no votes
+
+
 def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
     """rule=ensemble: every seed pair's validation margin comes from a fold model that did not train on it (by the
     pairs each model was given); the fold models' votes label the pool; validation is out of fold, and with
@@ -827,13 +869,23 @@ def test_seed_rm_epochs_on_a_hold_out_and_shared_by_an_experiment(tiny_bert_dir,
     assert record["val/acc"] == record["val/by_seed_epoch"][f"{record['ser/seed_epochs']:g}"]
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, **{
         "experiment.seeds": "[0]", "ser.max_iterations": 1, "experiment.bootstrap": 50, "train.epochs": 1,
-        "experiment.seed_epochs": 2, "experiment.methods": "[seed_only, ser_paper, ser_ensemble]"}))
+        "experiment.seed_epochs": 2, "experiment.methods": "[seed_only, ser_paper, ser_ensemble, ssrm_validated]",
+        "ser.ssrm_threshold": 0.5}))  # ssrm_validated takes every pool pair: an iteration to validate
     root = run_experiment(cfg, str(tmp_path / "exp"))
     seed_run = root / "seed0" / "seed_only"
     record = iteration_records(seed_run)[0]
     assert set(record["val/by_seed_epoch"]) <= {"1", "2"} and record["val/source"] == "out-of-fold"
-    for f in ("iterations/0/model.safetensors", "votes/0.npz", "folds/0/3/model.safetensors"):
-        assert (seed_run / f).stat().st_ino == (root / "seed0" / "ser_ensemble" / f).stat().st_ino
+    for m in ("ser_ensemble", "ssrm_validated"):
+        for f in ("iterations/0/model.safetensors", "votes/0.npz", "folds/0/3/model.safetensors"):
+            assert (seed_run / f).stat().st_ino == (root / "seed0" / m / f).stat().st_ino
+    # ssrm_validated: SSRM's selection, the fold models' out-of-fold validation choosing what it returns
+    run = root / "seed0" / "ssrm_validated"
+    records = iteration_records(run)
+    state = json.loads((run / "state.json").read_text())
+    assert [r.get("ser/status") for r in records] == [None, "ssrm"] and len(state["val_score"]) == 2
+    assert len(state["fold_pseudo"]) == 4 and records[1]["ser/fold_added"] == [len(f) for f in state["fold_pseudo"]]
+    assert all(r["val/source"] == "out-of-fold" for r in records[1:]) and state["val_score"][0] == record["val/log_lik"]
+    assert records[-1]["ser/chosen"] == choose_iteration(state["val_score"], 1)[0]
     assert (seed_run / "iterations/0/model.safetensors").stat().st_ino == \
         (root / "seed0" / "ser_paper" / "iterations/0/model.safetensors").stat().st_ino
     # the paper's rule does not validate: it returns its last iteration, whatever the shared seed RM's val acc was

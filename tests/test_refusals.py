@@ -293,6 +293,10 @@ def test_files_get_the_mode_the_umask_gives(tmp_path):
     ("ser.pseudo_loss=hinge ser.pseudo_margin=0", "'ser.pseudo_margin' must be > 0 with the hinge loss, got 0.0"),
     ("train.margin=-1", "'train.margin' must be >= 0, got -1.0"),
     ("ser.ssrm_threshold=2", "'ser.ssrm_threshold' must lie in [0.5, 1], got 2.0"),
+    # one fold model has no out-of-fold pair; the ensemble rule needs k >= 2 voters
+    ("ser.folds=1", "'ser.folds' must be 0 or >= 2, and >= 2 with 'ser.rule=ensemble'"),
+    ("ser.rule=ensemble", "got rule=ensemble, folds=0"),
+    ("ser.folds=2 ser.restart=true", "'ser.folds' with rule=paper needs 'ser.restart: false'"),
     ("policy.temperature=0", "'policy.temperature' must lie in (0, ∞), got 0.0"),
     ("policy.top_k=-1", "'policy.top_k' must lie in [0, ∞), got -1"),
     ("policy.top_p=0", "'policy.top_p' must lie in (0, 1], got 0.0"),
