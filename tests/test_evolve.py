@@ -182,17 +182,7 @@ def test_firewall_hidden_labels_change_audit_not_weights(tiny_bert_dir, shared_d
     pool = _pool_ids(cfg)
     ids = [p.id for p in load_pairs(str(original))]
     assert len(ids) == len(set(ids))
-    flipped_lines = []
-    id_of_line = {}
-    for line in lines:
-        r = json.loads(line)
-        p = load_pairs_line(r, tmp_path)
-        if p is not None and p in pool:
-            r = {"chosen": r["rejected"], "rejected": r["chosen"]}
-        flipped_lines.append(json.dumps(r))
-    flipped = tmp_path / "flipped.jsonl"
-    flipped.write_text("\n".join(flipped_lines) + "\n")
-    cfg_f = load_config(None, tiny_overrides(tiny_bert_dir, flipped))
+    cfg_f = load_config(None, tiny_overrides(tiny_bert_dir, flipped_copy(lines, pool, tmp_path)))
     assert _pool_ids(cfg_f) == pool
     a = run_evolve(cfg, str(tmp_path / "a"))
     b = run_evolve(cfg_f, str(tmp_path / "b"))
@@ -205,6 +195,20 @@ def test_firewall_hidden_labels_change_audit_not_weights(tiny_bert_dir, shared_d
         wa = load_file(a / "iterations" / str(it) / "model.safetensors")
         wb = load_file(b / "iterations" / str(it) / "model.safetensors")
         assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def flipped_copy(lines: list[str], ids: set, tmp_path: Path) -> Path:
+    """tmp_path/flipped.jsonl: the raw HH-RLHF records `lines` with chosen and rejected swapped where the pair's id
+    (label-invariant) is in `ids`."""
+    out = []
+    for line in lines:
+        r = json.loads(line)
+        if load_pairs_line(r, tmp_path) in ids:
+            r = {"chosen": r["rejected"], "rejected": r["chosen"]}
+        out.append(json.dumps(r))
+    path = tmp_path / "flipped.jsonl"
+    path.write_text("\n".join(out) + "\n")
+    return path
 
 
 def load_pairs_line(record, tmp_path):
@@ -625,15 +629,7 @@ def test_validation_picks_final_and_test_labels_change_no_decision(tiny_bert_dir
     extra = {"ser.validation": 8, "ser.patience": 1, "ser.max_iterations": 3}
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, original, **extra))
     test_ids = {p.id for p in load_splits(cfg.data).test}
-    flipped_lines = []
-    for line in lines:
-        r = json.loads(line)
-        if load_pairs_line(r, tmp_path) in test_ids:
-            r = {"chosen": r["rejected"], "rejected": r["chosen"]}
-        flipped_lines.append(json.dumps(r))
-    flipped = tmp_path / "flipped.jsonl"
-    flipped.write_text("\n".join(flipped_lines) + "\n")
-    cfg_f = load_config(None, tiny_overrides(tiny_bert_dir, flipped, **extra))
+    cfg_f = load_config(None, tiny_overrides(tiny_bert_dir, flipped_copy(lines, test_ids, tmp_path), **extra))
     assert {p.id for p in load_splits(cfg_f.data).test} == test_ids
     a, b = run_evolve(cfg, str(tmp_path / "a")), run_evolve(cfg_f, str(tmp_path / "b"))
     ra, rb = iteration_records(a), iteration_records(b)
@@ -677,14 +673,7 @@ def test_a_one_rm_rule_with_folds_validates_the_whole_procedure_out_of_fold(tiny
     seed = load_splits(cfg.data).seed
     folds = fold_assignment([p.id for p in seed], 2, cfg.data.split_seed)
     fold0 = {p.id for p, f in zip(seed, folds) if f == 0}
-    flipped_lines = []
-    for line in lines:
-        r = json.loads(line)
-        if load_pairs_line(r, tmp_path) in fold0:
-            r = {"chosen": r["rejected"], "rejected": r["chosen"]}
-        flipped_lines.append(json.dumps(r))
-    flipped = tmp_path / "flipped.jsonl"
-    flipped.write_text("\n".join(flipped_lines) + "\n")
+    flipped = flipped_copy(lines, fold0, tmp_path)
     a = run_evolve(cfg, str(tmp_path / "a"))
     b = run_evolve(load_config(None, tiny_overrides(tiny_bert_dir, flipped, **extra)), str(tmp_path / "b"))
     sa, sb = (json.loads((r / "state.json").read_text()) for r in (a, b))
