@@ -368,6 +368,9 @@ def validate(cfg: Config) -> None:
     if (s.rule == "ensemble" and s.folds < 2) or s.folds == 1 or s.folds < 0:
         raise UserError(f"config: 'ser.folds' must be 0 or >= 2, and >= 2 with 'ser.rule=ensemble' (k fold models "
                         f"vote; with a one-RM rule they validate only); got rule={s.rule}, folds={s.folds}")
+    if s.folds and s.rule != "ensemble" and s.validation:
+        raise UserError(f"config: 'ser.folds' with rule={s.rule} validates out of fold and 'ser.validation' on a "
+                        f"hold-out: set one of them (the other's models would train for nothing)")
     if s.folds and s.rule != "ensemble" and s.restart:
         raise UserError(f"config: 'ser.folds' with rule={s.rule} needs 'ser.restart: false': each fold model labels "
                         f"the pool for its own next training with its previous iteration's weights")

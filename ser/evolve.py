@@ -221,8 +221,9 @@ def label_folds(cfg: Config, run: Path, it: int, pool: list[UnlabelledPair], see
     out-of-fold validation of iteration t estimates the accuracy of t iterations of the procedure: every step that
     learns from labels is cross-validated, pseudo-labelling included (Hastie, Tibshirani & Friedman, The Elements
     of Statistical Learning, §7.10.2). Trained on the RM's pseudo-labels instead, fold model j would learn fold
-    j's labels through them (the RM trained on fold j) and its out-of-fold validation would run high (measured at
-    47 labels: docs/results.md). Returns (fold_pseudo, record: ser/fold_added and, with hidden labels,
+    j's labels through them (the RM trained on fold j) and its out-of-fold validation would run high (the
+    ensemble's, whose fold models train on votes cast by models that saw their fold, rose in every iteration at 47
+    labels while test accuracy fell in half of them: docs/results.md). Returns (fold_pseudo, record: ser/fold_added and, with hidden labels,
     ser/fold_precision, one value per fold). Cost: k pool scorings per iteration (the fold models' votes, unused by
     a one-RM rule, are not cast)."""
     k, folds = cfg.ser.folds, fold_assignment([p.id for p in seed], cfg.ser.folds, cfg.data.split_seed)
@@ -259,11 +260,13 @@ def cross_fit(cfg: Config, run: Path, it: int, seed: list[Pair], pseudo_pairs: l
     """Step 6b (ser.folds = k): k-fold cross-fitting of the human seed (`crossfit.fold_assignment`). Fold model j
     is trained by the returned RM's recipe: from the backbone with ser.restart, else (after iteration 0) from
     fold model j of the previous iteration (`folds/IT-1/j`), for `epochs`, on the seed pairs outside fold j
-    (after iteration 0 only with ser.keep_seed, as the RM) plus this iteration's pseudo-labelled pairs. It then
-    scores the seed pairs of fold j (out of fold: no model scores a pair it trained on) and the candidate pool
-    pairs of the next iteration. One temperature is fitted on the pooled out-of-fold margins (a fold holds only n/k
-    seed pairs, too few to calibrate each member apart). Writes `votes/IT.npz` (ids, margins (k, n) r_a - r_b, NaN
-    at the last iteration, temperature, oof, folds); returns the out-of-fold margins (n_seed,) r_chosen -
+    (after iteration 0 only with ser.keep_seed, as the RM) plus this iteration's pseudo-labelled pairs: the RM's
+    (`pseudo_pairs`), or with `fold_pairs` (k lists of Pair, a one-RM rule: `label_folds`) fold model j's own. It
+    then scores the seed pairs of fold j (out of fold: no model scores a pair it trained on) and, with
+    rule=ensemble, votes on the candidate pool pairs of the next iteration. One temperature is fitted on the pooled
+    out-of-fold margins (a fold holds only n/k seed pairs, too few to calibrate each member apart). Writes
+    `votes/IT.npz` (ids, margins (k, n) r_a - r_b, NaN at the last iteration and for a one-RM rule, temperature,
+    oof, folds); returns the out-of-fold margins (n_seed,) r_chosen -
     r_rejected. Cost: k more RM trainings and pool scorings per iteration; without ser.restart also k saved fold
     models per iteration (on disk: the last one's, and iteration 0's, which experiments share).
 

@@ -32,7 +32,8 @@ Methods (all on the same seed/pool/test split of a given seed):
               stop when no set clears it
 The paper, code and ssrm methods share the seed RM (iteration 0), so their differences come from selection only;
 the cross-fitted methods (ser_ensemble*, ssrm_validated) train their own (the same seed RM: same data and
-training seed) plus its fold models, once per seed.
+training seed) plus its fold models, once per seed where an ensemble method or experiment.seed_epochs (the
+seed_only run) provides them to share.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ UNGUARDED = {**ENSEMBLE, "length_guard": False}
 # pseudo-labels beat the ensemble's few (docs/results.md). Against `ssrm` it measures what validation adds.
 SSRM_VALIDATED = {**ONE_RM, "rule": "ssrm", **{k: ENSEMBLE[k] for k in ("folds", "restart", "patience", "val_metric")}}
 SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_RM, "rule": "code"},
-                  "ssrm": {**ONE_RM, "rule": "ssrm"}, "ssrm_validated": SSRM_VALIDATED,
+                  "ssrm": {**ONE_RM, "rule": "ssrm"},
                   "ssrm_guarded": {**ONE_RM, "rule": "ssrm", "length_guard": True},  # what the guard costs SSRM
                   "ser_ensemble": ENSEMBLE,
                   "ser_ensemble_soft": {**ENSEMBLE, "soft_labels": True},
@@ -101,7 +102,9 @@ SELF_LABELLING = {"ser_paper": {**ONE_RM, "rule": "paper"}, "ser_code": {**ONE_R
                   # The 20% budget trimmed to its most confident pairs whose expected precision is >= 0.8 (Bayesian
                   # FDR control at 20%): fewer pairs when the votes are less sure, none (the loop stops) when no set
                   # clears it.
-                  "ser_ensemble_unguarded_precision80": {**UNGUARDED, "target_precision": 0.8}}
+                  "ser_ensemble_unguarded_precision80": {**UNGUARDED, "target_precision": 0.8},
+                  # after the ensembles: it shares their iteration 0 (a one-RM run casts no votes to share)
+                  "ssrm_validated": SSRM_VALIDATED}
 
 
 def method_config(cfg: Config, method: str) -> Config:
@@ -390,11 +393,15 @@ def check_same_settings(root: Path, cfg: Config) -> None:
 
 
 def _commit() -> str:
+    """The checkout's short commit, "+dirty" where the package's files differ from it ("unknown" outside git)."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here).returncode == 1
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 PAIRED_WITH = ("seed_only", "seed_continued", "ssrm")  # the references each method's paired difference is taken to

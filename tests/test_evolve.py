@@ -662,6 +662,7 @@ def test_a_one_rm_rule_with_folds_validates_the_whole_procedure_out_of_fold(tiny
     are exactly negated (the same model, chosen and rejected swapped). Trained on the RM's pseudo-labels, fold
     model 0 would change with them."""
     from ser.crossfit import fold_assignment
+    from ser.data import hide_labels
     from ser.pipeline import load_splits
 
     lines = gzip.open(shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz", "rt").read().splitlines()[:300]
@@ -680,14 +681,17 @@ def test_a_one_rm_rule_with_folds_validates_the_whole_procedure_out_of_fold(tiny
     assert len(sa["fold_pseudo"]) == 2 and sa["fold_pseudo"][0] and sa["fold_pseudo"][0] == sb["fold_pseudo"][0]
     assert sa["pseudo"] != sb["pseudo"]  # the RM learnt the flipped labels: its pseudo-labels moved
     record = iteration_records(a)[1]
-    assert record["ser/fold_added"] == [len(f) for f in sa["fold_pseudo"]] and len(record["ser/fold_precision"]) == 2
+    assert record["ser/fold_added"] == [len(f) for f in sa["fold_pseudo"]]
+    _, truth = hide_labels(load_splits(cfg.data).pool)  # 0: answer A is the human-chosen one
+    right = [np.mean([truth[i] == (0 if a_chosen else 1) for i, a_chosen, _ in f]) for f in sa["fold_pseudo"]]
+    assert record["ser/fold_precision"] == pytest.approx(right)
     assert record["val/source"] == "out-of-fold"
     za, zb = (np.load(r / "votes" / "1.npz") for r in (a, b))
     in0 = folds == 0
     assert np.array_equal(za["folds"], folds) and in0.any()
     np.testing.assert_array_equal(za["oof"][in0], -zb["oof"][in0])
     assert not np.allclose(za["oof"][~in0], -zb["oof"][~in0])  # fold 1's model trained on the flipped pairs
-    assert np.isnan(za["margins"]).all()  # a one-RM rule's fold models cast no votes
+    assert np.isnan(np.load(a / "votes" / "0.npz")["margins"]).all()  # a one-RM rule's fold models cast no votes
 
 
 def test_ensemble_loop_cross_fits_the_seed_out_of_fold(tiny_bert_dir, shared_data, tmp_path, monkeypatch):

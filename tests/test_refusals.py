@@ -297,6 +297,7 @@ def test_files_get_the_mode_the_umask_gives(tmp_path):
     ("ser.folds=1", "'ser.folds' must be 0 or >= 2, and >= 2 with 'ser.rule=ensemble'"),
     ("ser.rule=ensemble", "got rule=ensemble, folds=0"),
     ("ser.folds=2 ser.restart=true", "'ser.folds' with rule=paper needs 'ser.restart: false'"),
+    ("ser.folds=2 ser.validation=8", "validates out of fold and 'ser.validation' on a hold-out: set one of them"),
     ("policy.temperature=0", "'policy.temperature' must lie in (0, ∞), got 0.0"),
     ("policy.top_k=-1", "'policy.top_k' must lie in [0, ∞), got -1"),
     ("policy.top_p=0", "'policy.top_p' must lie in (0, 1], got 0.0"),
